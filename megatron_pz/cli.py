@@ -1,0 +1,59 @@
+"""The ``megatron-pz`` console command: one subcommand per capability.
+
+Each subcommand lives next to the code it drives, in a module exposing ``register(subparsers)``; that
+function adds its parser and sets ``func`` (called with the parsed namespace, returns an exit code).
+Modules are imported lazily so that ``megatron-pz --help`` does not import Megatron or torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from megatron_pz.errors import UserError
+
+# (subcommand, module providing register(subparsers)). Order = order in --help.
+SUBCOMMANDS: list[tuple[str, str]] = [
+    ("convert", "megatron_pz.convert.cli"),
+    ("serve-rollout", "megatron_pz.rollout.serve"),
+    ("train", "megatron_pz.train"),
+    ("eval", "megatron_pz.eval.cli"),
+    ("bench", "megatron_pz.bench.cli"),
+]
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-pz", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = argv[0] if argv and not argv[0].startswith("-") else None
+    for name, module in SUBCOMMANDS:
+        if wanted is not None and wanted != name:
+            # Only the chosen subcommand's module is imported (keeps start-up fast).
+            sub.add_parser(name)
+            continue
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and module.startswith(exc.name):
+                continue  # not built yet in this version of the package
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"megatron-pz {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
