@@ -1,0 +1,116 @@
+"""torch.distributed + Megatron ``parallel_state`` initialisation from a ``ParallelConfig``.
+
+NCCL on GPU, gloo on CPU (where the CPU device layer is installed first). Works under ``torchrun``/``srun``
+(reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT) and as a plain single process.
+Only this module, the trainer, weight sync and checkpointing read ranks; model code never does.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from megatron_pz import device
+from megatron_pz.errors import ConfigError
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel sizes; data parallelism is whatever remains of the world size."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    # Megatron's sequence parallelism (needs TP > 1); activations sharded along the sequence in TP regions.
+    sequence_parallel: bool = False
+    # Seed of the model-parallel RNG tracker (dropout streams); the data seed lives in the data config.
+    seed: int = 1234
+    # "auto" = nccl when CUDA is available, else gloo.
+    backend: str = "auto"
+    timeout_minutes: int = 30
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                     "expert_model_parallel_size", "timeout_minutes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"parallel.{name} must be a positive integer, got {v!r}")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(f"parallel.backend must be auto, nccl or gloo, got {self.backend!r}")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP size for a world size; raises ConfigError when the world cannot be split this way."""
+        mp = self.model_parallel_size
+        if world_size % mp:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by TP x PP x CP = "
+                f"{self.tensor_model_parallel_size} x {self.pipeline_model_parallel_size} x "
+                f"{self.context_parallel_size} = {mp}")
+        dp = world_size // mp
+        ep = self.expert_model_parallel_size
+        if ep > 1 and (dp * self.context_parallel_size) % ep:
+            raise ConfigError(f"expert_model_parallel_size={ep} must divide DP x CP = "
+                              f"{dp * self.context_parallel_size}")
+        return dp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: ParallelConfig) -> None:
+    """Initialise torch.distributed (if needed) and Megatron's model-parallel groups."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    device.install()  # no-op with CUDA
+    if not torch.distributed.is_initialized():
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        backend = cfg.backend
+        if backend == "auto":
+            backend = "nccl" if device.cuda_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(
+            backend=backend, rank=rank, world_size=world,
+            timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+    world = torch.distributed.get_world_size()
+    cfg.data_parallel_size(world)  # validates divisibility with a clear message
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        context_parallel_size=cfg.context_parallel_size,
+        expert_model_parallel_size=cfg.expert_model_parallel_size,
+    )
+    model_parallel_cuda_manual_seed(cfg.seed)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
