@@ -1,0 +1,1 @@
+"""The RL maths: group-relative advantages and the clipped policy loss. Pure functions, CPU-testable."""

@@ -1,0 +1,306 @@
+"""Stream ``{id, title, text}`` paragraphs from JSONL/Parquet shards: deterministic, DP-rank-strided, resumable.
+
+Order of one epoch (fixed by ``seed`` and the epoch number alone):
+  1. shards are the sorted list of files matched by ``CorpusConfig.paths``; with ``shuffle`` their order is
+     permuted by ``Random(f"{seed}/{epoch}/shards")``;
+  2. each shard is loaded whole (keep shards to a few hundred MB) and its records are permuted by
+     ``Random(f"{seed}/{epoch}/{shard_index}")``;
+  3. record number ``k`` of that epoch stream (counting every raw record, before any filter) belongs to DP rank
+     ``k % dp_world_size``. Ranks therefore partition the corpus without communication, and a rank parses,
+     validates and token-counts only its own records (so a malformed line is reported by the rank owning it).
+  4. the rank's records are validated and filtered (bad records, length, forbidden substrings) and yielded.
+
+``state_dict()`` after ``k`` paragraphs, loaded into a fresh reader with the same config, yields exactly what
+an uninterrupted reader would have yielded from paragraph ``k + 1`` on.
+
+Length filter [PZ §4.1: prompts are capped at 1536 tokens; digest §6 item 2]: with ``n = count_tokens(text)``,
+a paragraph is kept when ``n >= min_paragraph_tokens`` and ``n + prompt_overhead_tokens + prompt_margin_tokens
+<= max_prompt_tokens``. Pass the tokenizer's counter and ``prompts.template_overhead_tokens(...)``; without a
+counter a tokenizer-free over-estimate is used (``estimate_tokens``: UTF-8 bytes / 3).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from megatron_pz.errors import CheckpointError, ConfigError, DataError
+
+SHARD_SUFFIXES = (".jsonl", ".parquet")
+BAD_LINE_POLICIES = ("error", "skip")
+SAMPLE_SPLITS = ("train", "valid")
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    """One corpus record. ``id`` is unique in the corpus (``"<file>:<line>"`` when the record has none)."""
+
+    id: str
+    title: str
+    text: str
+
+
+@dataclass
+class CorpusConfig:
+    """Where paragraphs come from and which are kept."""
+
+    paths: list[str] = field(default_factory=list)
+    """Shard files, directories (all ``*.jsonl``/``*.parquet`` inside) or glob patterns; [] = shipped sample (train)."""
+    seed: int = 0
+    """Seed of the per-epoch shard and record permutations."""
+    shuffle: bool = True
+    """Permute shards and records per epoch; False reads files in sorted order, records in file order."""
+    num_epochs: int | None = None
+    """Stop after this many passes; None = cycle forever (the trainer decides when to stop)."""
+    min_paragraph_tokens: int = 16
+    """Drop paragraphs with fewer tokens than this (INFERENCE: "very short paragraphs dropped")."""
+    max_prompt_tokens: int = 1536
+    """Drop paragraphs whose prompt would exceed this many tokens [PZ §4.1: max prompt 1536]."""
+    prompt_margin_tokens: int = 8
+    """Safety margin for tokens merged differently at the template/paragraph seams."""
+    on_bad_line: str = "error"
+    """Malformed record (non-JSON line, missing/empty ``text``): "error" raises DataError, "skip" counts it."""
+    drop_if_contains: list[str] = field(default_factory=lambda: ["[mask]"])
+    """Drop paragraphs containing any of these strings (the mask token would make masked prompts ambiguous)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.paths, str):
+            self.paths = [self.paths]
+        if not all(isinstance(p, str) and p for p in self.paths):
+            raise ConfigError(f"CorpusConfig.paths={self.paths!r}: expected a list of non-empty strings")
+        if self.on_bad_line not in BAD_LINE_POLICIES:
+            raise ConfigError(f"CorpusConfig.on_bad_line={self.on_bad_line!r}: expected one of {BAD_LINE_POLICIES}")
+        if self.num_epochs is not None and (not isinstance(self.num_epochs, int) or self.num_epochs < 1):
+            raise ConfigError(f"CorpusConfig.num_epochs={self.num_epochs!r}: expected None or an int >= 1")
+        for name in ("min_paragraph_tokens", "max_prompt_tokens", "prompt_margin_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"CorpusConfig.{name}={value!r}: expected an int >= 0")
+        if self.max_prompt_tokens <= self.min_paragraph_tokens:
+            raise ConfigError(
+                f"CorpusConfig.max_prompt_tokens={self.max_prompt_tokens} must exceed "
+                f"min_paragraph_tokens={self.min_paragraph_tokens}"
+            )
+        if isinstance(self.drop_if_contains, str) or not all(isinstance(s, str) and s for s in self.drop_if_contains):
+            raise ConfigError(f"CorpusConfig.drop_if_contains={self.drop_if_contains!r}: expected a list of strings")
+
+
+def sample_corpus_path(split: str = "train") -> Path:
+    """Directory of the shipped Wikipedia sample for ``split`` ("train" or "valid"), found via the package."""
+    if split not in SAMPLE_SPLITS:
+        raise ConfigError(f"sample corpus split={split!r}: expected one of {SAMPLE_SPLITS}")
+    path = Path(str(resources.files("megatron_pz") / "assets" / "wiki_sample" / split))
+    if not path.is_dir():
+        raise DataError(f"shipped sample corpus not found at {path} (package installed without its assets?)")
+    return path
+
+
+def estimate_tokens(text: str) -> int:
+    """Tokenizer-free over-estimate of the token count: UTF-8 bytes / 3 (English BPE averages ~4 bytes/token)."""
+    return len(text.encode("utf-8")) // 3 + 1
+
+
+def resolve_shards(paths: list[str]) -> list[Path]:
+    """Expand files / directories / globs into a sorted, de-duplicated list of shard files."""
+    found: set[Path] = set()
+    for entry in paths:
+        if os.path.isdir(entry):
+            matches = [p for p in Path(entry).iterdir() if p.suffix in SHARD_SUFFIXES and p.is_file()]
+        elif any(ch in entry for ch in "*?["):
+            matches = [Path(p) for p in glob.glob(entry) if Path(p).suffix in SHARD_SUFFIXES]
+        elif os.path.isfile(entry):
+            if Path(entry).suffix not in SHARD_SUFFIXES:
+                raise DataError(f"{entry}: unsupported corpus file type (expected {', '.join(SHARD_SUFFIXES)})")
+            matches = [Path(entry)]
+        else:
+            raise DataError(f"{entry}: corpus path does not exist")
+        if not matches:
+            raise DataError(f"{entry}: no {'/'.join(SHARD_SUFFIXES)} shard found")
+        found.update(matches)
+    return sorted(found, key=lambda p: str(p))
+
+
+def load_shard(path: Path) -> list[tuple[int, Any]]:
+    """Raw records of one shard as ``(line_or_row_number, raw)``; raw is a JSONL line or a Parquet row dict.
+
+    Line numbers are 1-based; blank JSONL lines are not records. Parsing happens later, per rank.
+    """
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            return [(i, line) for i, line in enumerate(f, start=1) if line.strip()]
+    import pyarrow.parquet as pq  # lazy: only Parquet users need pyarrow at import time
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: cannot read Parquet file ({exc})") from exc
+    if "text" not in table.column_names:
+        raise DataError(f"{path}: Parquet file has no 'text' column (columns: {table.column_names})")
+    return list(enumerate(table.to_pylist(), start=1))
+
+
+def parse_record(path: Path, number: int, raw: Any) -> Paragraph:
+    """Validate one raw record into a Paragraph; raises DataError naming ``path:number`` if malformed."""
+    where = f"{path}:{number}"
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    text = raw.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: missing or empty 'text'")
+    pid = raw.get("id")
+    title = raw.get("title")
+    return Paragraph(
+        id=str(pid) if pid not in (None, "") else f"{path.name}:{number}",
+        title=str(title) if title is not None else "",
+        text=text,
+    )
+
+
+class CorpusReader:
+    """Iterator over this DP rank's paragraphs; see the module docstring for order, filters and resume."""
+
+    def __init__(
+        self,
+        cfg: CorpusConfig,
+        *,
+        count_tokens: Callable[[str], int] | None = None,
+        prompt_overhead_tokens: int = 0,
+        dp_rank: int = 0,
+        dp_world_size: int = 1,
+    ) -> None:
+        if not 0 <= dp_rank < dp_world_size:
+            raise ConfigError(f"dp_rank={dp_rank} must be in [0, dp_world_size={dp_world_size})")
+        self.cfg = cfg
+        self.count_tokens = count_tokens or estimate_tokens
+        self.prompt_overhead_tokens = int(prompt_overhead_tokens)
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        self.shards = resolve_shards(cfg.paths or [str(sample_corpus_path("train"))])
+        # Position: next raw record is record `pos` of the `shard_pos`-th shard of epoch `epoch`'s order;
+        # `epoch_index` counts raw records of this epoch before it (decides the owning rank).
+        self.epoch = self.shard_pos = self.pos = self.epoch_index = 0
+        self.yielded_in_epoch = 0
+        self.stats = {"yielded": 0, "bad": 0, "too_short": 0, "too_long": 0, "dropped_substring": 0}
+        self._cache: tuple[int, int, list[tuple[int, Any]]] | None = None  # (epoch, shard_pos, records)
+
+    # ------------------------------------------------------------ order
+    def _shard_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.shards)))
+        if self.cfg.shuffle:
+            random.Random(f"{self.cfg.seed}/{epoch}/shards").shuffle(order)
+        return order
+
+    def _records(self) -> tuple[Path, list[tuple[int, Any]]]:
+        shard_index = self._shard_order(self.epoch)[self.shard_pos]
+        if self._cache is None or self._cache[:2] != (self.epoch, self.shard_pos):
+            records = load_shard(self.shards[shard_index])
+            if self.cfg.shuffle:
+                random.Random(f"{self.cfg.seed}/{self.epoch}/{shard_index}").shuffle(records)
+            self._cache = (self.epoch, self.shard_pos, records)
+        return self.shards[shard_index], self._cache[2]
+
+    # ------------------------------------------------------------ iteration
+    def __iter__(self) -> CorpusReader:
+        return self
+
+    def __next__(self) -> Paragraph:
+        while True:
+            if self.cfg.num_epochs is not None and self.epoch >= self.cfg.num_epochs:
+                raise StopIteration
+            if self.shard_pos >= len(self.shards):
+                if self.yielded_in_epoch == 0:
+                    raise DataError(
+                        f"corpus {self.cfg.paths or 'sample'}: no paragraph survived the filters for "
+                        f"dp_rank {self.dp_rank}/{self.dp_world_size} in epoch {self.epoch} (stats: {self.stats})"
+                    )
+                self.epoch, self.shard_pos, self.pos, self.epoch_index, self.yielded_in_epoch = (
+                    self.epoch + 1, 0, 0, 0, 0,
+                )
+                continue
+            path, records = self._records()
+            if self.pos >= len(records):
+                self.shard_pos, self.pos = self.shard_pos + 1, 0
+                continue
+            number, raw = records[self.pos]
+            owner = self.epoch_index % self.dp_world_size
+            self.pos += 1
+            self.epoch_index += 1
+            if owner != self.dp_rank:
+                continue
+            paragraph = self._accept(path, number, raw)
+            if paragraph is not None:
+                self.stats["yielded"] += 1
+                self.yielded_in_epoch += 1
+                return paragraph
+
+    def _accept(self, path: Path, number: int, raw: Any) -> Paragraph | None:
+        """Parse and filter one record of this rank; None when it is skipped (and counted)."""
+        try:
+            paragraph = parse_record(path, number, raw)
+        except DataError:
+            if self.cfg.on_bad_line == "error":
+                raise
+            self.stats["bad"] += 1
+            return None
+        if any(s in paragraph.text for s in self.cfg.drop_if_contains):
+            self.stats["dropped_substring"] += 1
+            return None
+        n = self.count_tokens(paragraph.text)
+        if n < self.cfg.min_paragraph_tokens:
+            self.stats["too_short"] += 1
+            return None
+        if n + self.prompt_overhead_tokens + self.cfg.prompt_margin_tokens > self.cfg.max_prompt_tokens:
+            self.stats["too_long"] += 1
+            return None
+        return paragraph
+
+    # ------------------------------------------------------------ resume
+    def _fingerprint(self) -> dict[str, Any]:
+        return {
+            "shards": [p.name for p in self.shards],
+            "seed": self.cfg.seed,
+            "shuffle": self.cfg.shuffle,
+            "dp_rank": self.dp_rank,
+            "dp_world_size": self.dp_world_size,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python position + counters; JSON-serialisable."""
+        return {
+            "epoch": self.epoch,
+            "shard_pos": self.shard_pos,
+            "pos": self.pos,
+            "epoch_index": self.epoch_index,
+            "yielded_in_epoch": self.yielded_in_epoch,
+            "stats": dict(self.stats),
+            "fingerprint": self._fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where ``state`` was taken; raises CheckpointError if the corpus/config/rank differs."""
+        try:
+            saved = state["fingerprint"]
+            position = {k: int(state[k]) for k in ("epoch", "shard_pos", "pos", "epoch_index", "yielded_in_epoch")}
+            stats = dict(state["stats"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"corpus reader state: missing or malformed key ({exc!r})") from exc
+        mine = self._fingerprint()
+        for key, value in mine.items():
+            if saved.get(key) != value:
+                raise CheckpointError(
+                    f"corpus reader state: '{key}' was {saved.get(key)!r} when saved but is {value!r} now"
+                )
+        for key, value in position.items():
+            setattr(self, key, value)
+        self.stats = {**self.stats, **stats}
+        self._cache = None

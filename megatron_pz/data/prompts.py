@@ -1,0 +1,112 @@
+"""Prompt texts: the paper's two templates verbatim [PZ Fig. 5], the RPT prompt [RPT App. D, Table 10], chat wrapping.
+
+Templates are kept as (prefix, suffix) around one slot and filled by concatenation, never ``str.format``: the
+templates contain literal braces (``\\mask{}``) and paragraphs may contain anything.
+
+Line breaks follow the digest's blockquotes (one line per quoted line; the PDF's soft wraps inside a sentence
+are joined). Wrapping (INFERENCE, digest §6 item 11): ``style="plain"`` sends the text as is (the default, for
+base models); ``style="chat"`` wraps it as one user turn, through the tokenizer's own chat template when one
+is passed, otherwise through a built-in ChatML rendering (the Qwen3 format).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from megatron_pz.errors import ConfigError
+
+PROMPT_STYLES = ("plain", "chat")
+
+# ---------------------------------------------------------------- verbatim templates [PZ Fig. 5]
+GENERATION_PREFIX = (
+    "Generate a mask to mask important words in the following paragraph, satisfying the requirements below:\n"
+    "1) The mask should mask one or more entities in the passage. The masked words should be continuous.\n"
+    "2) The masked words should exactly match words in the original passage.\n"
+    "3) The masked words could be predicted according to the context. The difficulty to predict should be "
+    "moderately challenging for you, so the answer would be short and as unique as possible.\n"
+    "Paragraph: "
+)
+GENERATION_SUFFIX = "\nThe final generated masked words must be placed inside \\mask{}."
+
+# "[mask]" in the first line is the configured mask token (the paper's is "[mask]").
+PREDICTION_PREFIX = "There is a passage with masked words by {mask_token}:\n"
+PREDICTION_SUFFIX = "\nPlease reason step by step, and put the predicted masked words within \\boxed{}."
+
+# ---------------------------------------------------------------- RPT prompt v0 [RPT App. D, Table 10]
+RPT_PREFIX = (
+    "Complete the given text under '### Context' by predicting the next token, and wrap it in '\\boxed{}'. "
+    "Please reason step by step to find the most probable next token as the final answer, and enclose it in "
+    "\\boxed{} (note: the token may begin with a space, e.g., \\boxed{ para} or \\boxed{ =}; do not use "
+    "\\text{}).\n\n### Context\n"
+)
+RPT_SUFFIX = ""
+
+ChatTemplateFn = Callable[[list[dict[str, str]]], str]
+"""messages -> prompt text ending with the assistant turn opener, e.g.
+``lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)``."""
+
+
+@dataclass
+class PromptConfig:
+    """How prompts are rendered."""
+
+    style: str = "plain"
+    """"plain": the template text only (INFERENCE for base models); "chat": one user turn in a chat template."""
+    system_prompt: str = ""
+    """Chat style only: an optional system turn placed before the user turn ("" = none)."""
+    mask_token: str = "[mask]"
+    """Named in the prediction prompt's first line; must equal ``SpanConfig.mask_token``."""
+
+    def __post_init__(self) -> None:
+        if self.style not in PROMPT_STYLES:
+            raise ConfigError(f"PromptConfig.style={self.style!r}: expected one of {PROMPT_STYLES}")
+        if not isinstance(self.system_prompt, str):
+            raise ConfigError(f"PromptConfig.system_prompt={self.system_prompt!r}: expected a string")
+        if not isinstance(self.mask_token, str) or not self.mask_token.strip():
+            raise ConfigError(f"PromptConfig.mask_token={self.mask_token!r}: expected a non-blank string")
+
+
+def chatml(messages: Sequence[dict[str, str]]) -> str:
+    """Built-in ChatML rendering (Qwen format) with the assistant turn opened, used when no tokenizer is given."""
+    turns = [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
+    return "".join(turns) + "<|im_start|>assistant\n"
+
+
+def wrap(text: str, cfg: PromptConfig, chat_template: ChatTemplateFn | None = None) -> str:
+    """Apply the configured wrapping to a filled template: unchanged for "plain", one user turn for "chat"."""
+    if cfg.style == "plain":
+        return text
+    messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []) + [
+        {"role": "user", "content": text}
+    ]
+    return (chat_template or chatml)(messages)
+
+
+def generation_prompt(paragraph: str, cfg: PromptConfig, chat_template: ChatTemplateFn | None = None) -> str:
+    """Mask-generation prompt for a paragraph [PZ Fig. 5, "Prompt for Mask Generation"]."""
+    return wrap(GENERATION_PREFIX + paragraph + GENERATION_SUFFIX, cfg, chat_template)
+
+
+def prediction_prompt(masked_paragraph: str, cfg: PromptConfig, chat_template: ChatTemplateFn | None = None) -> str:
+    """Mask-prediction prompt for a paragraph whose span was replaced by the mask token [PZ Fig. 5]."""
+    prefix = PREDICTION_PREFIX.replace("{mask_token}", cfg.mask_token)
+    return wrap(prefix + masked_paragraph + PREDICTION_SUFFIX, cfg, chat_template)
+
+
+def next_token_prompt(context: str, cfg: PromptConfig, chat_template: ChatTemplateFn | None = None) -> str:
+    """RPT next-token-reasoning prompt v0 for a truncated context [RPT App. D, Table 10]."""
+    return wrap(RPT_PREFIX + context + RPT_SUFFIX, cfg, chat_template)
+
+
+def template_overhead_tokens(
+    count_tokens: Callable[[str], int], cfg: PromptConfig, chat_template: ChatTemplateFn | None = None
+) -> int:
+    """Tokens the longest PretrainZero template adds around a paragraph (for the corpus prompt-length cap).
+
+    Measured as ``count_tokens(prompt("")``; BPE merges at the seams can shift the true count by a token or two,
+    so the corpus filter keeps a small margin (``CorpusConfig.prompt_margin_tokens``).
+    """
+    return max(
+        count_tokens(generation_prompt("", cfg, chat_template)),
+        count_tokens(prediction_prompt("", cfg, chat_template)),
+    )
