@@ -114,3 +114,24 @@ def destroy_distributed() -> None:
 
 def is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _spawn_entry(local_rank: int, world_size: int, port: int, fn, args: tuple) -> None:
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        fn(*args)
+    finally:
+        destroy_distributed()
+
+
+def spawn_local(fn, world_size: int, args: tuple = ()) -> None:
+    """Run ``fn(*args)`` in ``world_size`` fresh processes forming one gloo/NCCL world on this host.
+
+    For CPU runs and tools (e.g. converting at TP=2 outside torchrun). ``fn`` must be importable
+    (module level). Raises if any process fails.
+    """
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_spawn_entry, args=(world_size, free_port(), fn, args), nprocs=world_size,
+                       join=True, start_method="spawn")

@@ -1,0 +1,92 @@
+"""HF safetensors <-> Megatron ``torch_dist`` checkpoints (what ``megatron-pz convert`` runs).
+
+``hf_to_mcore`` builds the Megatron model at the requested TP x PP (spawning a local process group when
+not already running under torchrun/srun), lets each rank read only its slice of the HF tensors, and saves
+collectively. The result reshards on load, so the TP/PP chosen here only sets how the save is split.
+``mcore_to_hf`` loads a checkpoint (ours or Megatron-LM's) into the current world and writes an HF folder.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatron_pz import checkpoint as ckpt
+from megatron_pz.convert import mapping
+from megatron_pz.convert.bridge import gather_hf_state_dict, load_hf_into_model
+from megatron_pz.convert.hf_io import HFCheckpoint, aux_files, atomic_dir, save_hf_folder
+from megatron_pz.errors import CheckpointError
+from megatron_pz.model.arch import ModelArch
+from megatron_pz.model.provider import ModelConfig, build_model
+from megatron_pz.parallel import ParallelConfig, init_distributed, spawn_local
+
+logger = logging.getLogger(__name__)
+
+# Tokenizer and other non-weight HF files travel inside the Megatron checkpoint root, under this folder.
+HF_AUX_DIR = "hf_tokenizer"
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _conversion_model_config(dtype: str) -> ModelConfig:
+    # Random init is wasted work (every parameter is overwritten) and slow on CPU for large models.
+    return ModelConfig(dtype=dtype, transformer_impl="local",
+                       transformer_overrides={"perform_initialization": False})
+
+
+def _running_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def hf_to_mcore(src: str | Path, dst: str | Path, tp: int = 1, pp: int = 1, dtype: str | None = None,
+                iteration: int = 0) -> Path:
+    """Convert an HF folder into a Megatron checkpoint root ``dst`` (tracker + iter_NNNNNNN)."""
+    hf = HFCheckpoint(src)
+    arch = ModelArch.from_hf_config(hf.config())
+    arch.validate_parallel(tp, pp)
+    missing = [n for n in mapping.hf_names(arch) if n not in hf]
+    if missing:
+        raise CheckpointError(f"HF checkpoint {src} lacks tensors {missing[:5]} "
+                              f"({len(missing)} missing) for a {arch.family} model")
+    dtype = dtype or _DTYPE_NAMES.get(hf.first_dtype(), "fp32")
+    if tp * pp > 1 and not _running_distributed():
+        spawn_local(_hf_to_mcore_rank, tp * pp, (str(src), str(dst), tp, pp, dtype, iteration))
+    else:
+        _hf_to_mcore_rank(str(src), str(dst), tp, pp, dtype, iteration)
+    return Path(dst)
+
+
+def _hf_to_mcore_rank(src: str, dst: str, tp: int, pp: int, dtype: str, iteration: int) -> None:
+    hf = HFCheckpoint(src)
+    arch = ModelArch.from_hf_config(hf.config())
+    init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    model = build_model(arch, _conversion_model_config(dtype), ParallelConfig(tp, pp))
+    load_hf_into_model(model, hf.get, arch)
+    if torch.distributed.get_rank() == 0:
+        with atomic_dir(Path(dst) / HF_AUX_DIR) as tmp:
+            for f in aux_files(src):
+                shutil.copy2(f, tmp / f.name)
+    ckpt.save(dst, iteration, model, arch, meta={"source": {"hf": str(Path(src).resolve())}})
+
+
+def mcore_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None, vocab_size: int | None = None,
+                allow_pickle: bool = False, max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Export a Megatron checkpoint (ours or Megatron-LM's) to an HF safetensors folder."""
+    info = ckpt.resolve(src)
+    arch = ckpt.read_arch(src, vocab_size=vocab_size, allow_pickle=allow_pickle)
+    dtype = dtype or info.meta.get("saved_with", {}).get("dtype", "float32")
+    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
+    if not _running_distributed():
+        init_distributed(ParallelConfig())
+    model = build_model(arch, _conversion_model_config(dtype))
+    ckpt.load(src, model, arch)
+    state = gather_hf_state_dict(model, arch)
+    if state is not None:  # global rank 0
+        cfg = arch.to_hf_config()
+        aux = info.root / HF_AUX_DIR
+        save_hf_folder(dst, state.items(), cfg, copy_from=aux_files(aux) if aux.is_dir() else (),
+                       max_shard_bytes=max_shard_bytes)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return Path(dst)
