@@ -1,0 +1,97 @@
+"""Prompt templates: verbatim Fig. 5 text, RPT v0 prompt, plain vs chat wrapping."""
+import pytest
+
+from megatron_pz.data.prompts import (
+    PromptConfig,
+    chatml,
+    generation_prompt,
+    next_token_prompt,
+    prediction_prompt,
+    template_overhead_tokens,
+)
+from megatron_pz.errors import ConfigError
+
+PLAIN = PromptConfig()
+
+# The paper's text [PZ Fig. 5], typed out here independently of the module.
+EXPECTED_GENERATION = """Generate a mask to mask important words in the following paragraph, satisfying the requirements below:
+1) The mask should mask one or more entities in the passage. The masked words should be continuous.
+2) The masked words should exactly match words in the original passage.
+3) The masked words could be predicted according to the context. The difficulty to predict should be moderately challenging for you, so the answer would be short and as unique as possible.
+Paragraph: Ralph Hanover won seventeen additional stakes events.
+The final generated masked words must be placed inside \\mask{}."""
+
+EXPECTED_PREDICTION = """There is a passage with masked words by [mask]:
+Ralph Hanover won seventeen additional [mask] events.
+Please reason step by step, and put the predicted masked words within \\boxed{}."""
+
+
+def test_generation_prompt_is_verbatim():
+    assert generation_prompt("Ralph Hanover won seventeen additional stakes events.", PLAIN) == EXPECTED_GENERATION
+
+
+def test_prediction_prompt_is_verbatim():
+    assert prediction_prompt("Ralph Hanover won seventeen additional [mask] events.", PLAIN) == EXPECTED_PREDICTION
+
+
+def test_prediction_prompt_names_the_configured_mask_token():
+    text = prediction_prompt("a <M> b", PromptConfig(mask_token="<M>"))
+    assert text.startswith("There is a passage with masked words by <M>:\na <M> b\n")
+
+
+def test_paragraph_with_braces_and_placeholders_is_inserted_literally():
+    weird = "{paragraph} {} \\mask{x} <paragraph> {mask_token}"
+    assert generation_prompt(weird, PLAIN).count(weird) == 1
+    assert prediction_prompt(weird, PLAIN).split("\n")[1] == weird
+
+
+def test_rpt_prompt_v0():
+    text = next_token_prompt("The capital of France is", PLAIN)
+    assert text.startswith(
+        "Complete the given text under '### Context' by predicting the next token, and wrap it in '\\boxed{}'. "
+        "Please reason step by step to find the most probable next token as the final answer, and enclose it in "
+        "\\boxed{} (note: the token may begin with a space, e.g., \\boxed{ para} or \\boxed{ =}; do not use "
+        "\\text{})."
+    )
+    assert text.endswith("### Context\nThe capital of France is")
+
+
+def test_chat_wrapping_builtin_chatml():
+    cfg = PromptConfig(style="chat")
+    assert prediction_prompt("p [mask]", cfg) == (
+        "<|im_start|>user\n" + prediction_prompt("p [mask]", PLAIN) + "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    with_system = PromptConfig(style="chat", system_prompt="You are helpful.")
+    assert generation_prompt("p", with_system).startswith("<|im_start|>system\nYou are helpful.<|im_end|>\n")
+
+
+def test_chat_wrapping_uses_the_given_template():
+    seen = []
+
+    def template(messages):
+        seen.append(messages)
+        return "<chat>" + messages[-1]["content"] + "</chat>"
+
+    out = generation_prompt("p", PromptConfig(style="chat"), chat_template=template)
+    assert out == "<chat>" + generation_prompt("p", PLAIN) + "</chat>"
+    assert seen == [[{"role": "user", "content": generation_prompt("p", PLAIN)}]]
+    # plain style ignores the chat template
+    assert generation_prompt("p", PLAIN, chat_template=template) == generation_prompt("p", PLAIN)
+
+
+def test_chatml_format():
+    assert chatml([{"role": "user", "content": "hi"}]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_template_overhead_counts_the_longest_template():
+    words = lambda s: len(s.split())  # noqa: E731
+    gen_words = len(generation_prompt("", PLAIN).split())
+    pred_words = len(prediction_prompt("", PLAIN).split())
+    assert gen_words > pred_words
+    assert template_overhead_tokens(words, PLAIN) == gen_words
+
+
+@pytest.mark.parametrize("kwargs", [{"style": "html"}, {"system_prompt": None}, {"mask_token": ""}])
+def test_prompt_config_validation(kwargs):
+    with pytest.raises(ConfigError, match="PromptConfig." + next(iter(kwargs))):
+        PromptConfig(**kwargs)
