@@ -1,0 +1,66 @@
+"""A tiny random Llama with a byte-level tokenizer, saved as an HF folder: the model of rollout tests and quick benches.
+
+Byte-level means every string round-trips through token ids, so stop strings and text output are exercised
+without downloading a tokenizer. Vocabulary: 256 bytes + <pad> <bos> <eos> <unk> = 260 ids.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def make_byte_tokenizer():
+    """A ``PreTrainedTokenizerFast`` over the 256 byte-level symbols plus four special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
+    for special in ("<pad>", "<bos>", "<eos>", "<unk>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
+def make_tiny_llama(dst: str | Path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
+                    max_positions: int = 1024, tie_word_embeddings: bool = False) -> Path:
+    """Save a random tiny ``LlamaForCausalLM`` + tokenizer into ``dst`` (created) and return the folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=max_positions, tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    # Random init is near-uniform over 260 tokens; widen the logits so samples and greedy paths differ visibly.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0) if not tie_word_embeddings else model.model.embed_tokens.weight.mul_(4.0)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dst)
+    tokenizer.save_pretrained(dst)
+    return dst
+
+
+def perturbed_state(src: str | Path, scale: float = 0.05, seed: int = 1) -> dict[str, torch.Tensor]:
+    """The HF state of ``src`` with Gaussian noise (``scale`` x each tensor's std) added to every float tensor."""
+    from megatron_pz.rollout.embedded import read_safetensors_dir
+
+    gen = torch.Generator().manual_seed(seed)
+    state = read_safetensors_dir(src)
+    out = {}
+    for name, t in sorted(state.items()):
+        if t.dtype.is_floating_point:
+            std = float(t.float().std()) if t.numel() > 1 else 1.0
+            t = t + scale * max(std, 1e-3) * torch.randn(t.shape, generator=gen, dtype=t.dtype)
+        out[name] = t.contiguous()
+    return out
