@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-chars", type=int, default=0, help="drop paragraphs shorter than this (characters)")
     parser.add_argument("--max-chars", type=int, default=0, help="drop paragraphs longer than this (0 = no limit)")
     parser.add_argument("--tokenizer", default=None, help="HF tokenizer for --min-tokens/--max-tokens")
-    parser.add_argument("--min-tokens", type=int, default=0, help="drop paragraphs with fewer tokens (needs --tokenizer)")
+    parser.add_argument("--min-tokens", type=int, default=0,
+                        help="drop paragraphs with fewer tokens (needs --tokenizer)")
     parser.add_argument("--max-tokens", type=int, default=0, help="drop paragraphs with more tokens (0 = no limit)")
     parser.add_argument("--sample", type=int, default=0, help="keep a deterministic sample of this many (0 = all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --sample")

@@ -10,6 +10,7 @@ output would be. Runs with no arguments on the shipped Wikipedia sample:
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def preview(args: argparse.Namespace) -> str:
     random_cfg = RandomSpanConfig()
     rng = random.Random(args.seed)
     out: list[str] = []
-    for k, paragraph in zip(range(args.n), reader):
+    for k, paragraph in enumerate(itertools.islice(reader, args.n)):
         gen = tasks.generation_samples(paragraph, f"preview/{paragraph.id}", 1, prompt_cfg)[0]
         out += [RULE, f"[{k}] paragraph {paragraph.id} ({paragraph.title})", RULE,
                 "--- mask generation prompt ---", gen.prompt_text]
@@ -60,12 +61,12 @@ def preview(args: argparse.Namespace) -> str:
         out.append(f"--- simulated generator output: {gen.response_text!r} -> {result.reason.value}, "
                    f"{result.num_occurrences} occurrence(s) ---")
         if preds:
-            out += ["--- mask prediction prompt (target: %r) ---" % preds[0].metadata["target"], preds[0].prompt_text]
+            out += [f"--- mask prediction prompt (target: {preds[0].metadata['target']!r}) ---", preds[0].prompt_text]
         baseline_result, baseline = tasks.random_span_samples(
             paragraph, f"preview/{paragraph.id}/random", 1, span_cfg, random_cfg, prompt_cfg, rng
         )
         if baseline:
-            out += ["--- Random-RLPT baseline prompt (target: %r) ---" % baseline[0].metadata["target"],
+            out += [f"--- Random-RLPT baseline prompt (target: {baseline[0].metadata['target']!r}) ---",
                     baseline[0].prompt_text]
         else:
             out.append(f"--- Random-RLPT baseline: no valid span ({baseline_result.reason.value}) ---")

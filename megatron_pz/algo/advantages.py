@@ -79,7 +79,7 @@ def compute_advantages(samples: Sequence[Sample], cfg: AdvantageConfig) -> dict[
                 s.advantage = 0.0
                 s.status = Status.FILTERED
             continue
-        for s, a in zip(members, group_advantages(rewards, cfg)):
+        for s, a in zip(members, group_advantages(rewards, cfg), strict=True):
             s.advantage = a
             kept += 1
     n_groups = len(groups)

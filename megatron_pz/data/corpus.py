@@ -24,7 +24,7 @@ import glob
 import json
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -192,13 +192,16 @@ class CorpusReader:
         self.yielded_in_epoch = 0
         self.stats = {"yielded": 0, "bad": 0, "too_short": 0, "too_long": 0, "dropped_substring": 0}
         self._cache: tuple[int, int, list[tuple[int, Any]]] | None = None  # (epoch, shard_pos, records)
+        self._order_cache: tuple[int, list[int]] | None = None  # (epoch, shard order)
 
     # ------------------------------------------------------------ order
     def _shard_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.shards)))
-        if self.cfg.shuffle:
-            random.Random(f"{self.cfg.seed}/{epoch}/shards").shuffle(order)
-        return order
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            order = list(range(len(self.shards)))
+            if self.cfg.shuffle:
+                random.Random(f"{self.cfg.seed}/{epoch}/shards").shuffle(order)
+            self._order_cache = (epoch, order)
+        return self._order_cache[1]
 
     def _records(self) -> tuple[Path, list[tuple[int, Any]]]:
         shard_index = self._shard_order(self.epoch)[self.shard_pos]
@@ -218,7 +221,7 @@ class CorpusReader:
             if self.cfg.num_epochs is not None and self.epoch >= self.cfg.num_epochs:
                 raise StopIteration
             if self.shard_pos >= len(self.shards):
-                if self.yielded_in_epoch == 0:
+                if self.yielded_in_epoch == 0 and self.cfg.num_epochs is None:  # cycling would never yield
                     raise DataError(
                         f"corpus {self.cfg.paths or 'sample'}: no paragraph survived the filters for "
                         f"dp_rank {self.dp_rank}/{self.dp_world_size} in epoch {self.epoch} (stats: {self.stats})"

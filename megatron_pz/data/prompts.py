@@ -54,16 +54,12 @@ class PromptConfig:
     """"plain": the template text only (INFERENCE for base models); "chat": one user turn in a chat template."""
     system_prompt: str = ""
     """Chat style only: an optional system turn placed before the user turn ("" = none)."""
-    mask_token: str = "[mask]"
-    """Named in the prediction prompt's first line; must equal ``SpanConfig.mask_token``."""
 
     def __post_init__(self) -> None:
         if self.style not in PROMPT_STYLES:
             raise ConfigError(f"PromptConfig.style={self.style!r}: expected one of {PROMPT_STYLES}")
         if not isinstance(self.system_prompt, str):
             raise ConfigError(f"PromptConfig.system_prompt={self.system_prompt!r}: expected a string")
-        if not isinstance(self.mask_token, str) or not self.mask_token.strip():
-            raise ConfigError(f"PromptConfig.mask_token={self.mask_token!r}: expected a non-blank string")
 
 
 def chatml(messages: Sequence[dict[str, str]]) -> str:
@@ -87,9 +83,17 @@ def generation_prompt(paragraph: str, cfg: PromptConfig, chat_template: ChatTemp
     return wrap(GENERATION_PREFIX + paragraph + GENERATION_SUFFIX, cfg, chat_template)
 
 
-def prediction_prompt(masked_paragraph: str, cfg: PromptConfig, chat_template: ChatTemplateFn | None = None) -> str:
-    """Mask-prediction prompt for a paragraph whose span was replaced by the mask token [PZ Fig. 5]."""
-    prefix = PREDICTION_PREFIX.replace("{mask_token}", cfg.mask_token)
+def prediction_prompt(
+    masked_paragraph: str,
+    cfg: PromptConfig,
+    chat_template: ChatTemplateFn | None = None,
+    mask_token: str = "[mask]",
+) -> str:
+    """Mask-prediction prompt for a paragraph whose span was replaced by ``mask_token`` [PZ Fig. 5].
+
+    ``mask_token`` is ``SpanConfig.mask_token`` (the one source of truth; the paper's is "[mask]").
+    """
+    prefix = PREDICTION_PREFIX.replace("{mask_token}", mask_token)
     return wrap(prefix + masked_paragraph + PREDICTION_SUFFIX, cfg, chat_template)
 
 

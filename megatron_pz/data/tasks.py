@@ -128,6 +128,7 @@ def prediction_samples(
         pred_group_id,
         n,
         result,
+        span_cfg.mask_token,
         prompt_cfg,
         chat_template,
         {
@@ -143,12 +144,13 @@ def _predictor_group(
     group_id: str,
     n: int,
     result: SpanResult,
+    mask_token: str,
     prompt_cfg: prompts.PromptConfig,
     chat_template: prompts.ChatTemplateFn | None,
     meta: dict,
 ) -> list[Sample]:
     assert result.masked_text is not None and result.span is not None
-    text = prompts.prediction_prompt(result.masked_text, prompt_cfg, chat_template)
+    text = prompts.prediction_prompt(result.masked_text, prompt_cfg, chat_template, mask_token)
     return [
         Sample(
             task=task,
@@ -180,7 +182,14 @@ def random_span_samples(
     if not result.valid:
         return result, []
     return result, _predictor_group(
-        Task.RANDOM_SPAN, group_id, n, result, prompt_cfg, chat_template, _paragraph_meta(paragraph)
+        Task.RANDOM_SPAN,
+        group_id,
+        n,
+        result,
+        span_cfg.mask_token,
+        prompt_cfg,
+        chat_template,
+        _paragraph_meta(paragraph),
     )
 
 
@@ -236,7 +245,7 @@ def next_token_samples(
     ends = list(token_byte_ends)
     if len(ends) != len(entropies):
         raise ValueError(f"token_byte_ends ({len(ends)}) and entropies ({len(entropies)}) differ in length")
-    if ends and (ends[-1] != len(data) or any(b <= a for a, b in zip([0] + ends[:-1], ends))):
+    if ends and (ends[-1] != len(data) or any(b <= a for a, b in zip([0] + ends[:-1], ends, strict=True))):
         raise ValueError("token_byte_ends must be strictly increasing and end at the text's byte length")
 
     def starts_char(t: int) -> bool:  # the context data[:ends[t-1]] ends on a UTF-8 character boundary

@@ -16,8 +16,10 @@ def test_predictor_group_population_std():
 
 def test_sample_std_and_eps():
     # ddof=1: std = sqrt(0.75 / 3) = 0.5 -> [1.5, -0.5, -0.5, -0.5]; eps = 0.5 halves them
-    assert group_advantages([1, 0, 0, 0], AdvantageConfig(ddof=1, eps=1e-12)) == pytest.approx([1.5, -0.5, -0.5, -0.5])
-    assert group_advantages([1, 0, 0, 0], AdvantageConfig(ddof=1, eps=0.5)) == pytest.approx([0.75, -0.25, -0.25, -0.25])
+    adv = group_advantages([1, 0, 0, 0], AdvantageConfig(ddof=1, eps=1e-12))
+    assert adv == pytest.approx([1.5, -0.5, -0.5, -0.5])
+    adv = group_advantages([1, 0, 0, 0], AdvantageConfig(ddof=1, eps=0.5))
+    assert adv == pytest.approx([0.75, -0.25, -0.25, -0.25])
 
 
 def test_no_std_normalisation():

@@ -1,4 +1,4 @@
-"""Policy loss [PZ Eq. 11 + DAPO clip-higher + TIS]: hand-computed values, gradients, metrics and micro-batch invariance.
+"""Policy loss [PZ Eq. 11, DAPO clip-higher, TIS]: hand-computed values, gradients, metrics, micro-batch invariance.
 
 Hand values use eps_low = 0.2, eps_high = 0.28, old log-prob -1 everywhere and ratios r chosen per token:
 
@@ -71,7 +71,7 @@ def test_truncated_importance_sampling_and_mismatch_metrics():
     rollout = old - torch.log(torch.tensor(w, dtype=torch.float64))
     loss, m = policy_loss(logp, old, ADV, MASK, 10.0, LossConfig(tis_cap=2.0), rollout_logprobs=rollout)
     capped = [1.0, 2.0, 0.5, 1.0, 1.2]
-    assert loss.item() == pytest.approx(sum(c * p for c, p in zip(capped, PG)) / 10)  # 2.37 / 10
+    assert loss.item() == pytest.approx(sum(c * p for c, p in zip(capped, PG, strict=True)) / 10)  # 2.37 / 10
     assert loss.item() == pytest.approx(0.237)
     loss.backward()
     assert logp.grad.flatten().tolist() == pytest.approx(
@@ -104,7 +104,7 @@ def test_kl_penalty_against_reference(estimator):
     loss.backward()
     pg_grad = [0.0, -0.5, -1.1, 0.0, 3.0]
     assert [logp.grad[b, t].item() for b, t in VALID] == pytest.approx(
-        [(g + 0.1 * d) / 10 for g, d in zip(pg_grad, dkl)])
+        [(g + 0.1 * d) / 10 for g, d in zip(pg_grad, dkl, strict=True)])
 
 
 def test_kl_penalty_estimators_directly():

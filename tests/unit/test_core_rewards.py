@@ -127,7 +127,7 @@ def _stage(cfg):
     outputs = ["\\mask{stakes}", "\\mask{Ralph Hanover}", "\\mask{1983}", "\\mask{dog}", "no mask at all",
                "\\mask{Adios}"]
     preds_by_gen = []
-    for g, out in zip(gens, outputs):
+    for g, out in zip(gens, outputs, strict=True):
         g.response_text, g.status = out, Status.COMPLETED
         preds_by_gen.append(prediction_samples(g, 8, SpanConfig(), PromptConfig())[1])
     _rollouts(preds_by_gen[0], 1, aborted=0)  # acc 1/8
