@@ -43,7 +43,10 @@ def sha256_file(path: Path) -> str:
 
 def read_text_dump(path: Path, split: str) -> Iterator[Paragraph]:
     """Paragraphs of a plain-text dump: one per non-empty line ("lines") or per blank-line block ("blank")."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 (byte {exc.start})") from exc
     blocks = text.split("\n") if split == "lines" else text.split("\n\n")
     k = 0
     for block in blocks:
@@ -55,11 +58,15 @@ def read_text_dump(path: Path, split: str) -> Iterator[Paragraph]:
 
 def read_jsonl_dump(path: Path, on_bad_line: str, counts: dict[str, int]) -> Iterator[Paragraph]:
     """Validated paragraphs of a JSONL dump (``corpus.parse_record`` rules); bad lines raise or are counted."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
+                try:
+                    line: str | bytes = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    line = raw  # parse_record reports it as "not valid UTF-8" with its line number
                 yield parse_record(path, number, line)
             except DataError:
                 if on_bad_line == "error":

@@ -129,11 +129,19 @@ def resolve_shards(paths: list[str]) -> list[Path]:
 def load_shard(path: Path) -> list[tuple[int, Any]]:
     """Raw records of one shard as ``(line_or_row_number, raw)``; raw is a JSONL line or a Parquet row dict.
 
-    Line numbers are 1-based; blank JSONL lines are not records. Parsing happens later, per rank.
+    Line numbers are 1-based; blank JSONL lines are not records. Parsing happens later, per rank; a line that is
+    not valid UTF-8 is kept as bytes so that ``parse_record`` reports it with its line number.
     """
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            return [(i, line) for i, line in enumerate(f, start=1) if line.strip()]
+        records: list[tuple[int, Any]] = []
+        with open(path, "rb") as f:
+            for i, raw in enumerate(f, start=1):
+                if raw.strip():
+                    try:
+                        records.append((i, raw.decode("utf-8")))
+                    except UnicodeDecodeError:
+                        records.append((i, raw))
+        return records
     import pyarrow.parquet as pq  # lazy: only Parquet users need pyarrow at import time
 
     try:
@@ -148,6 +156,8 @@ def load_shard(path: Path) -> list[tuple[int, Any]]:
 def parse_record(path: Path, number: int, raw: Any) -> Paragraph:
     """Validate one raw record into a Paragraph; raises DataError naming ``path:number`` if malformed."""
     where = f"{path}:{number}"
+    if isinstance(raw, bytes):
+        raise DataError(f"{where}: not valid UTF-8")
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)

@@ -90,6 +90,15 @@ def test_bad_line_error_names_file_and_line(tmp_path, bad, message):
         next(reader)
 
 
+def test_invalid_utf8_line_is_a_bad_line(tmp_path):
+    path = tmp_path / "bin.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "\xff\xfe"}\n')
+    reader = CorpusReader(no_filter(paths=[str(path)], shuffle=False))
+    assert next(reader).text == "fine"
+    with pytest.raises(DataError, match=r"bin\.jsonl:2: not valid UTF-8"):
+        next(reader)
+
+
 def test_bad_line_skip_counts(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [para(0), "{oops", '{"text": ""}', para(3)])
     reader = CorpusReader(no_filter(paths=[str(path)], shuffle=False, num_epochs=1, on_bad_line="skip"))
@@ -178,6 +187,8 @@ def test_everything_filtered_is_an_error_not_a_hang(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"text": "short"}])
     with pytest.raises(DataError, match="no paragraph survived"):
         next(CorpusReader(CorpusConfig(paths=[str(path)], min_paragraph_tokens=100)))
+    # a finite pass just ends empty
+    assert list(CorpusReader(CorpusConfig(paths=[str(path)], min_paragraph_tokens=100, num_epochs=2))) == []
 
 
 def test_shipped_sample():

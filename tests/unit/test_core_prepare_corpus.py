@@ -62,12 +62,15 @@ def test_sample_is_deterministic_and_keeps_source_order(tmp_path):
 
 def test_bad_lines_and_errors(tmp_path, capsys):
     src = tmp_path / "dump.jsonl"
-    src.write_text('{"text": "ok"}\nnot json\n')
+    src.write_bytes(b'{"text": "ok"}\nnot json\n{"text": "\xff"}\n')
     assert prepare_corpus.main([str(src), "--out", str(tmp_path / "o")]) == 2
     assert "dump.jsonl:2: not valid JSON" in capsys.readouterr().err
     assert prepare_corpus.main([str(src), "--out", str(tmp_path / "o"), "--on-bad-line", "skip"]) == 0
-    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["counts"]["bad"] == 1
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["counts"]["bad"] == 2
     assert prepare_corpus.main([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    (tmp_path / "bin.txt").write_bytes(b"ok\n\xff\n")
+    assert prepare_corpus.main([str(tmp_path / "bin.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert "bin.txt: not valid UTF-8 (byte 3)" in capsys.readouterr().err
     assert prepare_corpus.main([str(src), "--out", str(tmp_path / "o"), "--max-tokens", "5"]) == 2
     assert "--tokenizer" in capsys.readouterr().err
 
