@@ -15,8 +15,9 @@ Per valid token (``loss_mask == 1``), with r = exp(logp - old_logp):
 ranks together (INFERENCE, digest §6 item 5: token-level mean as in DAPO). Summing the gradients of the
 micro-batches (and all-reducing with SUM over DP) then gives exactly the gradient of one big batch, however the
 step is split. Without TIS (no ``rollout_logprobs`` or ``tis_cap=None``) w = 1. Note: a DP wrapper that
-*averages* gradients over ranks (Megatron DDP's default) divides by the DP size on top of this; either reduce
-with SUM (Megatron: ``calculate_per_token_loss=True``) or scale the loss by the DP size.
+*averages* gradients over ranks (Megatron DDP's default) divides by the DP size on top of this, so scale the
+loss by the DP size there (with Megatron's ``calculate_per_token_loss=True`` the schedule divides by the token
+count itself: pass ``num_global_tokens=1`` and return the count alongside instead).
 
 ``old_logprobs`` is what the PPO ratio is taken against: the trainer's own log-probs recomputed before the
 update, or the rollout engine's when recomputation is off (then pass no ``rollout_logprobs``).
