@@ -223,6 +223,34 @@ def save(root: str | os.PathLike, iteration: int, model_chunks: list[torch.nn.Mo
     return final
 
 
+def validate_files(iter_dir: Path) -> None:
+    """Every byte range the checkpoint's ``.metadata`` lists must exist: names a missing/truncated file.
+
+    Cheap (stat calls only) and catches interrupted copies before ranks start a collective load that
+    would otherwise die with an opaque gloo/NCCL error on a peer.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        md = FileSystemReader(str(iter_dir)).read_metadata()
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {iter_dir / '.metadata'}: {exc}") from None
+    need: dict[str, int] = {}
+    owner: dict[str, str] = {}
+    for index, info in md.storage_data.items():
+        end = info.offset + info.length
+        if end > need.get(info.relative_path, -1):
+            need[info.relative_path], owner[info.relative_path] = end, index.fqn
+    for rel, end in sorted(need.items()):
+        f = iter_dir / rel
+        if not f.exists():
+            raise CheckpointError(f"checkpoint shard file {f} is missing (it holds {owner[rel]!r} and more)")
+        size = f.stat().st_size
+        if size < end:
+            raise CheckpointError(f"checkpoint shard file {f} is truncated: {size} bytes, the metadata needs "
+                                  f"{end} (tensor {owner[rel]!r})")
+
+
 def _validate_shapes(iter_dir: Path, sharded: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Compare global shapes of the model's sharded tensors with the checkpoint's metadata.
 
@@ -266,15 +294,21 @@ def load(path: str | os.PathLike, model_chunks: list[torch.nn.Module], arch: Mod
     from megatron.core.dist_checkpointing import ShardedTensor
 
     info = resolve(path)
+    validate_files(info.iter_dir)
     sharded = _model_sharded_state_dict(model_chunks)
     vocab_fix = _validate_shapes(info.iter_dir, sharded)
     repad: dict[tuple[str, str], torch.Tensor] = {}
+    # The whole tensor is replicated over this stage's TP and DP ranks: exactly one of them (TP0, DP0)
+    # must be the "main" replica for Megatron's access-integrity check.
+    from megatron.core import parallel_state as ps
+
+    replica_id = (0, ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(with_context_parallel=True))
     for mkey, msd in sharded.items():
         for local_name, st in list(msd.items()):
             if isinstance(st, ShardedTensor) and st.key in vocab_fix:
                 # Load the checkpoint's whole (differently padded) tensor on every rank, re-pad below.
                 buf = torch.empty(vocab_fix[st.key], dtype=st.data.dtype, device=st.data.device)
-                msd[local_name] = ShardedTensor.from_rank_offsets(st.key, buf, replica_id=_rank())
+                msd[local_name] = ShardedTensor.from_rank_offsets(st.key, buf, replica_id=replica_id)
                 repad[(mkey, local_name)] = buf
     state = dict(sharded)
     state.update(extra_sharded or {})

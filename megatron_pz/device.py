@@ -102,38 +102,46 @@ class _NullStream:
         return 0.0
 
 
+_originals: dict[tuple[object, str], object] = {}
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    _originals.setdefault((obj, name), getattr(obj, name, None))
+    setattr(obj, name, value)
+
+
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
-    cuda.current_device = lambda: 0
-    cuda.set_device = lambda *a, **k: None
-    cuda.synchronize = lambda *a, **k: None
-    cuda.Stream = _NullStream
-    cuda.Event = _NullStream
-    cuda.current_stream = lambda *a, **k: _NullStream()
-    cuda.default_stream = lambda *a, **k: _NullStream()
-    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    _set(cuda, "current_device", lambda: 0)
+    _set(cuda, "set_device", lambda *a, **k: None)
+    _set(cuda, "synchronize", lambda *a, **k: None)
+    _set(cuda, "Stream", _NullStream)
+    _set(cuda, "Event", _NullStream)
+    _set(cuda, "current_stream", lambda *a, **k: _NullStream())
+    _set(cuda, "default_stream", lambda *a, **k: _NullStream())
+    _set(cuda, "stream", lambda *a, **k: contextlib.nullcontext())
     # The "CUDA" generator is the CPU default generator: the RNG tracker saves, reseeds and restores it,
     # which keeps per-TP-rank dropout streams distinct and reproducible on CPU too.
-    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-    cuda.random.get_rng_state = cuda.get_rng_state
-    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    _set(cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state())
+    _set(cuda.random, "get_rng_state", cuda.get_rng_state)
+    _set(cuda, "set_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
     # Not torch.manual_seed: it calls torch.cuda.manual_seed_all itself (infinite recursion).
-    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    cuda.manual_seed_all = lambda seed: None
-    cuda.max_memory_allocated = lambda *a, **k: 0
-    cuda.memory_allocated = lambda *a, **k: 0
-    cuda.reset_peak_memory_stats = lambda *a, **k: None
-    cuda.empty_cache = lambda *a, **k: None
+    _set(cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
+    _set(cuda, "manual_seed_all", lambda seed: None)
+    _set(cuda, "max_memory_allocated", lambda *a, **k: 0)
+    _set(cuda, "memory_allocated", lambda *a, **k: 0)
+    _set(cuda, "reset_peak_memory_stats", lambda *a, **k: None)
+    _set(cuda, "empty_cache", lambda *a, **k: None)
 
 
 def _patch_megatron() -> None:
     """Megatron-internal CUDA calls that bypass torch.cuda's public functions."""
     from megatron.core.tensor_parallel import random as mp_random
 
-    mp_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(
-        new_state
-    )
-    mp_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    _set(mp_random, "_set_cuda_rng_state",
+         lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state))
+    _set(mp_random, "_get_cuda_rng_state",
+         lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state())
 
 
 class _DropSharedGeneratorWarning(logging.Filter):
@@ -165,6 +173,20 @@ def install() -> bool:
             _installed = True
     enter_thread_mode()
     return True
+
+
+def uninstall() -> None:
+    """Undo ``install`` (restore patched functions, pop this thread's mode). For tests."""
+    global _installed
+    with _lock:
+        for (obj, name), value in _originals.items():
+            setattr(obj, name, value)
+        _originals.clear()
+        _installed = False
+    mode = getattr(_thread_state, "mode", None)
+    if mode is not None:
+        mode.__exit__(None, None, None)
+        _thread_state.mode = None
 
 
 def is_installed() -> bool:

@@ -18,3 +18,43 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+
+
+# ----------------------------------------------------------------------------- model fixtures
+def save_tiny_hf(folder, family: str = "qwen3", seed: int = 0, **overrides):
+    """A tiny random HF model (fp32) saved with save_pretrained; returns the folder path as str."""
+    import torch
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+               "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+    cfg_cls, model_cls = classes[family]
+    # vocab 300 is deliberately not a multiple of 128: Megatron pads it (384 at TP1, 512 at TP2).
+    kw = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if family == "qwen3":
+        kw["head_dim"] = 24  # Qwen3's explicit head_dim != hidden/heads
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model_cls(cfg_cls(**kw)).save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_hf(tmp_path_factory):
+    return save_tiny_hf(tmp_path_factory.mktemp("tiny_qwen3") / "hf", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_hf(tmp_path_factory):
+    return save_tiny_hf(tmp_path_factory.mktemp("tiny_llama") / "hf", "llama", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(hf_dir, mcore_dir) of SmolLM2-135M-Instruct, converted once and cached (~25 s the first time)."""
+    from megatron_pz.model.smollm2 import prepare_smollm2
+
+    hf_dir, mcore_dir = prepare_smollm2()
+    return str(hf_dir), str(mcore_dir)

@@ -81,9 +81,14 @@ def mcore_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None, voca
         init_distributed(ParallelConfig())
     model = build_model(arch, _conversion_model_config(dtype))
     ckpt.load(src, model, arch)
-    state = gather_hf_state_dict(model, arch)
+    # Cast on export: some modules keep fp32 parameters in a bf16 model (the local spec's RMSNorm).
+    torch_dtype = ModelConfig(dtype=dtype).torch_dtype
+    state = gather_hf_state_dict(model, arch, dtype=torch_dtype)
     if state is not None:  # global rank 0
         cfg = arch.to_hf_config()
+        # transformers>=5 writes "dtype"; older versions "torch_dtype". Keep whichever the source used.
+        cfg["dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"] = \
+            str(torch_dtype).replace("torch.", "")
         aux = info.root / HF_AUX_DIR
         save_hf_folder(dst, state.items(), cfg, copy_from=aux_files(aux) if aux.is_dir() else (),
                        max_shard_bytes=max_shard_bytes)

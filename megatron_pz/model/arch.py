@@ -145,7 +145,8 @@ class ModelArch:
         hidden = int(need("hidden_size"))
         rope = cfg.get("rope_parameters") or {}
         legacy_scaling = cfg.get("rope_scaling") or {}
-        rope_theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
+        # transformers>=5 keeps rope settings in rope_parameters; a top-level rope_theta is the legacy form.
+        rope_theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
         rope_type = (rope.get("rope_type") or legacy_scaling.get("rope_type") or legacy_scaling.get("type")
                      or "default")
         scaling = {**legacy_scaling, **{k: v for k, v in rope.items() if k != "rope_theta"}}

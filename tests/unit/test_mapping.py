@@ -1,0 +1,86 @@
+"""HF <-> Megatron layouts, checked on tensors whose every value is known."""
+import pytest
+import torch
+
+from megatron_pz.convert import mapping
+from megatron_pz.errors import CheckpointError
+from megatron_pz.model.arch import ModelArch
+
+
+def arch(**kw):
+    base = dict(family="llama", num_layers=2, hidden_size=2, ffn_hidden_size=4, num_attention_heads=4,
+                num_query_groups=2, head_dim=1, vocab_size=5, max_position_embeddings=16)
+    base.update(kw)
+    return ModelArch(**base)
+
+
+def test_qkv_is_group_major_q_then_k_then_v():
+    a = arch()  # 4 heads, 2 KV groups, head_dim 1 -> 2 q heads per group
+    hf = {"model.layers.0.self_attn.q_proj.weight": torch.tensor([[0., 0], [1, 1], [2, 2], [3, 3]]),
+          "model.layers.0.self_attn.k_proj.weight": torch.tensor([[10., 10], [11, 11]]),
+          "model.layers.0.self_attn.v_proj.weight": torch.tensor([[20., 20], [21, 21]])}
+    qkv = mapping.to_megatron("decoder.layers.0.self_attention.linear_qkv.weight", hf.__getitem__, a, 8)
+    # group 0: q0 q1 k0 v0 | group 1: q2 q3 k1 v1
+    assert qkv[:, 0].tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
+    back = mapping.to_hf("decoder.layers.0.self_attention.linear_qkv.weight", qkv, a)
+    assert all(torch.equal(back[k], hf[k]) for k in hf)
+    # TP=2: each rank owns one whole group
+    assert mapping.shard_tp("decoder.layers.0.self_attention.linear_qkv.weight", qkv, 1, 2)[:, 0].tolist() == \
+        [2, 3, 11, 21]
+
+
+def test_fc1_shards_gate_and_up_separately():
+    full = torch.arange(8.).reshape(8, 1)  # gate = 0..3, up = 4..7
+    name = "decoder.layers.0.mlp.linear_fc1.weight"
+    assert mapping.shard_tp(name, full, 0, 2).flatten().tolist() == [0, 1, 4, 5]
+    assert mapping.shard_tp(name, full, 1, 2).flatten().tolist() == [2, 3, 6, 7]
+    shards = [mapping.shard_tp(name, full, r, 2) for r in range(2)]
+    assert torch.equal(mapping.unshard_tp(name, shards), full)
+
+
+@pytest.mark.parametrize("name,tp", [
+    ("embedding.word_embeddings.weight", 2), ("self_attention.linear_proj.weight", 2),
+    ("mlp.linear_fc2.weight", 4), ("self_attention.q_layernorm.weight", 2), ("mlp.linear_fc1.weight", 4)])
+def test_shard_unshard_inverse(name, tp):
+    canonical = name if name.startswith("embedding") else f"decoder.layers.3.{name}"
+    full = torch.randn(8, 8)
+    shards = [mapping.shard_tp(canonical, full, r, tp) for r in range(tp)]
+    assert torch.equal(mapping.unshard_tp(canonical, shards), full)
+
+
+def test_row_parallel_splits_input_dim():
+    full = torch.arange(8.).reshape(2, 4)
+    s = mapping.shard_tp("decoder.layers.0.self_attention.linear_proj.weight", full, 1, 2)
+    assert s.tolist() == [[2, 3], [6, 7]]
+
+
+def test_vocab_padding_added_then_dropped():
+    a = arch()
+    emb = torch.arange(10.).reshape(5, 2)
+    full = mapping.to_megatron("embedding.word_embeddings.weight", {"model.embed_tokens.weight": emb}.__getitem__, a, 8)
+    assert full.shape == (8, 2) and torch.equal(full[:5], emb) and full[5:].abs().sum() == 0
+    assert torch.equal(mapping.to_hf("embedding.word_embeddings.weight", full, a)["model.embed_tokens.weight"], emb)
+
+
+def test_tied_output_layer_reads_embeddings_and_names_cover_hf():
+    a = arch(tie_word_embeddings=True, qk_norm=True, family="qwen3")
+    assert mapping.hf_sources("output_layer.weight", a) == ["model.embed_tokens.weight"]
+    names = mapping.hf_names(a)
+    assert "lm_head.weight" not in names and "model.layers.1.self_attn.k_norm.weight" in names
+    assert len(names) == 1 + 2 * 11 + 1  # embed + 11 tensors per layer (q,k,v,o,q/k norm,2 LN,3 MLP) + norm
+
+
+def test_shape_mismatch_names_the_tensor():
+    a = arch()
+    bad = {"model.layers.1.mlp.down_proj.weight": torch.zeros(2, 5)}
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.down_proj\.weight.*\(2, 5\).*\(2, 4\)"):
+        mapping.to_megatron("decoder.layers.1.mlp.linear_fc2.weight", bad.__getitem__, a, 8)
+
+
+def test_canonical_name_maps_local_spec_and_layer_offset():
+    assert mapping.canonical_name("decoder.layers.1.input_layernorm.weight", 10) == \
+        "decoder.layers.11.self_attention.linear_qkv.layer_norm_weight"
+    assert mapping.canonical_name("decoder.layers.0.pre_mlp_layernorm.weight") == \
+        "decoder.layers.0.mlp.linear_fc1.layer_norm_weight"
+    with pytest.raises(CheckpointError, match="no tensor-parallel layout"):
+        mapping.shard_tp("decoder.layers.0.mystery.weight", torch.zeros(2), 0, 2)
