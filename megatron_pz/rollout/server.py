@@ -280,7 +280,8 @@ class RolloutServer:
         return f"http://{host}:{self.port}"
 
     def start(self) -> "RolloutServer":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="rollout-http", daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="rollout-http", daemon=True)
         self._thread.start()
         logger.info("rollout server listening on %s (auth %s, weights dir %s)", self.url,
                     "on" if self.config.api_key else "off", self.weights_dir)

@@ -1,0 +1,135 @@
+"""Weight sync building blocks: buckets, atomic disk versions, the tensor-path payload, partial-version tags."""
+from __future__ import annotations
+
+import ast
+import base64
+import io
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_pz.errors import UserError
+from megatron_pz.rollout.embedded import read_safetensors_dir
+from megatron_pz.rollout.sglang_client import parse_weight_version
+from megatron_pz.rollout.weight_sync import (
+    DiskWeightSync,
+    TensorWeightSync,
+    _serialize_flattened_bucket_local,
+    iter_buckets,
+)
+
+NUM_GPUS = 0
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _named(sizes):
+    return [(f"t{i}", torch.full((n,), float(i))) for i, n in enumerate(sizes)]
+
+
+def test_buckets_respect_the_byte_limit_and_keep_order():
+    named = _named([10, 10, 10, 50, 5])  # float32: 40, 40, 40, 200, 20 bytes
+    buckets = list(iter_buckets(named, bucket_bytes=100))
+    assert [[n for n, _ in b] for b in buckets] == [["t0", "t1"], ["t2"], ["t3"], ["t4"]]
+    assert [n for b in buckets for n, _ in b] == [n for n, _ in named]
+    assert list(iter_buckets([], 100)) == []
+
+
+class _RecordingEngine:
+    def __init__(self):
+        self.calls = []
+
+    def update_weights_from_disk(self, path, version):
+        self.calls.append((path, version))
+        assert Path(path).is_dir()  # the folder is complete before the engine hears of it
+
+    def update_weights_from_tensor(self, payloads, version, load_format="flattened_bucket"):
+        self.calls.append((len(payloads), version, load_format))
+
+    def flush_cache(self):
+        self.calls.append("flush")
+
+
+def test_disk_versions_are_atomic_complete_and_increasing(tmp_path):
+    engine = _RecordingEngine()
+    named = _named([1000, 3000, 10])
+    sync = DiskWeightSync(engine, tmp_path / "w", shard_bytes=8000, keep_last=2)
+    report = sync.push(named, 1)
+    folder = tmp_path / "w" / "v00000001"
+    assert engine.calls == [(str(folder), 1)] and report.num_buckets == 3 and report.num_params == 4010
+    back = read_safetensors_dir(folder)
+    assert set(back) == {"t0", "t1", "t2"} and torch.equal(back["t1"], named[1][1])
+    with pytest.raises(UserError, match="not above"):
+        sync.push(named, 1)
+    # A failed write leaves neither a version folder nor a temporary one behind.
+
+    def broken():
+        yield "t0", torch.zeros(3)
+        raise RuntimeError("trainer died mid-gather")
+
+    with pytest.raises(RuntimeError):
+        sync.push(broken(), 2)
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["v00000001"]
+    sync.push(named, 2)
+    sync.push(named, 3)
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["v00000002", "v00000003"]
+    with pytest.raises(UserError, match="twice"):
+        sync.push(named + named[:1], 4)
+
+
+def _decode(payload: str):
+    """What SGLang's scheduler does: base64 -> unpickle ({"flattened_tensor", "metadata"}) -> views."""
+    blob = pickle.loads(base64.b64decode(payload))
+    out = {}
+    for m in blob["metadata"]:
+        out[m.name] = blob["flattened_tensor"][m.start_idx:m.end_idx].view(m.dtype).reshape(m.shape)
+    return out
+
+
+def test_tensor_payload_roundtrips_mixed_dtypes():
+    bucket = [("a", torch.randn(3, 4)), ("b", torch.arange(6, dtype=torch.int64)), ("c", torch.randn(5).bfloat16())]
+    got = _decode(_serialize_flattened_bucket_local(bucket))
+    for name, t in bucket:
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t)
+
+
+def _sglang_allowed_globals() -> set[tuple[str, str]] | None:
+    for base in (os.environ.get("SGLANG_SRC"), str(REPO / ".cache" / "sglang-src")):
+        path = Path(base or "/nonexistent") / "sglang" / "srt" / "utils" / "common.py"
+        if path.is_file():
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef) and node.name == "SafeUnpickler":
+                    for stmt in node.body:
+                        if isinstance(stmt, ast.Assign) and stmt.targets[0].id == "ALLOWED_GLOBALS":
+                            return {tuple(e.value for e in t.elts) for t in stmt.value.elts}
+    return None
+
+
+def test_tensor_payload_only_uses_globals_sglang_safe_unpickler_allows():
+    allowed = _sglang_allowed_globals()
+    if allowed is None:
+        pytest.skip("SGLang source not found (bash tools/install.sh)")
+    used = set()
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            used.add((module, name))
+            return super().find_class(module, name)
+
+    payload = _serialize_flattened_bucket_local([("w", torch.randn(2, 3)), ("b", torch.zeros(4).half())])
+    Recorder(io.BytesIO(base64.b64decode(payload))).load()
+    assert used and used <= allowed, f"rejected by sglang SafeUnpickler: {used - allowed}"
+
+
+def test_tensor_sync_tags_all_but_the_last_bucket_partial():
+    engine = _RecordingEngine()
+    sync = TensorWeightSync(engine, tp_size=2, bucket_bytes=64)  # type: ignore[arg-type]
+    sync.push(_named([10, 10, 10]), 7)  # 40 bytes each: three buckets
+    assert engine.calls == [(2, "7-partial", "flattened_bucket"), (2, "7-partial", "flattened_bucket"),
+                            (2, "7", "flattened_bucket"), "flush"]
+    assert parse_weight_version("7-partial") == -1 and parse_weight_version("7") == 7
+    assert parse_weight_version("default") == -1
+    with pytest.raises(UserError):
+        sync.push(_named([1]), 7)
