@@ -44,6 +44,7 @@ from typing import Any, Callable
 from megatron_pz.errors import RolloutError, UserError
 from megatron_pz.rollout.embedded import EmbeddedEngine
 from megatron_pz.rollout.protocol import GenerationResult, SamplingParams
+from megatron_pz.rollout.sglang_client import PARTIAL_VERSION_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -385,6 +386,8 @@ class RolloutServer:
 
     def _version_of(self, body: dict) -> int:
         raw = body.get("weight_version")
+        if isinstance(raw, str) and raw.endswith(PARTIAL_VERSION_SUFFIX):
+            raw = raw[: -len(PARTIAL_VERSION_SUFFIX)]  # a bucket of a multi-bucket update (we stage until complete)
         try:
             return int(raw)
         except (TypeError, ValueError):
