@@ -1,0 +1,235 @@
+"""Run logging: hand-computed sample metrics, metrics.jsonl robustness and resume, TensorBoard round trip, timer."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from megatron_pz import logs
+from megatron_pz.logs import RunLogger, StepTimer, sample_histograms, sample_scalars
+from megatron_pz.types import Sample, Status, Task
+
+
+def _s(task, group, n_tokens, reward, status=Status.COMPLETED, finish_reason=None, **metadata):
+    return Sample(task, group, response_ids=[7] * n_tokens, reward=reward, status=status,
+                  finish_reason=finish_reason, metadata=metadata)
+
+
+def _step_samples():
+    return [
+        # generator group: valid 3-word span, invalid mask (truncated), valid 1-word span that was truncated and
+        # then DAPO-filtered, and an aborted request that never got a mask
+        _s(Task.MASK_GEN, "g", 4, 0.75, mask_valid=True, span="New York City", paragraph="long text"),
+        _s(Task.MASK_GEN, "g", 10, 0.0, Status.TRUNCATED, "length", mask_valid=False, span=None),
+        _s(Task.MASK_GEN, "g", 6, 0.5, Status.FILTERED, "length", mask_valid=True, span="Paris"),
+        _s(Task.MASK_GEN, "g", 0, None, Status.ABORTED, "abort"),
+        # predictor group for one mask: 2 of 4 exact matches
+        _s(Task.MASK_PRED, "g/mask0", 2, 1.0),
+        _s(Task.MASK_PRED, "g/mask0", 3, 0.0),
+        _s(Task.MASK_PRED, "g/mask0", 5, 1.0),
+        _s(Task.MASK_PRED, "g/mask0", 6, 0.0),
+    ]
+
+
+# ----------------------------------------------------------------------------- pure metrics
+def test_sample_scalars_hand_computed():
+    got = sample_scalars(_step_samples())
+    expected = {
+        "count/mask_gen": 4.0,
+        "reward/mask_gen": (0.75 + 0.0 + 0.5) / 3,  # the aborted sample has no reward
+        "length/mask_gen_mean": (4 + 10 + 6) / 3,  # generated = COMPLETED, TRUNCATED, FILTERED
+        "length/mask_gen_max": 10.0,
+        "trunc_rate/mask_gen": 2 / 4,  # TRUNCATED + FILTERED with finish_reason "length"
+        "abort_rate/mask_gen": 1 / 4,
+        "filtered_frac/mask_gen": 1 / 4,
+        "mask/valid_rate": 2 / 3,  # over the 3 samples that carry mask_valid
+        "mask/span_words_mean": (3 + 1) / 2,
+        "mask/span_chars_mean": (13 + 5) / 2,
+        "count/mask_pred": 4.0,
+        "reward/mask_pred": 0.5,
+        "acc/mask_pred": 0.5,
+        "length/mask_pred_mean": (2 + 3 + 5 + 6) / 4,
+        "length/mask_pred_max": 6.0,
+        "trunc_rate/mask_pred": 0.0,
+        "abort_rate/mask_pred": 0.0,
+        "filtered_frac/mask_pred": 0.0,
+    }
+    assert got.keys() == expected.keys()  # no random_span keys: that task had no samples
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_sample_scalars_skips_empty_sets():
+    assert sample_scalars([]) == {}
+    assert sample_histograms([]) == {}
+    pending = [Sample(Task.RANDOM_SPAN, "r")]  # not generated, no reward: only counts and rates
+    assert sample_scalars(pending) == {"count/random_span": 1.0, "trunc_rate/random_span": 0.0,
+                                       "abort_rate/random_span": 0.0, "filtered_frac/random_span": 0.0}
+    assert sample_histograms(pending) == {}
+
+
+def test_sample_histograms():
+    assert sample_histograms(_step_samples()) == {
+        "hist/reward_mask_gen": [0.75, 0.0, 0.5],
+        "hist/length_mask_gen": [4.0, 10.0, 6.0],
+        "hist/length_mask_pred": [2.0, 3.0, 5.0, 6.0],
+    }
+
+
+def test_step_timer_accumulates(monkeypatch):
+    clock = iter([100.0,  # reset
+                  101.0, 103.0,  # rollout 2 s
+                  103.5, 104.0,  # train 0.5 s
+                  104.0, 105.0,  # rollout again 1 s
+                  105.0, 105.25,  # sync 0.25 s
+                  106.0,  # summary
+                  200.0,  # reset
+                  201.0])  # summary
+    monkeypatch.setattr(logs, "perf_counter", lambda: next(clock))
+    timer = StepTimer()
+    with timer("rollout"):
+        pass
+    with timer("train"):
+        pass
+    with timer("rollout"):
+        pass
+    with timer("sync"):
+        pass
+    assert timer.summary() == {"time/rollout": 3.0, "time/train": 0.5, "time/sync": 0.25, "time/step": 6.0}
+    timer.reset()
+    assert timer.summary() == {"time/step": 1.0}
+    with pytest.raises(ValueError), timer("step"):
+        pass
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_metrics_jsonl_converts_weird_values(tmp_path):
+    log = RunLogger(tmp_path, total_steps=3, tensorboard=False, progress_bar=False)
+    weird = {"nan": math.nan, "inf": -math.inf, "t0": torch.tensor(0.5), "np": np.float32(0.25),
+             "np_int": np.int64(3), "vec": torch.tensor([1.0, 2.0]), "text": "abc", "flag": True, "n": 7,
+             "t_nan": torch.tensor(float("nan")), "step": 99}
+    for step in range(3):
+        log.log_step(step, {**weird, "loss": float(step)})
+    log.close()
+    log.close()  # idempotent
+    rows = _lines(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2]  # a scalar named "step" never overrides the step
+    assert [r["loss"] for r in rows] == [0.0, 1.0, 2.0]
+    row = rows[0]
+    assert isinstance(row["time"], float)
+    assert (row["nan"], row["inf"], row["vec"], row["text"], row["t_nan"]) == (None, None, None, None, None)
+    assert (row["t0"], row["np"], row["np_int"], row["flag"], row["n"]) == (0.5, 0.25, 3, 1, 7)
+    assert "NaN" not in (tmp_path / "metrics.jsonl").read_text()  # strict JSON
+
+
+def test_resume_drops_lines_from_start_step(tmp_path):
+    log = RunLogger(tmp_path, total_steps=10, tensorboard=False, progress_bar=False)
+    for step in range(5):
+        log.log_step(step, {"x": step})
+    log.log_samples(1, [_s(Task.MASK_PRED, "a", 1, 1.0)], k=1)
+    log.log_samples(4, [_s(Task.MASK_PRED, "a", 1, 1.0)], k=1)
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "ti')  # kill -9 mid-line
+
+    log = RunLogger(tmp_path, total_steps=10, start_step=3, tensorboard=False, progress_bar=False)
+    assert [r["step"] for r in _lines(tmp_path / "metrics.jsonl")] == [0, 1, 2]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000001.jsonl"]
+    assert not list(tmp_path.glob("*.tmp"))
+    for step in (3, 4):
+        log.log_step(step, {"x": 10 * step})
+    log.close()
+    rows = _lines(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["x"]) for r in rows] == [(0, 0), (1, 1), (2, 2), (3, 30), (4, 40)]
+
+
+def test_fresh_start_truncates_old_file(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "x": 1}\n')
+    RunLogger(tmp_path, total_steps=1, tensorboard=False, progress_bar=False).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_disabled_logger_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    log = RunLogger(out, total_steps=5, enabled=False)
+    log.log_step(0, {"x": 1.0}, {"h": [1.0]})
+    log.log_samples(0, _step_samples(), k=2)
+    log.info("hello")
+    log.close()
+    assert not out.exists()
+    assert capsys.readouterr() == ("", "")
+
+
+# ----------------------------------------------------------------------------- samples, console
+def test_log_samples_round_robin_and_slim_metadata(tmp_path):
+    samples = _step_samples() + [_s(Task.MASK_PRED, "g/mask1", 1, math.nan)]
+    log = RunLogger(tmp_path, total_steps=5, tensorboard=False, progress_bar=False)
+    log.log_samples(12, samples, k=2)
+    log.close()
+    rows = _lines(tmp_path / "samples" / "step_0000012.jsonl")
+    assert [(r["task"], r["group_id"], r["reward"]) for r in rows] == [
+        ("mask_gen", "g", 0.75), ("mask_gen", "g", 0.0),
+        ("mask_pred", "g/mask0", 1.0), ("mask_pred", "g/mask1", None),  # one per group first; NaN -> null
+    ]
+    assert rows[0]["metadata"] == {"mask_valid": True, "span": "New York City"}  # "paragraph" dropped
+    assert rows[1]["status"] == "truncated" and rows[1]["finish_reason"] == "length"
+    assert rows[0]["response_tokens"] == 4
+
+
+def test_progress_bar_eta_from_steady_rate(tmp_path, monkeypatch, capsys):
+    clock = iter([0.0, 100.0, 110.0, 120.0])  # created; step 0 after a 100 s warm-up; then 10 s per step
+    monkeypatch.setattr(logs, "monotonic", lambda: next(clock))
+    log = RunLogger(tmp_path, total_steps=10, tensorboard=False)
+    for step in range(3):
+        log.log_step(step, {"reward/mask_pred": 0.5, "other": 1.0})
+    log.info("checkpoint saved")
+    log.close()
+    captured = capsys.readouterr()
+    assert "checkpoint saved" in captured.out
+    assert "3/10" in captured.err
+    assert "eta 01:10, 10s/step" in captured.err  # 7 steps left at 10 s, warm-up excluded
+    assert "reward/mask_pred=0.5" in captured.err and "other" not in captured.err
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+def _events(tmp_path):
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_scalars_histograms_text(tmp_path):
+    samples = _step_samples()
+    log = RunLogger(tmp_path, total_steps=2, progress_bar=False)
+    for step in range(2):
+        log.log_step(step, {**sample_scalars(samples), "grad_norm": torch.tensor(1.5), "bad": math.nan},
+                     {**sample_histograms(samples), "hist/empty": []})
+    log.log_samples(1, samples, k=1)
+    log.close()
+    acc = _events(tmp_path)
+    tags = acc.Tags()
+    assert {"reward/mask_gen", "acc/mask_pred", "mask/valid_rate", "grad_norm"} <= set(tags["scalars"])
+    assert "bad" not in tags["scalars"]  # non-finite values are not plotted
+    assert [(e.step, e.value) for e in acc.Scalars("grad_norm")] == [(0, 1.5), (1, 1.5)]
+    assert acc.Scalars("reward/mask_pred")[0].value == pytest.approx(0.5)
+    assert {"hist/reward_mask_gen", "hist/length_mask_pred"} <= set(tags["histograms"])
+    assert "hist/empty" not in tags["histograms"]
+    assert acc.Histograms("hist/reward_mask_gen")[0].histogram_value.num == 3
+    assert any(tag.startswith("samples/mask_pred") for tag in tags["tensors"])
+
+
+def test_tensorboard_resume_purges_killed_steps(tmp_path):
+    log = RunLogger(tmp_path, total_steps=5, progress_bar=False)
+    for step in range(5):
+        log.log_step(step, {"x": step})
+    log.close()
+    log = RunLogger(tmp_path, total_steps=5, start_step=3, progress_bar=False)
+    for step in (3, 4):
+        log.log_step(step, {"x": 10 * step})
+    log.close()
+    assert [(e.step, e.value) for e in _events(tmp_path).Scalars("x")] == [(0, 0), (1, 1), (2, 2), (3, 30), (4, 40)]
