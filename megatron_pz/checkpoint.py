@@ -34,6 +34,9 @@ from megatron_pz.model.provider import unwrap
 logger = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# Distributed-optimizer state layout (Megatron-LM's default for torch_dist): every rank saves and loads its own
+# buffers in parallel; reshards across DP. Recorded in megatron_pz.json so a load asks for the same layout.
+OPTIM_SHARDING = "dp_reshardable"
 META = "megatron_pz.json"
 CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint_version
 _VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -168,11 +171,12 @@ def _rank() -> int:
 
 
 def save(root: str | os.PathLike, iteration: int, model_chunks: list[torch.nn.Module], arch: ModelArch, *,
-         extra_sharded: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
-         keep_last: int | None = None) -> Path:
+         optimizer: Any | None = None, extra_sharded: dict[str, Any] | None = None,
+         meta: dict[str, Any] | None = None, keep_last: int | None = None) -> Path:
     """Save a checkpoint collectively (all ranks call it). Returns the iteration folder.
 
-    ``extra_sharded``: more sharded state (optimizer, RNG ShardedObjects) merged into the state dict.
+    ``optimizer``: a Megatron optimizer whose (sharded) state is saved under "optimizer", as Megatron-LM does.
+    ``extra_sharded``: more sharded state (e.g. ShardedObjects) merged into the state dict.
     ``meta``: JSON-serialisable run state written to megatron_pz.json (data position, step, version...).
     ``keep_last``: delete older iteration folders beyond this many (never the one just written).
     """
@@ -191,6 +195,9 @@ def save(root: str | os.PathLike, iteration: int, model_chunks: list[torch.nn.Mo
     pp = ps.get_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
     dtype = next(unwrap(model_chunks[0]).parameters()).dtype
     state: dict[str, Any] = _model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, metadata={"distrib_optim_sharding_type": OPTIM_SHARDING})
     state.update(extra_sharded or {})
     state.update(checkpoint_version=CHECKPOINT_VERSION, iteration=iteration,
                  args=megatron_lm_args(arch, tp, pp, dtype))
@@ -201,6 +208,7 @@ def save(root: str | os.PathLike, iteration: int, model_chunks: list[torch.nn.Mo
             {"format": "megatron_pz/1", "iteration": iteration, "arch": arch.to_dict(),
              "saved_with": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                             "dtype": str(dtype).replace("torch.", "")},
+             "optimizer": {"distrib_optim_sharding_type": OPTIM_SHARDING} if optimizer is not None else None,
              **(meta or {})}, indent=2))
         for f in tmp.iterdir():
             if f.is_file():
@@ -284,9 +292,11 @@ def _validate_shapes(iter_dir: Path, sharded: dict[str, Any]) -> dict[str, tuple
 
 
 def load(path: str | os.PathLike, model_chunks: list[torch.nn.Module], arch: ModelArch, *,
-         extra_sharded: dict[str, Any] | None = None, strict: bool = True) -> tuple[CheckpointInfo, dict]:
+         optimizer: Any | None = None, extra_sharded: dict[str, Any] | None = None,
+         strict: bool = True) -> tuple[CheckpointInfo, dict]:
     """Load model (and optionally more sharded state) from a checkpoint at any TP/PP. Collective.
 
+    ``optimizer``: also restore its state (the checkpoint must hold one; padded vocab sizes must agree).
     Returns (info, loaded state dict). Vocab-sized tensors saved with a different padding (another TP
     size or ``make_vocab_size_divisible_by``) are re-padded: real rows are kept, padded rows zeroed.
     """
@@ -311,6 +321,15 @@ def load(path: str | os.PathLike, model_chunks: list[torch.nn.Module], arch: Mod
                 msd[local_name] = ShardedTensor.from_rank_offsets(st.key, buf, replica_id=replica_id)
                 repad[(mkey, local_name)] = buf
     state = dict(sharded)
+    if optimizer is not None:
+        if vocab_fix:
+            raise CheckpointError(f"cannot restore optimizer state from {info.iter_dir}: it was saved with another "
+                                  f"padded vocabulary size ({vocab_fix}); load the model only, or keep the TP size")
+        saved = info.meta.get("optimizer")
+        if not saved:
+            raise CheckpointError(f"{info.iter_dir} holds no optimizer state (a converted or model-only checkpoint); "
+                                  f"start a new run from it instead of resuming")
+        state["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=saved)
     state.update(extra_sharded or {})
     try:
         loaded = dist_checkpointing.load(state, str(info.iter_dir))
@@ -335,4 +354,6 @@ def load(path: str | os.PathLike, model_chunks: list[torch.nn.Module], arch: Mod
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if strict and missing:
             raise CheckpointError(f"checkpoint {info.iter_dir} lacks model tensors: {missing[:5]}")
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
     return info, loaded

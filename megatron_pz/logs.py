@@ -243,6 +243,10 @@ class RunLogger:
                 if int(stale.stem.removeprefix("step_")) >= start_step:
                     stale.unlink()
         self._metrics = open(metrics_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed in close()
+        # Which paragraphs each step trained on: lets a resumed run be checked against an uninterrupted one.
+        data_path = self.out_dir / "data_order.jsonl"
+        _drop_steps_from(data_path, start_step)
+        self._data = open(data_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed in close()
         if tensorboard:
             # Imported here so ranks and runs without TensorBoard never need the tensorboard package.
             from torch.utils.tensorboard import SummaryWriter
@@ -333,6 +337,12 @@ class RunLogger:
                 self._writer.add_text(f"samples/{t}", "\n\n---\n\n".join(map(_sample_markdown, group)), int(step))
 
     # ------------------------------------------------------------------------ console / teardown
+    def log_data_order(self, step: int, paragraph_ids: Sequence[str]) -> None:
+        """One line ``{"step": s, "paragraph_ids": [...]}`` to ``data_order.jsonl``."""
+        if not self.enabled:
+            return
+        self._data.write(json.dumps({"step": int(step), "paragraph_ids": [str(p) for p in paragraph_ids]}) + "\n")
+
     def info(self, msg: str) -> None:
         """Print a console line above the progress bar (stdout)."""
         if self.enabled:
@@ -344,9 +354,10 @@ class RunLogger:
             self._bar.close()
         if self._writer is not None:
             self._writer.close()
-        if self._metrics is not None:
-            self._metrics.close()
-        self._metrics = self._writer = self._bar = None
+        for f in (self._metrics, getattr(self, "_data", None)):
+            if f is not None:
+                f.close()
+        self._metrics = self._data = self._writer = self._bar = None
 
 
 def _sample_record(s: Sample) -> dict[str, Any]:

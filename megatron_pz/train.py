@@ -1,0 +1,186 @@
+"""``megatron-pz train --config FILE [key=value ...]`` (or ``torchrun -m megatron_pz.train --config FILE``).
+
+The PretrainZero step loop [PZ §3.3, §4.1]. One step:
+
+    rollout   paragraphs -> generator rollouts -> masks -> predictor rollouts -> rewards -> advantages
+    train     micro-batches -> Megatron forward/backward (vocab-parallel log-probs, GRPO loss on the last
+              PP stage) -> finalize_model_grads -> distributed optimizer + cosine schedule
+    sync      gather TP/PP shards into HF tensors -> rollout engine at weight version step + 1
+    save      Megatron checkpoint (model, optimizer, scheduler, corpus position, step, weight version)
+    log       TensorBoard, metrics.jsonl, sample texts, progress bar (rank 0)
+
+The same command resumes a killed run from <output_dir>/checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+import torch
+
+from megatron_pz.config import RunConfig, load_config
+
+logger = logging.getLogger("megatron_pz.train")
+
+
+def train(cfg: RunConfig) -> None:
+    from megatron_pz.logs import StepTimer
+    from megatron_pz.trainer.setup import setup, shutdown
+
+    run = setup(cfg)
+    timer = StepTimer()
+    try:
+        for step in range(run.start_step, cfg.train.steps):
+            timer.reset()
+            with timer("rollout"):
+                samples, rollout_metrics = rollout(run, step)
+            with timer("train"):
+                train_metrics = update_policy(run, samples)
+            with timer("sync"):
+                sync_weights(run)
+            if should_save(run, step + 1):
+                with timer("save"):
+                    save(run, step + 1)
+            log(run, step + 1, samples, {**rollout_metrics, **train_metrics, **timer.summary()})
+            if run.stop_requested:
+                logger.warning("stopping after step %d on request (checkpoint saved)", step + 1)
+                break
+    finally:
+        shutdown(run)
+
+
+# ------------------------------------------------------------------ stages
+def rollout(run: Any, step: int) -> tuple[list, dict[str, float]]:
+    """Data owners collect this DP rank's samples; every rank of the model-parallel group gets them."""
+    from megatron_pz.trainer.collect import StepContext, collect
+    from megatron_pz.trainer.setup import chat_template_fn, share_samples
+
+    samples, metrics = None, {}
+    if run.is_data_owner:
+        per_rank = run.cfg.train.paragraphs_per_step // run.dp_size
+        paragraphs = [next(run.corpus) for _ in range(per_rank)]
+        ctx = StepContext(encode=run.tokenizer.encode, decode=run.tokenizer.decode,
+                          chat_template=chat_template_fn(run), step=step, dp_rank=run.dp_rank)
+        samples, metrics = collect(paragraphs, run.cfg, run.engine, ctx)
+        metrics = {f"rollout/{k}": v for k, v in metrics.items()}
+    return share_samples(run, samples), metrics
+
+
+def update_policy(run: Any, samples: list) -> dict[str, float]:
+    """One GRPO update on this DP rank's samples (Megatron's pipeline schedule + distributed optimizer)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_pz.trainer.batching import build_microbatches
+    from megatron_pz.trainer.step import train_step
+
+    p = run.cfg.parallel
+    multiple = 8 * (p.tensor_model_parallel_size if p.sequence_parallel else 1) * 2 * p.context_parallel_size
+    pad_id = run.tokenizer.eos_token_id or 0
+    microbatches = build_microbatches(samples, run.cfg.train.micro_batch_size, pad_id, seq_multiple=multiple,
+                                      same_length=p.pipeline_model_parallel_size > 1)
+    metrics = train_step(run.training, microbatches, run.cfg.loss, run.arch.vocab_size, run.cfg.rollout.temperature)
+    metrics["train/microbatches"] = float(len(microbatches))
+    if not ps.is_pipeline_last_stage():  # loss metrics exist on the last stage only
+        metrics = {k: v for k, v in metrics.items() if k in ("train/grad_norm", "train/lr", "train/update_skipped")}
+    return metrics
+
+
+def sync_weights(run: Any) -> None:
+    """Push the updated policy to the rollout engine as weight version + 1 (collective gather, rank 0 pushes)."""
+    from megatron_pz.trainer.setup import export_weights
+
+    state = export_weights(run)
+    run.weight_version += 1
+    if run.weight_sync is not None:
+        run.last_sync = run.weight_sync.push(state.items(), run.weight_version)
+    if run.is_data_owner and run.weight_sync is None:
+        run.engine.mark_updated(run.weight_version)  # other owners' pools learn the new version
+
+
+def should_save(run: Any, step: int) -> bool:
+    interval = run.cfg.checkpoint.save_interval
+    return step == run.cfg.train.steps or run.stop_requested or (interval > 0 and step % interval == 0)
+
+
+def save(run: Any, step: int) -> None:
+    """Model + optimizer (sharded), scheduler, every DP rank's corpus position, step and weight version."""
+    from megatron_pz import checkpoint as ckpt
+    from megatron_pz.trainer.setup import CHECKPOINT_SUBDIR
+
+    corpus_states: list[Any] = [None] * torch.distributed.get_world_size()
+    mine = (run.dp_rank, run.corpus.state_dict()) if run.corpus is not None else None
+    torch.distributed.all_gather_object(corpus_states, mine)
+    corpus = {str(r): s for item in corpus_states if item is not None for r, s in [item]}
+    meta = {"step": step, "weight_version": run.weight_version, "scheduler": run.training.scheduler.state_dict(),
+            "corpus": corpus, "run_name": run.cfg.name}
+    ckpt.save(run.out / CHECKPOINT_SUBDIR, step, run.chunks, run.arch, optimizer=run.training.optimizer, meta=meta,
+              keep_last=run.cfg.checkpoint.keep_last)
+
+
+def log(run: Any, step: int, samples: list, metrics: dict[str, float]) -> None:
+    """Reduce this step's metrics and sample statistics to rank 0 and write them."""
+    from megatron_pz.logs import sample_histograms, sample_scalars
+
+    owner_samples = samples if run.is_data_owner else []
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (metrics, owner_samples))
+    if torch.distributed.get_rank() != 0:
+        return
+    all_samples = [s for _, ss in gathered for s in ss]
+    merged: dict[str, list[float]] = {}
+    for m, _ in gathered:
+        for k, v in m.items():
+            merged.setdefault(k, []).append(float(v))
+    scalars = {k: sum(v) / len(v) for k, v in merged.items()}  # mean over the ranks that report a metric
+    scalars.update(sample_scalars(all_samples))
+    scalars["weight_version"] = float(run.weight_version)
+    sync = getattr(run, "last_sync", None)
+    if sync is not None:
+        scalars["time/sync_s_per_100m_params"] = sync.seconds_per_100m_params
+    tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in all_samples)
+    scalars["throughput/tokens_per_s"] = tokens / max(scalars.get("time/step", 0.0), 1e-9)
+    scalars["data/paragraphs"] = float(len({s.metadata.get("paragraph_id") for s in all_samples}))
+    run.logger.log_step(step, scalars, sample_histograms(all_samples))
+    run.logger.log_data_order(step, sorted({str(s.metadata.get("paragraph_id")) for s in all_samples}))
+    k = run.cfg.logging.sample_interval
+    if k and step % k == 0:
+        run.logger.log_samples(step, all_samples, run.cfg.logging.samples_per_log)
+
+
+# ------------------------------------------------------------------ entry points
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="run PretrainZero training (resumes from <output_dir>/checkpoints)",
+                       description=__doc__.split("\n\n")[0])
+    _add_args(p)
+    p.set_defaults(func=lambda a: main_from_args(a))
+
+
+def _add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="run file (YAML), e.g. examples/quickstart_cpu.yaml")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=10")
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    train(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m megatron_pz.train`` / ``torchrun -m megatron_pz.train``."""
+    from megatron_pz.errors import UserError
+
+    p = argparse.ArgumentParser(prog="megatron_pz.train", description=__doc__.split("\n\n")[0])
+    _add_args(p)
+    try:
+        return main_from_args(p.parse_args(argv))
+    except UserError as exc:
+        print(f"megatron_pz.train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

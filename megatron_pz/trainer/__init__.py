@@ -1,0 +1,1 @@
+"""Megatron-side training mechanics: batching, vocab-parallel log-probs, optimizer, the train step."""

@@ -1,0 +1,117 @@
+"""One step's rollouts for one data-parallel rank: paragraphs -> scored, advantage-weighted ``Sample``s.
+
+PretrainZero [PZ §3.2-3.3, §4.1]:
+    paragraphs --generate n=masks--> generator Samples --parse \\mask{}, span rules--> predictor groups
+    --generate n=predictions--> predictor Samples --exact match--> r_pred --per-mask accuracy (Eq. 9)--> r_gen
+    --GRPO per group + DAPO filter--> advantages
+Random-span RLPT [PZ §4.2]: ``masks_per_paragraph`` random whole-word spans per paragraph, each a predictor group.
+
+All samples of a group come from one prompt sent once with ``n`` samples, so they share the prompt's KV cache.
+Every random choice derives from (seed, step, rank, index), so a resumed run makes the same choices.
+"""
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from megatron_pz.algo.advantages import compute_advantages
+from megatron_pz.data.corpus import Paragraph
+from megatron_pz.data.tasks import generation_samples, prediction_samples, random_span_samples
+from megatron_pz.rewards.span import assign_generator_rewards, score_samples
+from megatron_pz.rollout.protocol import SamplingParams, fill_sample
+from megatron_pz.types import Sample, Task
+
+
+@dataclass
+class StepContext:
+    """What collection needs besides the config: tokenizer functions and this rank's identity."""
+
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    chat_template: Callable[[list[dict[str, str]]], str] | None
+    step: int
+    dp_rank: int
+
+
+def _seed(*parts: Any) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+def _generate(engine: Any, samples: Sequence[Sample], n: int, params: SamplingParams, ctx: StepContext) -> None:
+    """Generate for consecutive groups of ``n`` samples that share a prompt; fill each Sample in place."""
+    prompts = [ctx.encode(samples[i].prompt_text) for i in range(0, len(samples), n)]
+    if not prompts:
+        return
+    results = engine.generate(prompts, params)
+    for g, (ids, per_prompt) in enumerate(zip(prompts, results, strict=True)):
+        for j, result in enumerate(per_prompt):
+            s = samples[g * n + j]
+            s.prompt_ids = ids
+            fill_sample(s, result)
+            if not s.response_text:
+                s.response_text = ctx.decode(s.response_ids)
+
+
+def collect_pretrainzero(paragraphs: Sequence[Paragraph], cfg: Any, engine: Any,
+                         ctx: StepContext) -> tuple[list[Sample], dict[str, float]]:
+    """Both PretrainZero tasks for this rank's paragraphs. ``cfg`` is the RunConfig."""
+    t, r = cfg.train, cfg.rollout
+    gen: list[Sample] = []
+    for i, p in enumerate(paragraphs):
+        gen += generation_samples(p, f"s{ctx.step}/r{ctx.dp_rank}/p{i}", t.masks_per_paragraph, cfg.prompt,
+                                  ctx.chat_template)
+    _generate(engine, gen, t.masks_per_paragraph,
+              SamplingParams(n=t.masks_per_paragraph, max_new_tokens=cfg.gen_max_new_tokens,
+                             temperature=r.temperature, top_p=r.top_p), ctx)
+    pred: list[Sample] = []
+    for k, g in enumerate(gen):
+        _, group = prediction_samples(g, t.predictions_per_mask, cfg.span, cfg.prompt, ctx.chat_template,
+                                      seed=_seed(t.seed, ctx.step, ctx.dp_rank, k))
+        pred += group
+    _generate(engine, pred, t.predictions_per_mask,
+              SamplingParams(n=t.predictions_per_mask, max_new_tokens=cfg.pred_max_new_tokens,
+                             temperature=r.temperature, top_p=r.top_p), ctx)
+    score_samples(pred, cfg.reward)
+    metrics = assign_generator_rewards(gen, pred, cfg.reward)
+    metrics.update({f"adv/{k}": v for k, v in compute_advantages(gen + pred, cfg.advantage).items()})
+    return gen + pred, metrics
+
+
+def collect_random_span(paragraphs: Sequence[Paragraph], cfg: Any, engine: Any,
+                        ctx: StepContext) -> tuple[list[Sample], dict[str, float]]:
+    """Random-span RLPT: the same prediction prompt, reward and group layout, spans drawn at random."""
+    t, r = cfg.train, cfg.rollout
+    pred: list[Sample] = []
+    for i, p in enumerate(paragraphs):
+        rng = random.Random(_seed(t.seed, ctx.step, ctx.dp_rank, i))
+        for m in range(t.masks_per_paragraph):
+            _, group = random_span_samples(p, f"s{ctx.step}/r{ctx.dp_rank}/p{i}/m{m}", t.predictions_per_mask,
+                                           cfg.span, cfg.random_span, cfg.prompt, rng, ctx.chat_template)
+            pred += group
+    _generate(engine, pred, t.predictions_per_mask,
+              SamplingParams(n=t.predictions_per_mask, max_new_tokens=cfg.pred_max_new_tokens,
+                             temperature=r.temperature, top_p=r.top_p), ctx)
+    score_samples(pred, cfg.reward)
+    rewards = [s.reward for s in pred if s.reward is not None]
+    metrics = {"pred_acc_mean": sum(rewards) / len(rewards) if rewards else 0.0}
+    metrics.update({f"adv/{k}": v for k, v in compute_advantages(pred, cfg.advantage).items()})
+    return pred, metrics
+
+
+def collect(paragraphs: Sequence[Paragraph], cfg: Any, engine: Any,
+            ctx: StepContext) -> tuple[list[Sample], dict[str, float]]:
+    if cfg.train.objective == "random_span":
+        return collect_random_span(paragraphs, cfg, engine, ctx)
+    return collect_pretrainzero(paragraphs, cfg, engine, ctx)
+
+
+def task_counts(samples: Sequence[Sample]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in samples:
+        out[s.task.value] = out.get(s.task.value, 0) + 1
+    return out
+
+
+__all__ = ["StepContext", "collect", "collect_pretrainzero", "collect_random_span", "task_counts", "Task"]

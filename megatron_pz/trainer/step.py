@@ -1,0 +1,91 @@
+"""One optimizer step on a list of micro-batches through Megatron's pipeline schedule.
+
+forward_step (every stage) -> loss_func (last stage: vocab-parallel log-probs -> GRPO policy loss, a token
+sum) -> Megatron backward -> finalize_model_grads (DP reduction, / global token count) -> optimizer.step.
+One on-policy PPO update per step: the ratio is taken against the trainer's own log-probs of the same forward
+(detached), so it is exactly 1 and the engine/trainer mismatch is handled by truncated importance sampling.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_pz.algo.loss import LossConfig, policy_loss
+from megatron_pz.trainer.batching import MicroBatch
+from megatron_pz.trainer.logprobs import scaled_logits, token_entropy, token_logprobs
+
+
+def _forward_backward(model: list[torch.nn.Module], microbatches: list[MicroBatch], loss_cfg: LossConfig,
+                      vocab_size: int, temperature: float, forward_only: bool) -> list[dict[str, Any]]:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_pz import device
+
+    dev = device.default_device()
+
+    def forward_step(data_iterator, chunk):
+        mb = next(data_iterator).to(dev)
+        output = chunk(mb.tokens, mb.position_ids, attention_mask=None)
+
+        def loss_func(logits: torch.Tensor):
+            # logits: [B, S, V_pad / TP] on the last stage.
+            z = scaled_logits(logits, vocab_size, temperature)
+            logp = token_logprobs(z, mb.labels)  # [B, S]
+            ent = token_entropy(z.detach())
+            # num_global_tokens=1: the loss stays a token sum; Megatron divides by the global count.
+            loss, metrics = policy_loss(logp, logp.detach(), mb.advantages, mb.loss_mask, 1.0, loss_cfg,
+                                        rollout_logprobs=mb.rollout_logprobs, entropy=ent)
+            ntok = mb.loss_mask.sum().to(torch.int)
+            report = {k: float(v) for k, v in metrics.items()}
+            report["_tokens"] = int(ntok)
+            if forward_only:
+                report["_logprobs"] = logp.detach()
+            return loss, ntok, report
+
+        return output, loss_func
+
+    seq_len = max(mb.tokens.shape[1] for mb in microbatches)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(microbatches), model=model,
+        num_microbatches=len(microbatches), seq_length=seq_len, micro_batch_size=microbatches[0].tokens.shape[0],
+        forward_only=forward_only)
+
+
+def _combine(reports: list[dict[str, Any]]) -> dict[str, float]:
+    """Token-weighted means of the per-micro-batch metrics (this rank, last stage)."""
+    total = sum(r["_tokens"] for r in reports)
+    out: dict[str, float] = {"train/tokens": float(total)}
+    if total == 0:
+        return out
+    for k in reports[0]:
+        if not k.startswith("_") and k != "num_tokens":
+            out[f"train/{k}"] = sum(r[k] * r["_tokens"] for r in reports) / total
+    return out
+
+
+def train_step(state: Any, microbatches: list[MicroBatch], loss_cfg: LossConfig, vocab_size: int,
+               temperature: float) -> dict[str, float]:
+    """Forward/backward over all micro-batches, then one optimizer + scheduler step. Collective."""
+    for m in state.model:
+        m.train()
+        m.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    reports = _forward_backward(state.model, microbatches, loss_cfg, vocab_size, temperature, forward_only=False)
+    ok, grad_norm, _ = state.optimizer.step()
+    if ok:
+        state.scheduler.step(increment=1)
+    out = _combine(reports) if reports else {}
+    out.update({"train/grad_norm": float(grad_norm or 0.0), "train/lr": state.optimizer.param_groups[0]["lr"],
+                "train/update_skipped": float(not ok)})
+    return out
+
+
+@torch.no_grad()
+def forward_logprobs(model: list[torch.nn.Module], microbatches: list[MicroBatch], vocab_size: int,
+                     temperature: float) -> list[torch.Tensor]:
+    """Trainer log-probs [B, S] per micro-batch (last stage; [] elsewhere), for on-policy checks."""
+    for m in model:
+        m.eval()
+    reports = _forward_backward(model, microbatches, LossConfig(), vocab_size, temperature, forward_only=True)
+    return [r["_logprobs"] for r in reports]
