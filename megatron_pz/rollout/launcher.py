@@ -53,6 +53,9 @@ class ServerSpec:
     extra_args: list[str] = field(default_factory=list)
     """Appended to the server's command line (e.g. ``--mem-fraction-static 0.8``)."""
     log_path: str | None = None
+    die_with_parent: bool = False
+    """Linux: the server gets SIGTERM when the process that launched it dies, even by SIGKILL (a trainer that
+    owns its embedded server must not leak it when killed). Slurm launchers keep servers independent."""
     cwd: str | None = None
     env: dict[str, str] = field(default_factory=dict)
 
@@ -137,11 +140,24 @@ def start_server(spec: ServerSpec) -> LaunchedServer:
                 " ".join("***" if i and cmd[i - 1] == "--api-key" else a for i, a in enumerate(cmd)))
     try:
         proc = subprocess.Popen(cmd, cwd=spec.cwd, env=env, stdout=log or None, stderr=subprocess.STDOUT if log else None,
-                                start_new_session=True)  # Ctrl-C in the launcher's terminal is handled by us
+                                start_new_session=True,  # Ctrl-C in the launcher's terminal is handled by us
+                                preexec_fn=_die_with_parent if spec.die_with_parent else None)
     finally:
         if log:
             log.close()  # the child keeps its own descriptor
     return LaunchedServer(spec, proc, spec.log_path)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask the kernel for SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux/glibc: nothing to do
+        pass
 
 
 def wait_healthy(server: LaunchedServer, timeout_s: float = 900.0, poll_s: float = 1.0) -> None:

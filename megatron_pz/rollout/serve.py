@@ -63,7 +63,10 @@ def resolve_model(path: str, cache_dir: str) -> str:
         logger.info("using converted checkpoint %s", dst)
         return str(dst)
     try:
-        from megatron_pz.convert import mcore_to_hf
+        try:
+            from megatron_pz.convert import mcore_to_hf
+        except ImportError:
+            from megatron_pz.convert.api import mcore_to_hf  # not (yet) re-exported by the package
     except ImportError as exc:
         raise UserError(f"--model {path} is a Megatron checkpoint, but megatron_pz.convert.mcore_to_hf is not "
                         f"available ({exc}); convert it to an HF folder first and pass that") from None
