@@ -329,6 +329,7 @@ def load(path: str | os.PathLike, model_chunks: list[torch.nn.Module], arch: Mod
         if not saved:
             raise CheckpointError(f"{info.iter_dir} holds no optimizer state (a converted or model-only checkpoint); "
                                   f"start a new run from it instead of resuming")
+        _materialise_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=saved)
     state.update(extra_sharded or {})
     try:
@@ -355,5 +356,35 @@ def load(path: str | os.PathLike, model_chunks: list[torch.nn.Module], arch: Mod
         if strict and missing:
             raise CheckpointError(f"checkpoint {info.iter_dir} lacks model tensors: {missing[:5]}")
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # in-place copies into fp32 main params, which are views of model leaves
+            optimizer.load_state_dict(loaded["optimizer"])
+        unshare_adam_steps(optimizer)
     return info, loaded
+
+
+def _materialise_optimizer_state(optimizer: Any) -> None:
+    """A fresh torch AdamW has no per-parameter state, and without Apex/TE Megatron's DistributedOptimizer
+    cannot describe (or load into) an empty state. Run Megatron's own zero-gradient dummy step first; the
+    parameters it touches are overwritten by the load that follows."""
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(o, "optimizer", None)
+        if inner is not None and len(inner.state) == 0 and hasattr(o, "_init_optimizer_states_with_dummy_values"):
+            with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
+                o._init_optimizer_states_with_dummy_values()
+
+
+def unshare_adam_steps(optimizer: Any) -> int:
+    """Give every parameter's Adam state its own ``step`` tensor; returns how many were replaced.
+
+    Without Apex/TE, Megatron's ``DistributedOptimizer.load_state_dict`` assigns *one* step tensor to every
+    parameter state. torch's foreach AdamW then increments that shared tensor once per parameter, so after a
+    resume the bias correction runs N times too fast (and the next save trips Megatron's equal-steps assert).
+    """
+    inners = [getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    replaced = 0
+    for inner in inners:
+        for st in getattr(inner, "state", {}).values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+                replaced += 1
+    return replaced

@@ -191,7 +191,9 @@ def setup(cfg: RunConfig) -> Run:
         elif meta:
             raise ConfigError(f"checkpoint has no corpus position for DP rank {dp_rank} (saved with a different "
                               f"data-parallel size?); resume with the DP size it was saved with")
-    run.logger = RunLogger(out, total_steps=cfg.train.steps, start_step=run.start_step,
+    # Logged step numbers count completed steps (1-based): the first one this process logs is start_step + 1,
+    # so lines a killed run wrote after its last checkpoint (and only those) are dropped.
+    run.logger = RunLogger(out, total_steps=cfg.train.steps, start_step=run.start_step + 1,
                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
                            enabled=rank == 0)
     _write_hf_meta(run, source, kind)
@@ -237,6 +239,7 @@ def start_rollout(run: Run) -> None:
             first = _fresh_version_dir(writer, state, run.weight_version)
             dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(r.embedded_dtype, r.embedded_dtype)
             spec = ServerSpec(kind="embedded", model_path=str(first), port=free_port(), weights_dir=str(weights_dir),
+                              die_with_parent=True,
                               weight_version=run.weight_version, log_path=str(run.out / "rollout_server.log"),
                               api_key=r.api_key, extra_args=["--max-batch-size", str(r.embedded_max_batch_size),
                                                              "--dtype", dtype])

@@ -1,0 +1,9 @@
+"""A reward plug-in for the e2e tests, loaded by dotted path (``plugin_rewards:odd_length``).
+
+A random tiny model never writes the right span, so exact match would give all-zero groups (all filtered
+by DAPO) and no gradient. This reward has variance, so the GRPO update really runs.
+"""
+
+
+def odd_length(response: str, target: str, **info) -> float:
+    return float(len(response) % 2)
