@@ -36,6 +36,8 @@ def train(cfg: RunConfig) -> None:
             timer.reset()
             with timer("rollout"):
                 samples, rollout_metrics = rollout(run, step)
+            if step == run.start_step:
+                rollout_metrics.update(check_on_policy(run, samples))
             with timer("train"):
                 train_metrics = update_policy(run, samples)
             with timer("sync"):
@@ -85,6 +87,37 @@ def update_policy(run: Any, samples: list) -> dict[str, float]:
     if not ps.is_pipeline_last_stage():  # loss metrics exist on the last stage only
         metrics = {k: v for k, v in metrics.items() if k in ("train/grad_norm", "train/lr", "train/update_skipped")}
     return metrics
+
+
+def check_on_policy(run: Any, samples: list) -> dict[str, float]:
+    """First step of a process: trainer log-probs vs the rollout engine's on every generated response token.
+
+    The PPO ratio pi_trainer / pi_rollout should be 1 on-policy; this reports how far it is (one extra
+    forward pass, once). Filtered samples are included, so the check runs even when DAPO drops everything.
+    """
+    import copy
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_pz.trainer.batching import build_microbatches
+    from megatron_pz.trainer.step import forward_logprobs
+    from megatron_pz.types import Status
+
+    probe = []
+    for s in samples:
+        if s.response_ids and s.rollout_logprobs and s.status in (Status.COMPLETED, Status.TRUNCATED, Status.FILTERED):
+            c = copy.copy(s)
+            c.status, c.advantage = Status.COMPLETED, 0.0
+            probe.append(c)
+    p = run.cfg.parallel
+    mbs = build_microbatches(probe, run.cfg.train.micro_batch_size, run.tokenizer.eos_token_id or 0,
+                             same_length=p.pipeline_model_parallel_size > 1)
+    logps = forward_logprobs(run.training.model, mbs, run.arch.vocab_size, run.cfg.rollout.temperature)
+    if not ps.is_pipeline_last_stage() or not probe:
+        return {}
+    diffs = torch.cat([(lp.cpu() - mb.rollout_logprobs)[mb.loss_mask > 0].abs() for lp, mb in zip(logps, mbs)])
+    return {"onpolicy/logprob_abs_diff_max": float(diffs.max()), "onpolicy/logprob_abs_diff_mean": float(diffs.mean()),
+            "onpolicy/ratio_max_dev": float((torch.exp(diffs) - 1).max()), "onpolicy/tokens": float(diffs.numel())}
 
 
 def sync_weights(run: Any) -> None:

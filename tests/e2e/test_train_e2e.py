@@ -74,6 +74,9 @@ def test_pretrainzero_tp1_two_steps(tiny_policy, tmp_path):
     meta = json.loads((out / "checkpoints" / "iter_0000002" / "megatron_pz.json").read_text())
     assert meta["step"] == 2 and meta["weight_version"] == 2 and "0" in meta["corpus"]
     assert rows[-1]["weight_version"] == 2
+    # first-step on-policy check (all generated tokens, filtered ones too): engine and trainer agree (fp32)
+    assert rows[0]["onpolicy/tokens"] > 0 and rows[0]["onpolicy/logprob_abs_diff_max"] < 1e-3
+    assert "onpolicy/tokens" not in rows[1]
 
 
 @pytest.mark.parametrize("layout", [["parallel.pipeline_model_parallel_size=2"],

@@ -1,0 +1,88 @@
+"""Run config: YAML + base inheritance + overrides, and clear errors before any work starts."""
+import pytest
+
+from megatron_pz.config import load_config
+from megatron_pz.errors import ConfigError
+from megatron_pz.model.arch import ModelArch
+from megatron_pz.trainer.setup import validate_lengths
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_quickstart_loads_with_paper_defaults_elsewhere():
+    c = load_config("examples/quickstart_cpu.yaml")
+    assert (c.train.paragraphs_per_step, c.train.masks_per_paragraph, c.train.predictions_per_mask) == (4, 4, 4)
+    assert (c.loss.eps_low, c.loss.eps_high, c.loss.kl, c.loss.tis_cap) == (0.2, 0.28, None, 2.0)
+    assert c.advantage.dapo_filter and c.reward.zero_acc_rule and c.span.max_occurrences == 8
+    d = load_config(None)  # paper scale by default [PZ §4.1]
+    assert (d.train.paragraphs_per_step, d.train.masks_per_paragraph, d.train.predictions_per_mask) == (32, 8, 8)
+    assert (d.optim.lr, d.optim.lr_decay_style, d.train.steps, d.corpus.max_prompt_tokens,
+            d.train.max_response_tokens) == (5e-7, "cosine", 2000, 1536, 4096)
+
+
+def test_variant_changes_one_thing_via_base(tmp_path):
+    base = write(tmp_path / "base.yaml", "train:\n  steps: 7\n  micro_batch_size: 2\noptim:\n  lr: 1.0e-6\n")
+    var = write(tmp_path / "var.yaml", "base: base.yaml\ntrain:\n  objective: random_span\n")
+    c = load_config(var)
+    assert (c.train.objective, c.train.steps, c.train.micro_batch_size, c.optim.lr) == ("random_span", 7, 2, 1e-6)
+    loop = write(tmp_path / "loop.yaml", "base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="inheritance loops"):
+        load_config(loop)
+
+
+def test_overrides_are_typed_yaml_scalars():
+    c = load_config(None, ["train.steps=3", "rollout.urls=[http://a:1, http://b:2]", "loss.kl=k3",
+                           "loss.kl_coef=0.01", "policy.tokenizer=null"])
+    assert c.train.steps == 3 and c.rollout.urls == ["http://a:1", "http://b:2"]
+    assert c.loss.kl == "k3" and c.loss.kl_coef == 0.01 and c.policy.tokenizer is None
+
+
+@pytest.mark.parametrize("override,match", [
+    (["train.stpes=3"], r"unknown key 'train\.stpes' \(did you mean 'steps'\?\)"),
+    (["train.steps=three"], r"'train\.steps' = 'three' has the wrong type"),
+    (["loss.eps_low=1.5"], r"eps_low"),
+    (["rollout.backend=vllm"], r"rollout\.backend must be embedded or sglang"),
+    (["rollout.weight_sync=distributed"], r"embedded supports only rollout\.weight_sync=disk"),
+    (["train.predictions_per_mask=1"], r"group of one sample"),
+    (["optim.lr_decay_style=step"], r"lr_decay_style"),
+    (["parallel.tensor_model_parallel_size=0"], r"tensor_model_parallel_size must be a positive integer"),
+    (["train"], r"not of the form key\.sub=value"),
+    (["train.steps.x=1"], r"'train\.steps' = \{'x': 1\} has the wrong type"),
+])
+def test_bad_values_are_named(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, override)
+
+
+def test_bad_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path / "bad.yaml", "train: [unclosed\n"))
+    with pytest.raises(ConfigError, match=r"bad2\.yaml.*'train' must be a mapping"):
+        load_config(write(tmp_path / "bad2.yaml", "train: 3\n"))
+
+
+def test_override_into_a_scalar_of_a_file(tmp_path):
+    with pytest.raises(ConfigError, match="'steps' is not a section"):
+        load_config(write(tmp_path / "r.yaml", "train:\n  steps: 5\n"), ["train.steps.x=1"])
+
+
+def test_batch_must_split_over_data_parallel():
+    c = load_config(None, ["train.paragraphs_per_step=6", "parallel.tensor_model_parallel_size=2"])
+    assert c.validate_world(6) == 3
+    with pytest.raises(ConfigError, match=r"paragraphs_per_step=6 is not divisible by the data-parallel size 4"):
+        c.validate_world(8)
+    with pytest.raises(ConfigError, match="world size 7 is not divisible"):
+        c.validate_world(7)
+
+
+def test_prompt_plus_response_must_fit_the_context():
+    arch = ModelArch(family="llama", num_layers=2, hidden_size=8, ffn_hidden_size=8, num_attention_heads=2,
+                     num_query_groups=2, head_dim=4, vocab_size=10, max_position_embeddings=2048)
+    validate_lengths(load_config(None, ["corpus.max_prompt_tokens=1024", "train.max_response_tokens=1024"]), arch)
+    with pytest.raises(ConfigError, match=r"1536\) \+ the longest response cap \(4096\) = 5632 exceeds .* \(2048\)"):
+        validate_lengths(load_config(None), arch)
