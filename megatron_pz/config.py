@@ -138,7 +138,7 @@ class RolloutConfig:
         if self.backend == "embedded" and self.weight_sync != "disk":
             raise ConfigError("rollout.backend=embedded supports only rollout.weight_sync=disk")
         if not 0 < self.top_p <= 1 or self.temperature < 0:
-            raise ConfigError(f"rollout: need temperature >= 0 and 0 < top_p <= 1")
+            raise ConfigError(f"rollout: need temperature >= 0 and 0 < top_p <= 1 (got {self.temperature}, {self.top_p})")
 
 
 @dataclass

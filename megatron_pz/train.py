@@ -157,9 +157,10 @@ def log(run: Any, step: int, samples: list, metrics: dict[str, float]) -> None:
     from megatron_pz.logs import sample_histograms, sample_scalars
 
     owner_samples = samples if run.is_data_owner else []
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, (metrics, owner_samples))
-    if torch.distributed.get_rank() != 0:
+    rank0 = torch.distributed.get_rank() == 0
+    gathered: list[Any] | None = [None] * torch.distributed.get_world_size() if rank0 else None
+    torch.distributed.gather_object((metrics, owner_samples), gathered, dst=0)
+    if not rank0:
         return
     all_samples = [s for _, ss in gathered for s in ss]
     merged: dict[str, list[float]] = {}

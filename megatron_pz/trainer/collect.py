@@ -21,7 +21,7 @@ from megatron_pz.data.corpus import Paragraph
 from megatron_pz.data.tasks import generation_samples, prediction_samples, random_span_samples
 from megatron_pz.rewards.span import assign_generator_rewards, score_samples
 from megatron_pz.rollout.protocol import SamplingParams, fill_sample
-from megatron_pz.types import Sample, Task
+from megatron_pz.types import Sample
 
 
 @dataclass
@@ -106,12 +106,3 @@ def collect(paragraphs: Sequence[Paragraph], cfg: Any, engine: Any,
         return collect_random_span(paragraphs, cfg, engine, ctx)
     return collect_pretrainzero(paragraphs, cfg, engine, ctx)
 
-
-def task_counts(samples: Sequence[Sample]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for s in samples:
-        out[s.task.value] = out.get(s.task.value, 0) + 1
-    return out
-
-
-__all__ = ["StepContext", "collect", "collect_pretrainzero", "collect_random_span", "task_counts", "Task"]
