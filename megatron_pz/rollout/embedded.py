@@ -183,7 +183,7 @@ class _StopAndGather:
         step = input_ids.shape[1] - self.prompt_len - 1
         new_tokens = input_ids[:, -1]
         self.logprobs.append(self.recorder.step_logprobs.gather(1, new_tokens[:, None]).squeeze(1))
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for row, tok in enumerate(new_tokens.tolist()):
             if self.end_step[row] >= 0:
                 done[row] = True
@@ -275,7 +275,7 @@ class EmbeddedEngine:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[GenerationResult]]:
         """Sample ``params.n`` responses per prompt; see ``RolloutEngine.generate``."""
-        self._check_prompts(prompts, params)
+        self.check_prompts(prompts, params)
         # One row per (prompt, sample); rows sorted by prompt length so each chunk pads little.
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
         rows.sort(key=lambda r: -len(prompts[r[0]]))
@@ -288,7 +288,8 @@ class EmbeddedEngine:
                 results[i][j] = res
         return results  # type: ignore[return-value]
 
-    def _check_prompts(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
+    def check_prompts(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
+        """ConfigError naming the first prompt this engine cannot serve (empty, unknown ids, too long)."""
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ConfigError(f"prompt {i} is empty")

@@ -162,7 +162,10 @@ def _die_with_parent() -> None:
 
 def wait_healthy(server: LaunchedServer, timeout_s: float = 900.0, poll_s: float = 1.0) -> None:
     """Poll ``/health_generate`` until 200; RolloutError if the process exits or ``timeout_s`` passes."""
-    url = server.url.replace("://0.0.0.0:", "://127.0.0.1:") + "/health_generate"
+    # The launcher runs on the server's node: probe it locally, whatever name is advertised to other nodes.
+    host = server.spec.host
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "localhost") else host
+    url = f"http://{local}:{server.spec.port}/health_generate"
     deadline = time.monotonic() + timeout_s
     last = "no answer yet"
     while time.monotonic() < deadline:

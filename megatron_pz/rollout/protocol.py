@@ -14,11 +14,14 @@ top-k truncation. This is what SGLang returns by default: ``Sampler.forward`` in
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Sequence, runtime_checkable
 
 from megatron_pz.errors import ConfigError
 from megatron_pz.types import Sample, Status
+
+logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -109,13 +112,23 @@ class GenerationResult:
 
 
 def fill_sample(sample: Sample, result: GenerationResult) -> Sample:
-    """Copy a generation result into the pipeline record (in place) and return it."""
+    """Copy a generation result into the pipeline record (in place) and return it.
+
+    A result without a valid weight version (-1: a server reporting a partial update, "default", or anything
+    non-integer) or generated across a weight swap is marked ABORTED: it is never trained on.
+    """
     sample.response_ids = list(result.response_ids)
     sample.rollout_logprobs = list(result.logprobs)
     sample.response_text = result.text or ""
     sample.finish_reason = result.finish_reason
     sample.status = result.status
     sample.weight_version = result.weight_version
+    if result.weight_version < 0 or result.mixed_versions:
+        if sample.status != Status.ABORTED:
+            logger.warning("sample from %s has weight version %d%s: marked aborted (launch SGLang with "
+                           "--weight-version, as rollout/launcher.py does)", result.server or "engine",
+                           result.weight_version, " (mixed)" if result.mixed_versions else "")
+        sample.status = Status.ABORTED
     return sample
 
 

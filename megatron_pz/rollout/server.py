@@ -339,6 +339,12 @@ class RolloutServer:
         token_text = None
         if body.get("return_text_in_logprobs") and self.engine.tokenizer is not None:
             token_text = lambda tok: self.engine.tokenizer.decode([tok])  # noqa: E731
+        # Reject bad prompts here, per request: once merged by the batcher, one bad prompt would fail everyone's.
+        try:
+            for i, p in enumerate(params):
+                self.engine.check_prompts([prompts[i]], p)
+        except UserError as exc:
+            raise HTTPError(400, str(exc)) from None
         # Equal params -> one job (merged further by the batcher); otherwise one job per prompt.
         if all(p == params[0] for p in params):
             futures = [(self.batcher.submit(prompts, params[0]), list(range(len(prompts))))]

@@ -344,9 +344,19 @@ class SGLangClient:
             raise BadResponse(f"POST {self.base_url}/get_weights_by_name: expected a list, got {str(data)[:200]}")
         return data
 
-    def flush_cache(self) -> None:
-        # SGLang answers 400 while requests are running; callers pause generation first.
-        self.request("POST", "/flush_cache", None, timeout_s=self.config.control_timeout_s, expect_json=False)
+    def flush_cache(self, timeout_s: float = 60.0) -> None:
+        """Flush the radix cache. SGLang answers 400 while requests are still running or draining (after a
+        pause, aborted requests take a moment to leave), so poll until it succeeds, as slime's engine does."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.request("POST", "/flush_cache", None, timeout_s=self.config.control_timeout_s,
+                             expect_json=False)
+                return
+            except BadResponse as exc:
+                if "HTTP 400" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.5)
 
     def pause_generation(self, mode: str = "abort") -> None:
         self.request("POST", "/pause_generation", pause_generation_payload(mode),

@@ -116,7 +116,13 @@ class _Versioned:
 # --------------------------------------------------------------------------------------------------------------
 
 class DiskWeightSync(_Versioned):
-    """Write an HF safetensors folder per version under a shared directory and tell the engine to load it."""
+    """Write an HF safetensors folder per version under a shared directory and tell the engine to load it.
+
+    ``weights_dir`` must be visible at the same path to the servers (a shared filesystem on a cluster) and, for
+    the embedded server, lie below its ``--weights-dir``. ``hf_config_dir`` (config.json, tokenizer files) is
+    copied next to the shards so every version folder is a complete HF model. The ``keep_last`` newest versions
+    are kept on disk.
+    """
 
     def __init__(self, engine: RolloutEngine, weights_dir: str | Path, hf_config_dir: str | Path | None = None,
                  shard_bytes: int = DEFAULT_BUCKET_BYTES, keep_last: int = 2, current_version: int | None = None):
@@ -230,14 +236,23 @@ def _serialize_flattened_bucket_local(bucket: Sequence[tuple[str, torch.Tensor]]
 
 
 class TensorWeightSync(_Versioned):
-    """Push buckets to one colocated SGLang engine through CUDA IPC (``/update_weights_from_tensor``)."""
+    """Push buckets to one colocated SGLang engine through CUDA IPC (``/update_weights_from_tensor``).
+
+    SGLang wants one payload per engine TP rank (each rank opens only its own, ``tp_worker.deserialize_own_rank``).
+    By default the payload made on this process's GPU is given to every rank (IPC handles open across GPUs of
+    a node); ``gather_payloads``, if given, is called with this rank's payload and must return one payload per
+    engine TP rank in rank order, e.g. a gloo ``gather_object`` over the colocated trainer ranks (slime's way,
+    which keeps every copy on the reading GPU).
+    """
 
     def __init__(self, client: SGLangClient, tp_size: int = 1, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 current_version: int | None = None):
+                 current_version: int | None = None,
+                 gather_payloads: Callable[[str], list[str]] | None = None):
         super().__init__(current_version)
         self.client = client
         self.tp_size = tp_size
         self.bucket_bytes = bucket_bytes
+        self.gather_payloads = gather_payloads
 
     def push(self, named: NamedTensors, version: int) -> SyncReport:
         self._check(version)
@@ -246,14 +261,16 @@ class TensorWeightSync(_Versioned):
         for bucket, last in _with_last_flag(iter_buckets(named, self.bucket_bytes)):
             payload = serialize_flattened_bucket(bucket)
             tag = str(version) if last else f"{version}{PARTIAL_VERSION_SUFFIX}"
-            # One payload per engine TP rank; each rank deserialises only its own copy (tp_worker.py).
-            self.client.update_weights_from_tensor([payload] * self.tp_size, tag)
+            payloads = self.gather_payloads(payload) if self.gather_payloads else [payload] * self.tp_size
+            if len(payloads) != self.tp_size:
+                raise RolloutError(f"gather_payloads returned {len(payloads)} payloads for {self.tp_size} TP ranks")
+            self.client.update_weights_from_tensor(payloads, tag)
             n_buckets += 1
             n_tensors += len(bucket)
             n_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
             n_params += sum(t.numel() for _, t in bucket)
             # Fresh buffers per bucket (slime): IPC handles of a reused buffer may still be read by the engine.
-            del payload, bucket
+            del payload, payloads, bucket
             if torch.cuda.is_available():
                 torch.cuda.ipc_collect()
         self.client.flush_cache()

@@ -241,3 +241,12 @@ def test_read_safetensors_dir_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no \\*.safetensors"):
         read_safetensors_dir(tmp_path / "empty")
+
+
+def test_fill_sample_refuses_unversioned_or_mixed_results():
+    from megatron_pz.rollout.protocol import GenerationResult, fill_sample
+
+    partial = GenerationResult(0, [1], [-0.5], "length", weight_version=-1)
+    mixed = GenerationResult(0, [1], [-0.5], "stop", weight_version=3, mixed_versions=True)
+    for res in (partial, mixed):
+        assert fill_sample(Sample(task=Task.MASK_GEN, group_id="g"), res).status == Status.ABORTED

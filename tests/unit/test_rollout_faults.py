@@ -85,11 +85,14 @@ class FakeSGLang:
                     self._send(200, json.dumps({"success": True, "message": "ok"}).encode())
 
             def _send(self, status, data, ctype="application/json"):
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up first ("hang"): expected
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -240,3 +243,12 @@ def test_a_server_that_misses_an_update_stops_serving(fakes):
     with pytest.raises(RolloutError, match="failed on every server"):
         RolloutPool([failing.url], client_config=fast()).update_weights_from_disk("/w/v00000002", 2)
     pool.close()
+
+
+def test_flush_cache_waits_for_running_requests_to_drain(fakes):
+    srv = fakes(["400", "ok"])  # SGLang: 400 while requests are still running
+    SGLangClient(srv.url, fast()).flush_cache()
+    assert srv.requests == ["/flush_cache", "/flush_cache"]
+    stuck = fakes(default="400")
+    with pytest.raises(BadResponse, match="HTTP 400"):
+        SGLangClient(stuck.url, fast()).flush_cache(timeout_s=0.6)

@@ -246,3 +246,18 @@ def test_api_key_env_is_not_leaked_into_argv():
 
     cmd = server_command(ServerSpec(kind="embedded", model_path="/m", port=1, api_key="k"))
     assert "k" not in cmd and "--api-key" not in cmd
+
+
+def test_a_bad_prompt_does_not_fail_requests_batched_with_it(served):
+    server, client = served
+    box = {}
+
+    def good():
+        box["good"] = client.generate([[1, 2, 3]] * 4, SamplingParams(max_new_tokens=30, ignore_eos=True))
+
+    t = threading.Thread(target=good)
+    t.start()
+    with pytest.raises(BadResponse, match="outside"):
+        client.generate([[1, 10**6]], SamplingParams(max_new_tokens=30, ignore_eos=True))
+    t.join(timeout=60)
+    assert all(len(r.response_ids) == 30 for g in box["good"] for r in g)
