@@ -28,13 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_pz.rollout.embedded import EmbeddedEngine  # noqa: E402
-from megatron_pz.rollout.pool import PoolConfig, RolloutPool  # noqa: E402
-from megatron_pz.rollout.protocol import SamplingParams  # noqa: E402
-from megatron_pz.rollout.server import RolloutServer, ServerConfig  # noqa: E402
-from megatron_pz.rollout.sglang_client import ClientConfig  # noqa: E402
-from megatron_pz.rollout.tiny import make_tiny_llama  # noqa: E402
-from megatron_pz.rollout.weight_sync import DiskWeightSync  # noqa: E402
+from megatron_pz.rollout.embedded import EmbeddedEngine
+from megatron_pz.rollout.pool import PoolConfig, RolloutPool
+from megatron_pz.rollout.protocol import SamplingParams
+from megatron_pz.rollout.server import RolloutServer, ServerConfig
+from megatron_pz.rollout.sglang_client import ClientConfig
+from megatron_pz.rollout.tiny import make_tiny_llama
+from megatron_pz.rollout.weight_sync import DiskWeightSync
 
 WIKI = Path("/work/shared/data/wiki/valid.jsonl")
 
@@ -127,11 +127,11 @@ def main() -> int:
     for bs in batch_sizes:
         batch = prompts[:bs]
         tokens = bs * args.max_new_tokens
-        hf = tokens / best_of(lambda: time_hf_generate(engine, batch, args.max_new_tokens), args.repeats)
-        emb = tokens / best_of(lambda: time_engine(engine.generate, batch, args.max_new_tokens), args.repeats)
+        hf = tokens / best_of(lambda b=batch: time_hf_generate(engine, b, args.max_new_tokens), args.repeats)
+        emb = tokens / best_of(lambda b=batch: time_engine(engine.generate, b, args.max_new_tokens), args.repeats)
         row = f"{bs:>5} | {hf:>17.1f} | {emb:>14.1f} | {emb / hf:>6.2f}"
         if pool:
-            http = tokens / best_of(lambda: time_engine(pool.generate, batch, args.max_new_tokens), args.repeats)
+            http = tokens / best_of(lambda b=batch: time_engine(pool.generate, b, args.max_new_tokens), args.repeats)
             row += f" | {http:>19.1f} | {http / hf:>7.2f}"
         print(row, flush=True)
 

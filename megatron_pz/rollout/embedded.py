@@ -22,9 +22,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 
@@ -78,7 +78,7 @@ def read_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as reader:
-                for name in reader.keys():
+                for name in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
                     if name in tensors:
                         raise CheckpointError(f"tensor {name!r} appears in more than one shard ({file})")
                     tensors[name] = reader.get_tensor(name)
@@ -327,7 +327,7 @@ class EmbeddedEngine:
                 do_sample=not params.greedy,
                 temperature=params.temperature if not params.greedy else None,
                 top_p=params.top_p if not params.greedy else None,
-                top_k=(params.top_k if params.top_k > 0 else 0) if not params.greedy else None,
+                top_k=(max(0, params.top_k)) if not params.greedy else None,
                 pad_token_id=self.pad_token_id,
                 eos_token_id=None if params.ignore_eos else sorted(self.eos_token_ids) or None,
             )

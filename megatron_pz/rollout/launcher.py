@@ -20,10 +20,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import requests
 
@@ -55,7 +56,8 @@ class ServerSpec:
     log_path: str | None = None
     die_with_parent: bool = False
     """Linux: the server gets SIGTERM when the process that launched it dies, even by SIGKILL (a trainer that
-    owns its embedded server must not leak it when killed). Slurm launchers keep servers independent."""
+    owns its embedded server must not leak it when killed). Slurm launchers keep servers independent.
+    Caveat: the kernel fires it when the launching *thread* exits, so call ``launch`` from a long-lived thread."""
     cwd: str | None = None
     env: dict[str, str] = field(default_factory=dict)
 

@@ -15,14 +15,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from megatron_pz.errors import RolloutError, UserError
 from megatron_pz.rollout.protocol import GenerationResult, SamplingParams
-from megatron_pz.rollout.sglang_client import ClientConfig, SGLangClient, ServerUnavailable
+from megatron_pz.rollout.sglang_client import ClientConfig, ServerUnavailable, SGLangClient
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class RolloutPool:
         self._executor = ThreadPoolExecutor(max_workers=max(4, workers), thread_name_prefix="rollout-pool")
 
     @classmethod
-    def from_endpoints_file(cls, path: str | Path, **kwargs: Any) -> "RolloutPool":
+    def from_endpoints_file(cls, path: str | Path, **kwargs: Any) -> RolloutPool:
         return cls(read_endpoints_file(path), **kwargs)
 
     @property

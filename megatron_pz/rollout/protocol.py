@@ -15,8 +15,9 @@ top-k truncation. This is what SGLang returns by default: ``Sampler.forward`` in
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, Sequence, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from megatron_pz.errors import ConfigError
 from megatron_pz.types import Sample, Status

@@ -35,11 +35,12 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 from megatron_pz.errors import RolloutError, UserError
 from megatron_pz.rollout.embedded import EmbeddedEngine
@@ -284,7 +285,7 @@ class RolloutServer:
         host = self.config.host if self.config.host not in ("0.0.0.0", "::") else "127.0.0.1"
         return f"http://{host}:{self.port}"
 
-    def start(self) -> "RolloutServer":
+    def start(self) -> RolloutServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="rollout-http", daemon=True)
         self._thread.start()
@@ -338,7 +339,7 @@ class RolloutServer:
         return_logprob = any(return_logprob) if isinstance(return_logprob, list) else bool(return_logprob)
         token_text = None
         if body.get("return_text_in_logprobs") and self.engine.tokenizer is not None:
-            token_text = lambda tok: self.engine.tokenizer.decode([tok])  # noqa: E731
+            token_text = lambda tok: self.engine.tokenizer.decode([tok])
         # Reject bad prompts here, per request: once merged by the batcher, one bad prompt would fail everyone's.
         try:
             for i, p in enumerate(params):

@@ -18,15 +18,15 @@ import pytest
 from megatron_pz.errors import RolloutError
 from megatron_pz.rollout.pool import PoolConfig, RolloutPool
 from megatron_pz.rollout.protocol import SamplingParams
-from megatron_pz.rollout.sglang_client import BadResponse, ClientConfig, SGLangClient, ServerUnavailable
+from megatron_pz.rollout.sglang_client import BadResponse, ClientConfig, ServerUnavailable, SGLangClient
 
 NUM_GPUS = 0
 PARAMS = SamplingParams(n=2, max_new_tokens=2)
 
 
 def fast(**kw) -> ClientConfig:
-    base = dict(max_retries=2, backoff_s=0.01, backoff_max_s=0.05, connect_timeout_s=1.0, generate_timeout_s=5.0,
-                control_timeout_s=5.0, max_total_s=10.0)
+    base = {"max_retries": 2, "backoff_s": 0.01, "backoff_max_s": 0.05, "connect_timeout_s": 1.0,
+            "generate_timeout_s": 5.0, "control_timeout_s": 5.0, "max_total_s": 10.0}
     return ClientConfig(**{**base, **kw})
 
 

@@ -83,7 +83,7 @@ def test_generate_over_http_n_samples_finish_reasons_and_limits(served):
 
 
 def test_logprobs_over_http_match_forward_pass(served, tiny):
-    server, client = served
+    _, client = served
     report = check_logprobs(client, [5, 6, 7, 8], _ref_logprobs(_hf(tiny)), max_new_tokens=12, temperature=0.0,
                             atol=1e-4)
     assert report.ok, str(report)
@@ -102,7 +102,7 @@ def test_concurrent_requests_are_batched_and_ordered(served):
 
 
 def test_disk_update_through_http_and_check_mode(served, tiny, tmp_path):
-    server, client = served
+    _, client = served
     weights = tmp_path / "weights"
     state = perturbed_state(tiny, scale=0.3)
     sync = DiskWeightSync(client, weights, hf_config_dir=tiny, keep_last=1)
@@ -140,7 +140,7 @@ def test_disk_update_outside_weights_dir_is_forbidden(served, tiny, tmp_path):
 def test_corrupt_update_over_http_keeps_old_version(served, tiny, tmp_path):
     from safetensors.torch import save_file
 
-    server, client = served
+    _, client = served
     bad = tmp_path / "weights" / "v00000003"
     bad.mkdir()
     state = perturbed_state(tiny)
@@ -249,7 +249,7 @@ def test_api_key_env_is_not_leaked_into_argv():
 
 
 def test_a_bad_prompt_does_not_fail_requests_batched_with_it(served):
-    server, client = served
+    _, client = served
     box = {}
 
     def good():

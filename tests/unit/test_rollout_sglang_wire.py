@@ -41,7 +41,7 @@ def _locate_sglang_src() -> Path | None:
     except (ImportError, ValueError):
         spec = None
     if spec is not None and spec.submodule_search_locations:
-        candidates.append(Path(list(spec.submodule_search_locations)[0]).parent)
+        candidates.append(Path(next(iter(spec.submodule_search_locations))).parent)
     for c in candidates:
         if (c / "sglang" / "srt" / "managers" / "io_struct.py").is_file():
             return c
@@ -267,6 +267,8 @@ def _record_client_requests() -> list[tuple[str, str, Any]]:
 
 def test_every_request_matches_sglang_request_classes():
     mod, routes = _io(), _routes()
+    # Health probes (SGLangClient.health, launcher.wait_healthy) are plain GETs outside request().
+    assert "GET" in routes["/health_generate"][0]
     calls = _record_client_requests()
     assert {e for _, e, _ in calls} >= {"/generate", "/update_weights_from_disk", "/update_weights_from_tensor",
                                          "/init_weights_update_group", "/update_weights_from_distributed",
