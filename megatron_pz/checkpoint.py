@@ -143,6 +143,7 @@ def megatron_lm_args(arch: ModelArch, tp: int, pp: int, dtype: torch.dtype) -> a
         add_qkv_bias=arch.qkv_bias, add_bias_linear=False, qk_layernorm=arch.qk_norm,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, ckpt_format="torch_dist",
+        **arch.megatron_lm_extra_args(),  # MoE (Qwen3-MoE) and NoPE (SmolLM3) settings
     )
 
 

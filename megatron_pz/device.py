@@ -7,6 +7,7 @@ Megatron-Core assumes CUDA in a handful of places that matter for us:
 * the model-parallel RNG tracker (``tensor_parallel.random``) saving/restoring the CUDA generator;
 * ``torch.cuda.Stream`` / ``Event`` / ``stream()`` in DDP's communication overlap;
 * ``clip_grad_by_total_norm_fp32`` asserting ``param.grad.type() == 'torch.cuda.FloatTensor'``;
+* the MoE all-to-all dispatcher turning its split sizes into host arrays only for CUDA tensors;
 * ``torch.compile``/TE fused kernels (those are switched off through ``TransformerConfig`` by the
   model provider, not here).
 
@@ -142,6 +143,15 @@ def _patch_megatron() -> None:
          lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state))
     _set(mp_random, "_get_cuda_rng_state",
          lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state())
+    # MoE all-to-all token dispatcher: its split sizes become host (numpy) arrays only when they live on CUDA;
+    # on CPU they stay tensors, which all_to_all_single's binding rejects. gloo itself handles the collective.
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    def _move_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+        return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+    _set(moe_utils, "maybe_move_tensor_to_cpu", _move_to_host)
+    _set(token_dispatcher, "maybe_move_tensor_to_cpu", _move_to_host)
 
 
 class _DropSharedGeneratorWarning(logging.Filter):

@@ -25,6 +25,9 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
     expert_model_parallel_size: int = 1
+    # Tensor parallelism inside each expert (MoE only); null = tensor_model_parallel_size, Megatron's default.
+    # 1 suits fine-grained experts (Qwen3-MoE's are 768 wide: splitting them only adds communication).
+    expert_tensor_parallel_size: int | None = None
     # Megatron's sequence parallelism (needs TP > 1); activations sharded along the sequence in TP regions.
     sequence_parallel: bool = False
     # Seed of the model-parallel RNG tracker (dropout streams); the data seed lives in the data config.
@@ -39,10 +42,18 @@ class ParallelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"parallel.{name} must be a positive integer, got {v!r}")
+        etp = self.expert_tensor_parallel_size
+        if etp is not None and (not isinstance(etp, int) or isinstance(etp, bool) or etp < 1):
+            raise ConfigError(f"parallel.expert_tensor_parallel_size must be null or a positive integer, got {etp!r}")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"parallel.backend must be auto, nccl or gloo, got {self.backend!r}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
+
+    @property
+    def expert_tensor_size(self) -> int:
+        """The effective expert tensor-parallel size (TP unless set)."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
 
     @property
     def model_parallel_size(self) -> int:
@@ -57,10 +68,13 @@ class ParallelConfig:
                 f"{self.tensor_model_parallel_size} x {self.pipeline_model_parallel_size} x "
                 f"{self.context_parallel_size} = {mp}")
         dp = world_size // mp
-        ep = self.expert_model_parallel_size
-        if ep > 1 and (dp * self.context_parallel_size) % ep:
-            raise ConfigError(f"expert_model_parallel_size={ep} must divide DP x CP = "
-                              f"{dp * self.context_parallel_size}")
+        # Megatron lays the expert layers out separately: world / PP = ETP x EP x expert-DP.
+        ep, etp = self.expert_model_parallel_size, self.expert_tensor_size
+        per_stage = world_size // self.pipeline_model_parallel_size
+        if (ep > 1 or etp != self.tensor_model_parallel_size) and per_stage % (ep * etp):
+            raise ConfigError(
+                f"expert_model_parallel_size={ep} x expert_tensor_parallel_size={etp} must divide the ranks of "
+                f"a pipeline stage (world size / PP = TP x CP x DP = {per_stage})")
         return dp
 
 
@@ -99,6 +113,7 @@ def init_distributed(cfg: ParallelConfig) -> None:
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         context_parallel_size=cfg.context_parallel_size,
         expert_model_parallel_size=cfg.expert_model_parallel_size,
+        expert_tensor_parallel_size=cfg.expert_tensor_parallel_size,
     )
     model_parallel_cuda_manual_seed(cfg.seed)
 

@@ -1,8 +1,9 @@
 """HF safetensors <-> Megatron ``torch_dist`` checkpoints (what ``megatron-pz convert`` runs).
 
-``hf_to_mcore`` builds the Megatron model at the requested TP x PP (spawning a local process group when
-not already running under torchrun/srun), lets each rank read only its slice of the HF tensors, and saves
-collectively. The result reshards on load, so the TP/PP chosen here only sets how the save is split.
+``hf_to_mcore`` builds the Megatron model at the requested TP x PP (x EP for MoE models), spawning a local
+process group when not already running under torchrun/srun, lets each rank read only its slice of the HF
+tensors, and saves collectively. The result reshards on load, so the TP/PP/EP chosen here only sets how the
+save is split.
 ``mcore_to_hf`` loads a checkpoint (ours or Megatron-LM's) into the current world and writes an HF folder.
 """
 from __future__ import annotations
@@ -40,28 +41,36 @@ def _running_distributed() -> bool:
 
 
 def hf_to_mcore(src: str | Path, dst: str | Path, tp: int = 1, pp: int = 1, dtype: str | None = None,
-                iteration: int = 0) -> Path:
-    """Convert an HF folder into a Megatron checkpoint root ``dst`` (tracker + iter_NNNNNNN)."""
+                iteration: int = 0, ep: int = 1) -> Path:
+    """Convert an HF folder into a Megatron checkpoint root ``dst`` (tracker + iter_NNNNNNN).
+
+    ``ep``: expert-parallel size of the save (MoE models); the conversion world has TP x PP x EP ranks.
+    """
     hf = HFCheckpoint(src)
     arch = ModelArch.from_hf_config(hf.config())
-    arch.validate_parallel(tp, pp)
+    arch.validate_parallel(tp, pp, ep=ep)
     missing = [n for n in mapping.hf_names(arch) if n not in hf]
     if missing:
         raise CheckpointError(f"HF checkpoint {src} lacks tensors {missing[:5]} "
                               f"({len(missing)} missing) for a {arch.family} model")
     dtype = dtype or _DTYPE_NAMES.get(hf.first_dtype(), "fp32")
-    if tp * pp > 1 and not _running_distributed():
-        spawn_local(_hf_to_mcore_rank, tp * pp, (str(src), str(dst), tp, pp, dtype, iteration))
+    # Expert layers need ETP x EP ranks per stage (ETP = TP here); attention sees the extra ranks as DP.
+    world = tp * pp * ep
+    if world > 1 and not _running_distributed():
+        spawn_local(_hf_to_mcore_rank, world, (str(src), str(dst), tp, pp, dtype, iteration, ep))
     else:
-        _hf_to_mcore_rank(str(src), str(dst), tp, pp, dtype, iteration)
+        _hf_to_mcore_rank(str(src), str(dst), tp, pp, dtype, iteration, ep)
     return Path(dst)
 
 
-def _hf_to_mcore_rank(src: str, dst: str, tp: int, pp: int, dtype: str, iteration: int) -> None:
+def _hf_to_mcore_rank(src: str, dst: str, tp: int, pp: int, dtype: str, iteration: int, ep: int = 1) -> None:
     hf = HFCheckpoint(src)
     arch = ModelArch.from_hf_config(hf.config())
-    init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
-    model = build_model(arch, _conversion_model_config(dtype), ParallelConfig(tp, pp))
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              expert_model_parallel_size=ep)
+    init_distributed(parallel)
+    # training=False: no forward runs here, so an MoE model at TP > 1 needs no sequence parallelism.
+    model = build_model(arch, _conversion_model_config(dtype), parallel, training=False)
     load_hf_into_model(model, hf.get, arch)
     if torch.distributed.get_rank() == 0:
         with atomic_dir(Path(dst) / HF_AUX_DIR) as tmp:
@@ -79,7 +88,7 @@ def mcore_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None, voca
     dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
     if not _running_distributed():
         init_distributed(ParallelConfig())
-    model = build_model(arch, _conversion_model_config(dtype))
+    model = build_model(arch, _conversion_model_config(dtype), training=False)
     ckpt.load(src, model, arch)
     # Cast on export: some modules keep fp32 parameters in a bf16 model (the local spec's RMSNorm).
     torch_dtype = ModelConfig(dtype=dtype).torch_dtype

@@ -1,12 +1,13 @@
 """Move weights between HF tensors and a live, possibly TP/PP-sharded Megatron model.
 
 * ``load_hf_into_model``: each rank reads only the HF tensors its shard needs and copies its slice in.
-* ``iter_hf_tensors``: gathers this PP stage's parameters across TP and yields them under HF names
-  (used by export to HF and by weight sync to the rollout engine).
+* ``iter_hf_tensors``: gathers this PP stage's parameters across TP (experts: across expert-TP, then
+  across EP) and yields them under HF names (used by export to HF and by weight sync to the rollout engine).
 * ``gather_hf_state_dict``: the whole HF state dict on global rank 0 (PP stages sent to it).
 
 The global layer index of each decoder layer comes from the layer itself (``layer_number``), so uneven
-pipeline splits work and nothing here computes layer offsets from ranks.
+pipeline splits work and nothing here computes layer offsets from ranks. Experts are the exception: EP rank
+r holds global experts r*E/EP ... (r+1)*E/EP-1, Megatron's fixed contiguous layout.
 """
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ def _tp_info() -> tuple[int, int, object]:
             ps.get_tensor_model_parallel_group())
 
 
+def _expert_info() -> tuple[int, int, object, int, int, object]:
+    """(expert-TP rank, size, group, EP rank, size, group); trivial without model parallelism."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 0, 1, None, 0, 1, None
+    return (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size(),
+            ps.get_expert_tensor_parallel_group(), ps.get_expert_model_parallel_rank(),
+            ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_group())
+
+
 def named_canonical_params(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
     """(local name, canonical full name, parameter) for every parameter of one model chunk."""
     model = unwrap(model)
@@ -38,11 +50,16 @@ def named_canonical_params(model: torch.nn.Module) -> Iterator[tuple[str, str, t
         for local_idx, layer in enumerate(decoder.layers):
             # layer_number is 1-based and global across pipeline stages.
             offsets[local_idx] = layer.layer_number - 1 - local_idx
+    experts = getattr(getattr(model, "config", None), "num_moe_experts", None)
+    expert_offset = 0
+    if experts:
+        _, _, _, ep_rank, ep_size, _ = _expert_info()
+        expert_offset = ep_rank * (experts // ep_size)
     for name, param in model.named_parameters():
         offset = 0
         if name.startswith("decoder.layers."):
             offset = offsets[int(name.split(".")[2])]
-        yield name, mapping.canonical_name(name, offset), param
+        yield name, mapping.canonical_name(name, offset, expert_offset, moe=bool(experts)), param
 
 
 @torch.no_grad()
@@ -50,15 +67,17 @@ def load_hf_into_model(model_chunks: list[torch.nn.Module], get_hf: Callable[[st
                        arch: ModelArch) -> None:
     """Copy HF weights into this rank's shards. ``get_hf(name)`` returns a full HF tensor."""
     tp_rank, tp_size, _ = _tp_info()
+    etp_rank, etp_size, _, _, _, _ = _expert_info()
     padded = arch.padded_vocab_size(tp_size)
     for chunk in model_chunks:
         for local, canonical, param in named_canonical_params(chunk):
             full = mapping.to_megatron(canonical, get_hf, arch, padded)
-            shard = mapping.shard_tp(canonical, full, tp_rank, tp_size)
+            rank, size = (etp_rank, etp_size) if mapping.is_expert(canonical) else (tp_rank, tp_size)
+            shard = mapping.shard_tp(canonical, full, rank, size)
             if shard.shape != param.shape:
                 raise CheckpointError(
                     f"shape mismatch for {canonical} ({local}): HF weights give {tuple(shard.shape)} on "
-                    f"TP rank {tp_rank}/{tp_size}, the model has {tuple(param.shape)}")
+                    f"TP rank {rank}/{size}, the model has {tuple(param.shape)}")
             param.copy_(shard.to(param.dtype))
 
 
@@ -67,25 +86,47 @@ def iter_hf_tensors(model_chunks: list[torch.nn.Module], arch: ModelArch,
                     dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, full tensor) for the parameters of this PP stage, gathered across TP.
 
-    Every TP rank of the stage takes part in the gathers and receives the same tensors. With tied
+    Every rank of the stage takes part in the gathers and receives the same tensors: experts are gathered
+    across the expert-TP group and then across the EP group, so each rank yields all experts. With tied
     embeddings the last stage's copy of the output layer is skipped (HF stores it once).
     """
-    import torch.distributed as dist
-
     _, tp_size, tp_group = _tp_info()
+    _, etp_size, etp_group, _, ep_size, ep_group = _expert_info()
     for chunk in model_chunks:
+        experts = getattr(unwrap(chunk).config, "num_moe_experts", None) or 0
         for _, canonical, param in named_canonical_params(chunk):
             if canonical == "output_layer.weight" and arch.tie_word_embeddings:
                 continue
-            local = param.detach()
-            if tp_size > 1 and mapping._split_kind(canonical) is not None:
-                shards = [torch.empty_like(local) for _ in range(tp_size)]
-                dist.all_gather(shards, local.contiguous(), group=tp_group)
-                full = mapping.unshard_tp(canonical, shards)
+            if not mapping.is_expert(canonical):
+                full = _gather(canonical, param.detach(), tp_size, tp_group)
+                fulls = [(canonical, full)]
             else:
-                full = local
-            for name, t in mapping.to_hf(canonical, full, arch).items():
-                yield name, (t.to(dtype) if dtype is not None else t).cpu().contiguous()
+                full = _gather(canonical, param.detach(), etp_size, etp_group)
+                # Local expert l of EP rank r is global expert r*E/EP + l; this rank's own index fixes l.
+                local = mapping.expert_index(canonical) % (experts // ep_size)
+                fulls = [(mapping.with_expert_index(canonical, r * (experts // ep_size) + local), t)
+                         for r, t in enumerate(_all_gather(full, ep_size, ep_group))]
+            for name_c, t_full in fulls:
+                for name, t in mapping.to_hf(name_c, t_full, arch).items():
+                    yield name, (t.to(dtype) if dtype is not None else t).cpu().contiguous()
+
+
+def _all_gather(t: torch.Tensor, size: int, group: object) -> list[torch.Tensor]:
+    """The tensor of every rank of ``group`` (rank order); [t] without a group."""
+    import torch.distributed as dist
+
+    if size == 1:
+        return [t]
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return parts
+
+
+def _gather(canonical: str, local: torch.Tensor, size: int, group: object) -> torch.Tensor:
+    """The full tensor from this rank's TP (or expert-TP) shard."""
+    if size == 1 or mapping._split_kind(canonical) is None:
+        return local
+    return mapping.unshard_tp(canonical, _all_gather(local, size, group))
 
 
 def gather_hf_state_dict(model_chunks: list[torch.nn.Module], arch: ModelArch,
@@ -94,11 +135,14 @@ def gather_hf_state_dict(model_chunks: list[torch.nn.Module], arch: ModelArch,
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    local = dict(iter_hf_tensors(model_chunks, arch, dtype))
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local
+        return dict(iter_hf_tensors(model_chunks, arch, dtype))
     # One sender per PP stage: TP rank 0 of DP rank 0. Stage dicts are gathered over the PP group.
     is_sender = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    local: dict[str, torch.Tensor] = {}
+    for name, t in iter_hf_tensors(model_chunks, arch, dtype):  # every rank joins the gathers ...
+        if is_sender:  # ... but only senders keep the result (a whole stage per rank would not fit an MoE node)
+            local[name] = t
     out: dict[str, torch.Tensor] | None = None
     if is_sender:
         pp_group = ps.get_pipeline_model_parallel_group()

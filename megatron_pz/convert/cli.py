@@ -15,6 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", help="destination folder (written atomically)")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size of the saved Megatron checkpoint")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the saved Megatron checkpoint")
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert parallel size of the saved Megatron checkpoint (MoE models only)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="parameter dtype (default: that of the source weights)")
     p.add_argument("--vocab-size", type=int, default=None,
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     if (args.src_format, args.dst_format) == ("hf", "mcore"):
-        hf_to_mcore(args.src, args.dst, tp=args.tp, pp=args.pp, dtype=args.dtype)
+        hf_to_mcore(args.src, args.dst, tp=args.tp, pp=args.pp, dtype=args.dtype, ep=args.ep)
     elif (args.src_format, args.dst_format) == ("mcore", "hf"):
         mcore_to_hf(args.src, args.dst, dtype=args.dtype, vocab_size=args.vocab_size,
                     allow_pickle=args.allow_pickle)

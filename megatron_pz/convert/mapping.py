@@ -1,4 +1,4 @@
-"""HF <-> Megatron-Core parameter names and layouts for Llama / Qwen2 / Qwen3 (pure tensor functions).
+"""HF <-> Megatron-Core parameter names and layouts for Llama / Qwen2 / Qwen3 / SmolLM3 / Qwen3-MoE (pure functions).
 
 Three layouts appear here:
 
@@ -14,6 +14,14 @@ Fused layouts (shapes for hidden h, head_dim d, heads H, KV groups G, heads per 
 * ``linear_fc1.weight`` [2f, h] = [gate; up]. With TP, each rank holds [gate_r; up_r] (not a row block).
 * Embedding / output layer rows are padded from ``vocab_size`` to ``padded_vocab_size(tp)`` with zeros;
   padded rows never reach an HF export.
+
+MoE layers (Qwen3-MoE) name experts by their *global* index ``e``:
+``decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1.weight`` [2f_moe, h] = [gate; up] of HF's
+``mlp.experts.{e}.{gate,up}_proj``, ``...linear_fc2.weight`` = ``down_proj``; ``mlp.router.weight`` [E, h] =
+``mlp.gate.weight``. With expert parallelism EP, rank r holds experts r*E/EP ... (r+1)*E/EP-1 as its local
+experts 0 ... E/EP-1 (the bridge adds that offset). Expert tensors are split over the *expert* tensor-parallel
+group with the same fc1/row rules. The MoE layer's pre-MLP norm keeps its own name ``pre_mlp_layernorm.weight``
+(TE's MoE spec has no fused linear to put it in), which is also its torch_dist key.
 """
 from __future__ import annotations
 
@@ -46,23 +54,65 @@ _TP_SPLIT = {
     "self_attention.q_layernorm.weight": None,
     "self_attention.k_layernorm.weight": None,
     "decoder.final_layernorm.weight": None,
+    # MoE layers (experts split over the expert-TP group).
+    "pre_mlp_layernorm.weight": None,
+    "mlp.router.weight": None,
+    "mlp.experts.local_experts.*.linear_fc1.weight": "fc1",
+    "mlp.experts.local_experts.*.linear_fc2.weight": "row",
 }
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# An expert's weight: SequentialMLP (local spec) "local_experts.{l}.linear_fc1.weight" or TEGroupedMLP
+# "linear_fc1.weight{l}"; the canonical form is the former with the global expert index.
+_SEQUENTIAL_EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight$")
+_GROUPED_EXPERT_RE = re.compile(r"^mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
+_EXPERT_RE = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight$")
 
 
-def canonical_name(local_name: str, layer_offset: int = 0) -> str:
-    """Model parameter name on a PP stage -> canonical full name with the global layer index."""
+def canonical_name(local_name: str, layer_offset: int = 0, expert_offset: int = 0, moe: bool = False) -> str:
+    """Model parameter name on a PP (and EP) stage -> canonical full name with global layer / expert index.
+
+    ``moe``: the model is a mixture of experts (its pre-MLP norm keeps its own name, see the module doc).
+    """
     m = _LAYER_RE.match(local_name)
     if not m:
         return local_name
     i, suffix = int(m.group(1)) + layer_offset, m.group(2)
-    return f"decoder.layers.{i}.{_LOCAL_TO_CANONICAL.get(suffix, suffix)}"
+    e = _SEQUENTIAL_EXPERT_RE.match(suffix)
+    g = _GROUPED_EXPERT_RE.match(suffix)
+    if e or g:
+        local, fc = (int(e.group(1)), e.group(2)) if e else (int(g.group(2)), g.group(1))
+        return f"decoder.layers.{i}.mlp.experts.local_experts.{local + expert_offset}.{fc}.weight"
+    if not (moe and suffix == "pre_mlp_layernorm.weight"):
+        suffix = _LOCAL_TO_CANONICAL.get(suffix, suffix)
+    return f"decoder.layers.{i}.{suffix}"
+
+
+def is_expert(canonical: str) -> bool:
+    """True for an expert's weight (split over the expert-TP group, distributed over the EP group)."""
+    return _EXPERT_RE.match(canonical) is not None
+
+
+def expert_index(canonical: str) -> int:
+    """The global expert index of an expert weight's canonical name."""
+    m = _EXPERT_RE.match(canonical)
+    if not m:
+        raise CheckpointError(f"{canonical!r} is not an expert weight")
+    return int(m.group(2))
+
+
+def with_expert_index(canonical: str, expert: int) -> str:
+    """The same expert weight name for another (global) expert index."""
+    m = _EXPERT_RE.match(canonical)
+    if not m:
+        raise CheckpointError(f"{canonical!r} is not an expert weight")
+    return f"decoder.layers.{m.group(1)}.mlp.experts.local_experts.{expert}.{m.group(3)}.weight"
 
 
 def _split_kind(canonical: str) -> str | None:
     m = _LAYER_RE.match(canonical)
     key = m.group(2) if m else canonical
+    key = re.sub(r"local_experts\.\d+\.", "local_experts.*.", key)
     if key not in _TP_SPLIT:
         raise CheckpointError(f"no tensor-parallel layout known for parameter {canonical!r}")
     return _TP_SPLIT[key]
@@ -78,8 +128,15 @@ def megatron_names(arch: ModelArch) -> list[str]:
             names.append(p + "self_attention.linear_qkv.bias")
         if arch.qk_norm:
             names += [p + "self_attention.q_layernorm.weight", p + "self_attention.k_layernorm.weight"]
-        names += [p + "self_attention.linear_proj.weight", p + "mlp.linear_fc1.layer_norm_weight",
-                  p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
+        names.append(p + "self_attention.linear_proj.weight")
+        if arch.is_moe:
+            names += [p + "pre_mlp_layernorm.weight", p + "mlp.router.weight"]
+            for e in range(arch.num_experts):
+                names += [p + f"mlp.experts.local_experts.{e}.linear_fc1.weight",
+                          p + f"mlp.experts.local_experts.{e}.linear_fc2.weight"]
+        else:
+            names += [p + "mlp.linear_fc1.layer_norm_weight", p + "mlp.linear_fc1.weight",
+                      p + "mlp.linear_fc2.weight"]
     names.append("decoder.final_layernorm.weight")
     if not arch.tie_word_embeddings:
         names.append("output_layer.weight")
@@ -98,6 +155,12 @@ def hf_sources(canonical: str, arch: ModelArch) -> list[str]:
     if not m:
         raise CheckpointError(f"unknown Megatron parameter {canonical!r}")
     p, suffix = f"model.layers.{m.group(1)}.", m.group(2)
+    x = _EXPERT_RE.match(canonical)
+    if x:
+        e, fc = x.group(2), x.group(3)
+        if fc == "linear_fc1":
+            return [p + f"mlp.experts.{e}.gate_proj.weight", p + f"mlp.experts.{e}.up_proj.weight"]
+        return [p + f"mlp.experts.{e}.down_proj.weight"]
     table = {
         "self_attention.linear_qkv.layer_norm_weight": ["input_layernorm.weight"],
         "self_attention.linear_qkv.weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight",
@@ -110,6 +173,8 @@ def hf_sources(canonical: str, arch: ModelArch) -> list[str]:
         "mlp.linear_fc1.layer_norm_weight": ["post_attention_layernorm.weight"],
         "mlp.linear_fc1.weight": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
         "mlp.linear_fc2.weight": ["mlp.down_proj.weight"],
+        "pre_mlp_layernorm.weight": ["post_attention_layernorm.weight"],
+        "mlp.router.weight": ["mlp.gate.weight"],
     }
     if suffix not in table:
         raise CheckpointError(f"unknown Megatron parameter {canonical!r}")
@@ -151,14 +216,17 @@ def to_megatron(canonical: str, get_hf: Callable[[str], torch.Tensor], arch: Mod
         P = H // G
         qkv = torch.cat([q.reshape(G, P * d, *tail), k.reshape(G, d, *tail), v.reshape(G, d, *tail)], 1)
         return qkv.reshape(G * (P + 2) * d, *tail)
+    ffn = arch.moe_ffn_hidden_size if is_expert(canonical) else arch.ffn_hidden_size
     if canonical.endswith("linear_fc1.weight"):
-        _expect_shape(srcs[0], ts[0], (arch.ffn_hidden_size, h))
-        _expect_shape(srcs[1], ts[1], (arch.ffn_hidden_size, h))
+        _expect_shape(srcs[0], ts[0], (ffn, h))
+        _expect_shape(srcs[1], ts[1], (ffn, h))
         return torch.cat(ts, 0)
     if canonical.endswith("linear_proj.weight"):
         _expect_shape(srcs[0], ts[0], (h, H * d))
     elif canonical.endswith("linear_fc2.weight"):
-        _expect_shape(srcs[0], ts[0], (h, arch.ffn_hidden_size))
+        _expect_shape(srcs[0], ts[0], (h, ffn))
+    elif canonical.endswith("mlp.router.weight"):
+        _expect_shape(srcs[0], ts[0], (arch.num_experts, h))
     elif canonical.endswith("q_layernorm.weight") or canonical.endswith("k_layernorm.weight"):
         _expect_shape(srcs[0], ts[0], (d,))
     else:  # the RMSNorm weights over hidden

@@ -37,6 +37,16 @@ class ModelConfig:
     recompute_granularity: str | None = None
     recompute_method: str | None = None  # uniform | block
     recompute_num_layers: int | None = None
+    # MoE only (Qwen3-MoE). Token dispatcher: alltoall (the usual one with expert parallelism) | allgather.
+    # Both work over NCCL and over gloo (torch >= 2.x has all_to_all_single on gloo).
+    moe_token_dispatcher: str = "alltoall"
+    # Grouped GEMM over each rank's experts (TE GroupedLinear); null = on with Transformer Engine, off otherwise.
+    moe_grouped_gemm: bool | None = None
+    # Load-balancing auxiliary loss coefficient; 0 = none, so the forward pass is exactly HF's.
+    moe_aux_loss_coeff: float = 0.0
+    # dtype of the router logits: null = the model dtype (as HF and SGLang compute them, so the trainer routes
+    # tokens as the rollout engine did) | fp32 | fp64.
+    moe_router_dtype: str | None = None
     # Extra TransformerConfig fields, passed through verbatim (escape hatch for Megatron options).
     transformer_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -51,7 +61,14 @@ class ModelConfig:
         if self.fp8_recipe not in ("delayed", "tensorwise", "mxfp8", "blockwise"):
             raise ConfigError(f"model.fp8_recipe {self.fp8_recipe!r} unknown")
         if self.recompute_granularity not in (None, "selective", "full"):
-            raise ConfigError(f"model.recompute_granularity must be null, selective or full")
+            raise ConfigError("model.recompute_granularity must be null, selective or full")
+        if self.moe_token_dispatcher not in ("alltoall", "allgather"):
+            raise ConfigError(f"model.moe_token_dispatcher must be alltoall or allgather, "
+                              f"got {self.moe_token_dispatcher!r}")
+        if self.moe_router_dtype not in (None, "fp32", "fp64"):
+            raise ConfigError(f"model.moe_router_dtype must be null, fp32 or fp64, got {self.moe_router_dtype!r}")
+        if self.moe_aux_loss_coeff < 0:
+            raise ConfigError(f"model.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -80,10 +97,20 @@ def use_transformer_engine(cfg: ModelConfig) -> bool:
     return available
 
 
-def build_transformer_config(arch: ModelArch, cfg: ModelConfig, parallel: Any | None = None) -> Any:
+def use_grouped_gemm(cfg: ModelConfig) -> bool:
+    """Grouped GEMM for the experts: TE's GroupedLinear, so only with Transformer Engine."""
+    te = use_transformer_engine(cfg)
+    if cfg.moe_grouped_gemm and not te:
+        raise ConfigError("model.moe_grouped_gemm=true needs Transformer Engine on CUDA; leave it null on CPU")
+    return te if cfg.moe_grouped_gemm is None else cfg.moe_grouped_gemm
+
+
+def build_transformer_config(arch: ModelArch, cfg: ModelConfig, parallel: Any | None = None, *,
+                             training: bool = True) -> Any:
     """Map the architecture + run options to Megatron's ``TransformerConfig``.
 
-    ``parallel`` is a ``ParallelConfig`` (or None for TP=PP=1).
+    ``parallel`` is a ``ParallelConfig`` (or None for TP=PP=1). ``training=False`` (conversion, evaluation)
+    lifts the MoE TP>1 => sequence-parallel requirement, which Megatron enforces only in training mode.
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -91,8 +118,18 @@ def build_transformer_config(arch: ModelArch, cfg: ModelConfig, parallel: Any | 
     pp = parallel.pipeline_model_parallel_size if parallel else 1
     cp = parallel.context_parallel_size if parallel else 1
     ep = parallel.expert_model_parallel_size if parallel else 1
-    arch.validate_parallel(tp, pp, cp, ep)
+    etp = parallel.expert_tensor_size if parallel else 1
+    sequence_parallel = bool(parallel and parallel.sequence_parallel)
+    arch.validate_parallel(tp, pp, cp, ep, etp)
+    if arch.is_moe and tp > 1 and not sequence_parallel and training:
+        # Megatron's MoELayer refuses to train with TP > 1 and no sequence parallelism; say so before any
+        # process group exists rather than at the first training step.
+        raise ConfigError(f"an MoE model with tensor_model_parallel_size={tp} needs parallel.sequence_parallel: "
+                          f"true (Megatron-Core's MoE layer refuses to train with TP > 1 without it)")
     te = use_transformer_engine(cfg)
+    if sequence_parallel and not te:
+        raise ConfigError("parallel.sequence_parallel needs Transformer Engine (a CUDA node): Megatron-Core's local "
+                          "spec normalises with torch's RMSNorm, which does not support sequence parallelism")
     if cfg.fp8 and not te:
         raise ConfigError("model.fp8 needs Transformer Engine on CUDA (transformer_impl=auto on a GPU node)")
     on_gpu = device.cuda_available()
@@ -119,7 +156,7 @@ def build_transformer_config(arch: ModelArch, cfg: ModelConfig, parallel: Any | 
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
         expert_model_parallel_size=ep,
-        sequence_parallel=bool(parallel and parallel.sequence_parallel),
+        sequence_parallel=sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -137,6 +174,11 @@ def build_transformer_config(arch: ModelArch, cfg: ModelConfig, parallel: Any | 
         recompute_method=cfg.recompute_method,
         recompute_num_layers=cfg.recompute_num_layers,
     )
+    if arch.nope_layers:
+        # Megatron's per-layer RoPE switch (1 = skip RoPE), read by Attention.forward via its layer_number.
+        kwargs["no_rope_freq"] = [int(i in arch.nope_layers) for i in range(arch.num_layers)]
+    if arch.is_moe:
+        kwargs.update(_moe_kwargs(arch, cfg, etp))
     if cfg.fp8:
         kwargs.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe, fp8_margin=cfg.fp8_margin,
                       fp8_amax_history_len=cfg.fp8_amax_history_len,
@@ -148,14 +190,61 @@ def build_transformer_config(arch: ModelArch, cfg: ModelConfig, parallel: Any | 
         raise ConfigError(f"invalid TransformerConfig option: {exc}") from None
 
 
+def _moe_kwargs(arch: ModelArch, cfg: ModelConfig, etp: int) -> dict[str, Any]:
+    """TransformerConfig MoE fields that reproduce HF's Qwen3-MoE routing exactly.
+
+    HF (Qwen3MoeTopKRouter): p = softmax(x W^T) over all experts in fp32; take the top-k of p; when
+    norm_topk_prob, divide them by their sum. Megatron (topk_routing_with_score_function, softmax):
+      * pre_softmax=False: top-k of the logits, then softmax over those k logits, which equals
+        p_i / sum_{j in top-k} p_j: HF with norm_topk_prob=True (same experts: softmax is monotonic);
+      * pre_softmax=True: softmax over all experts, then top-k, unnormalised: HF with norm_topk_prob=False.
+    No top-k scaling factor, no expert bias, no groups, no capacity/token dropping, no input jitter.
+    """
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_topk=arch.moe_router_topk,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not arch.moe_norm_topk_prob,
+        moe_router_topk_scaling_factor=None,
+        moe_router_dtype=cfg.moe_router_dtype,
+        # The aux loss only adds a gradient (attached to the probs in training); 0 leaves HF's forward intact.
+        moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_token_dispatcher_type=cfg.moe_token_dispatcher,
+        moe_grouped_gemm=use_grouped_gemm(cfg),
+        expert_tensor_parallel_size=etp,
+    )
+
+
 def layer_spec(arch: ModelArch, cfg: ModelConfig) -> Any:
     """Megatron ``ModuleSpec`` for one decoder layer."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    experts = arch.num_experts  # None = dense MLP
     if use_transformer_engine(cfg):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=use_grouped_gemm(cfg) if experts else False,
             qk_layernorm=arch.qk_norm, fp8=cfg.fp8)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False,
+                                                    qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    if experts:
+        # Dense layers fuse the pre-MLP norm into TE's linear_fc1, and the local spec renames its key to match.
+        # An MoE layer has nothing to fuse it into, so TE keeps it as `pre_mlp_layernorm`: drop the rename so
+        # local-spec and TE-spec (and Megatron-LM) MoE checkpoints share keys.
+        keys_map = dict(spec.submodules.sharded_state_dict_keys_map)
+        keys_map.pop("pre_mlp_layernorm.", None)
+        spec.submodules.sharded_state_dict_keys_map = keys_map
+    return spec
+
+
+def _moe_without_te_compat() -> None:
+    """Megatron-Core 0.16's router reads ``moe_utils.te_general_gemm``, which is defined only when Transformer
+    Engine imports: without TE every MoE forward dies with a NameError. None selects its plain torch.mm path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def model_provider(arch: ModelArch, cfg: ModelConfig, transformer_config: Any, *, pre_process: bool = True,
@@ -163,6 +252,8 @@ def model_provider(arch: ModelArch, cfg: ModelConfig, transformer_config: Any, *
     """One GPTModel chunk (a pipeline stage). Signature mirrors Megatron-LM's ``model_provider``."""
     from megatron.core.models.gpt import GPTModel
 
+    if arch.is_moe:
+        _moe_without_te_compat()
     tp = transformer_config.tensor_model_parallel_size
     return GPTModel(
         config=transformer_config,
@@ -181,14 +272,16 @@ def model_provider(arch: ModelArch, cfg: ModelConfig, transformer_config: Any, *
     )
 
 
-def build_model(arch: ModelArch, cfg: ModelConfig, parallel: Any | None = None) -> list[torch.nn.Module]:
+def build_model(arch: ModelArch, cfg: ModelConfig, parallel: Any | None = None, *,
+                training: bool = True) -> list[torch.nn.Module]:
     """The model chunks this rank owns (one chunk without virtual pipelining), on the training device.
 
     Must be called after ``parallel.init_distributed``. Returns a list for Megatron's schedules.
+    ``training=False`` for models that only run forward passes (see ``build_transformer_config``).
     """
     from megatron.core import parallel_state
 
-    tcfg = build_transformer_config(arch, cfg, parallel)
+    tcfg = build_transformer_config(arch, cfg, parallel, training=training)
     model = model_provider(
         arch, cfg, tcfg,
         pre_process=parallel_state.is_pipeline_first_stage(),

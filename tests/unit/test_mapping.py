@@ -84,3 +84,57 @@ def test_canonical_name_maps_local_spec_and_layer_offset():
         "decoder.layers.0.mlp.linear_fc1.layer_norm_weight"
     with pytest.raises(CheckpointError, match="no tensor-parallel layout"):
         mapping.shard_tp("decoder.layers.0.mystery.weight", torch.zeros(2), 0, 2)
+
+
+# ----------------------------------------------------------------------------- MoE (Qwen3-MoE)
+def moe_arch():
+    return arch(family="qwen3_moe", qk_norm=True, num_experts=4, moe_ffn_hidden_size=3, moe_router_topk=2)
+
+
+def test_expert_names_use_global_index_for_both_expert_implementations():
+    # SequentialMLP (local spec) and TEGroupedMLP (TE spec) name local expert 1 differently; on EP rank 1 of 2
+    # (offset 2) both are global expert 3. The MoE pre-MLP norm keeps its own name.
+    seq = mapping.canonical_name("decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight", 5, 2, moe=True)
+    grouped = mapping.canonical_name("decoder.layers.0.mlp.experts.linear_fc1.weight1", 5, 2, moe=True)
+    assert seq == grouped == "decoder.layers.5.mlp.experts.local_experts.3.linear_fc1.weight"
+    assert mapping.is_expert(seq) and mapping.expert_index(seq) == 3
+    assert mapping.with_expert_index(seq, 0) == "decoder.layers.5.mlp.experts.local_experts.0.linear_fc1.weight"
+    assert mapping.canonical_name("decoder.layers.0.pre_mlp_layernorm.weight", moe=True) == \
+        "decoder.layers.0.pre_mlp_layernorm.weight"
+    assert mapping.canonical_name("decoder.layers.0.mlp.router.weight", 1, 2, moe=True) == \
+        "decoder.layers.1.mlp.router.weight"
+
+
+def test_moe_layer_sources_and_names_cover_hf():
+    a = moe_arch()
+    p = "decoder.layers.1."
+    assert mapping.hf_sources(p + "mlp.router.weight", a) == ["model.layers.1.mlp.gate.weight"]
+    assert mapping.hf_sources(p + "pre_mlp_layernorm.weight", a) == ["model.layers.1.post_attention_layernorm.weight"]
+    assert mapping.hf_sources(p + "mlp.experts.local_experts.2.linear_fc1.weight", a) == \
+        ["model.layers.1.mlp.experts.2.gate_proj.weight", "model.layers.1.mlp.experts.2.up_proj.weight"]
+    assert mapping.hf_sources(p + "mlp.experts.local_experts.2.linear_fc2.weight", a) == \
+        ["model.layers.1.mlp.experts.2.down_proj.weight"]
+    names = mapping.hf_names(a)
+    # per layer: q,k,v,o, q/k norm, 2 norms, router, 4 experts x (gate, up, down) = 21; + embed, norm, lm_head
+    assert len(names) == 2 * 21 + 3 and "model.layers.0.mlp.gate_proj.weight" not in names
+
+
+def test_expert_fc1_is_gate_then_up_and_shards_like_dense_fc1():
+    a = moe_arch()  # hidden 2, expert width 3
+    gate, up, down = torch.arange(6.).reshape(3, 2), 10 + torch.arange(6.).reshape(3, 2), torch.zeros(2, 3)
+    hf = {"model.layers.0.mlp.experts.3.gate_proj.weight": gate, "model.layers.0.mlp.experts.3.up_proj.weight": up,
+          "model.layers.0.mlp.experts.3.down_proj.weight": down}
+    name = "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight"
+    fc1 = mapping.to_megatron(name, hf.__getitem__, a, 8)
+    assert torch.equal(fc1, torch.cat([gate, up]))
+    back = mapping.to_hf(name, fc1, a)
+    assert sorted(back) == sorted(k for k in hf if "down" not in k)
+    assert all(torch.equal(t, hf[k]) for k, t in back.items())
+    full = torch.arange(8.).reshape(8, 1)
+    assert mapping.shard_tp(name, full, 1, 2).flatten().tolist() == [2, 3, 6, 7]  # [gate_1; up_1]
+    fc2 = "decoder.layers.0.mlp.experts.local_experts.3.linear_fc2.weight"
+    assert mapping.shard_tp(fc2, torch.arange(8.).reshape(2, 4), 1, 2).tolist() == [[2, 3], [6, 7]]
+    assert mapping.shard_tp("decoder.layers.0.mlp.router.weight", full, 1, 2) is full  # replicated
+    bad = {**hf, "model.layers.0.mlp.experts.3.down_proj.weight": torch.zeros(2, 4)}
+    with pytest.raises(CheckpointError, match=r"experts\.3\.down_proj\.weight.*\(2, 4\).*\(2, 3\)"):
+        mapping.to_megatron(fc2, bad.__getitem__, a, 8)
