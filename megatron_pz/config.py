@@ -126,6 +126,12 @@ class RolloutConfig:
     # Folder for disk weight sync (the embedded server only reads below it); null = <output_dir>/weights.
     weights_dir: str | None = None
     bucket_mb: int = 512
+    # distributed sync: tensor-parallel size of each SGLang server (the broadcast group has 1 + sum(TP) ranks),
+    # the address the servers use to reach global rank 0 (null = this host's name), and the group backend
+    # (nccl on GPU; gloo lets the embedded server join on CPU).
+    server_tp_size: int = 1
+    weight_sync_master_address: str | None = None
+    weight_sync_backend: str = "nccl"
     # Embedded server: dtype and maximum batch it runs at once.
     embedded_dtype: str = "fp32"
     embedded_max_batch_size: int = 64

@@ -254,12 +254,37 @@ def start_rollout(run: Run) -> None:
                                  ClientConfig(api_key=r.api_key, generate_timeout_s=r.timeout_s,
                                               max_retries=r.max_retries))
     if torch.distributed.get_rank() == 0:
-        run.weight_sync = DiskWeightSync(run.engine, weights_dir, hf_config_dir=run.out / "hf_meta",
-                                         current_version=run.weight_version)
+        run.weight_sync = make_weight_sync(run, weights_dir)
         if r.backend == "sglang":
             # SGLang servers were started from the initial checkpoint by the launcher; bring them to ours.
             run.weight_version += 1
             run.weight_sync.push(state.items(), run.weight_version)
+
+
+def make_weight_sync(run: Run, weights_dir: Path) -> Any:
+    """The configured Megatron -> rollout weight path (global rank 0, which holds the gathered HF tensors)."""
+    import socket
+
+    from megatron_pz.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, TensorWeightSync
+
+    r = run.cfg.rollout
+    bucket = r.bucket_mb * 1024**2
+    current = run.weight_version
+    if r.weight_sync == "disk":
+        return DiskWeightSync(run.engine, weights_dir, hf_config_dir=run.out / "hf_meta", shard_bytes=bucket,
+                              current_version=current)
+    clients = run.engine.clients
+    if r.weight_sync == "tensor":
+        if len(clients) != 1:
+            raise ConfigError(f"rollout.weight_sync=tensor (colocated CUDA IPC) needs exactly one server, got "
+                              f"{len(clients)}")
+        return TensorWeightSync(clients[0], tp_size=r.server_tp_size, bucket_bytes=bucket, current_version=current)
+    sync = DistributedWeightSync(clients, master_address=r.weight_sync_master_address or socket.gethostname(),
+                                 master_port=free_port(), tp_sizes=[r.server_tp_size] * len(clients),
+                                 backend=r.weight_sync_backend, bucket_bytes=bucket, current_version=current,
+                                 timeout_s=r.timeout_s)
+    sync.init()
+    return sync
 
 
 def _fresh_version_dir(writer: Any, state: dict[str, torch.Tensor], version: int) -> Path:
@@ -274,6 +299,8 @@ def shutdown(run: Run) -> None:
 
     if run.logger is not None:
         run.logger.close()
+    if run.weight_sync is not None and hasattr(run.weight_sync, "close"):
+        run.weight_sync.close()
     if run.engine is not None:
         run.engine.close()
     stop_all(run.servers)

@@ -130,3 +130,26 @@ def test_kill9_mid_run_resumes_with_the_same_data(tiny_policy, tmp_path):
     order = lambda d: [json.loads(l) for l in (d / "data_order.jsonl").read_text().splitlines()]
     assert order(out) == order(ref)  # every step saw the same paragraphs as the uninterrupted run
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]  # each step logged exactly once
+
+
+def test_external_server_with_distributed_weight_sync(tiny_policy, tmp_path):
+    """rollout.backend=sglang against a running server (the embedded one speaks SGLang's API) with the NCCL-style
+    broadcast weight sync, here over gloo: the trainer pushes every version into the server's process group."""
+    from megatron_pz.rollout.launcher import ServerSpec, launch, stop_all
+
+    servers = launch([ServerSpec(kind="embedded", model_path=tiny_policy, port=free_port(),
+                                 log_path=str(tmp_path / "server.log"))], health_timeout_s=300)
+    try:
+        out = tmp_path / "run"
+        run(command(out, tiny_policy, "train.steps=2", "train.objective=random_span",
+                    "reward.pred_reward=plugin_rewards:odd_length", "rollout.backend=sglang",
+                    f"rollout.urls=[{servers[0].url}]", "rollout.weight_sync=distributed",
+                    "rollout.weight_sync_backend=gloo", "rollout.weight_sync_master_address=127.0.0.1"))
+    finally:
+        stop_all(servers)
+    rows = metrics(out)
+    # version 1 = the trainer's initial weights pushed at start-up, then one per step
+    assert [r["weight_version"] for r in rows] == [2, 3]
+    assert rows[0]["onpolicy/logprob_abs_diff_max"] < 1e-3
+    log = (tmp_path / "server.log").read_text()
+    assert all(f"weights updated to version {v}" in log for v in (1, 2, 3))
