@@ -64,3 +64,31 @@ def perturbed_state(src: str | Path, scale: float = 0.05, seed: int = 1) -> dict
             t = t + scale * max(std, 1e-3) * torch.randn(t.shape, generator=gen, dtype=t.dtype)
         out[name] = t.contiguous()
     return out
+
+
+def load_hf(path: str | Path, state: dict[str, torch.Tensor] | None = None):
+    """An fp32 HF causal LM from ``path`` in eval mode, optionally with ``state`` loaded over its weights."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def reference_logprobs(model, prompt: list[int], response: list[int], temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) at the response tokens from one plain forward pass over prompt + response.
+
+    The independent reference the engine's reported log-probs are checked against (T=0 means no scaling).
+    """
+    with torch.no_grad():
+        logits = model(torch.tensor([list(prompt) + list(response)])).logits[0, len(prompt) - 1:-1].float()
+    if temperature > 0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(list(response))[:, None]).squeeze(1)
+
+
+def reference_fn(model):
+    """``reference_logprobs`` as the ``(prompt, response, temperature) -> list[float]`` callable that
+    ``weight_sync.check_logprobs`` takes."""
+    return lambda prompt, response, temperature: reference_logprobs(model, prompt, response, temperature).tolist()

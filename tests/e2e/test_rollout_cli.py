@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_pz.rollout.launcher import ServerSpec, launch, stop_all
 from megatron_pz.rollout.pool import PoolConfig, RolloutPool
 from megatron_pz.rollout.protocol import SamplingParams
 from megatron_pz.rollout.sglang_client import ClientConfig
-from megatron_pz.rollout.tiny import make_tiny_llama, perturbed_state
+from megatron_pz.rollout.tiny import load_hf, make_tiny_llama, perturbed_state, reference_fn
 from megatron_pz.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, check_logprobs, check_weights
 
 NUM_GPUS = 0
@@ -27,21 +26,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def reference(tiny, state=None):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
-    if state is not None:
-        model.load_state_dict(state)
-
-    def fn(prompt, response, temperature):
-        with torch.no_grad():
-            logits = model(torch.tensor([list(prompt) + list(response)])).logits[0, len(prompt) - 1:-1]
-        logits = logits / temperature if temperature > 0 else logits
-        return torch.log_softmax(logits, -1).gather(1, torch.tensor(response)[:, None]).squeeze(1).tolist()
-    return fn
 
 
 def test_serve_rollout_cli_end_to_end(tmp_path):
@@ -74,8 +58,8 @@ def test_serve_rollout_cli_end_to_end(tmp_path):
         for client in pool.clients:
             assert client.weight_version() == 1
             assert check_weights(client, state).ok
-            assert check_logprobs(client, [7, 8, 9], reference(tiny, state), atol=1e-4).ok
-            assert not check_logprobs(client, [7, 8, 9], reference(tiny), atol=1e-4).ok
+            assert check_logprobs(client, [7, 8, 9], reference_fn(load_hf(tiny, state)), atol=1e-4).ok
+            assert not check_logprobs(client, [7, 8, 9], reference_fn(load_hf(tiny)), atol=1e-4).ok
         sync.close()
 
         # 3. Disk update through the pool (both servers), version 2.

@@ -10,7 +10,7 @@ import torch
 from megatron_pz.errors import CheckpointError, ConfigError, RolloutError
 from megatron_pz.rollout.embedded import EmbeddedEngine, read_safetensors_dir
 from megatron_pz.rollout.protocol import SamplingParams
-from megatron_pz.rollout.tiny import make_tiny_llama, perturbed_state
+from megatron_pz.rollout.tiny import load_hf, make_tiny_llama, perturbed_state, reference_logprobs
 from megatron_pz.types import Sample, Status, Task
 
 NUM_GPUS = 0
@@ -32,23 +32,12 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_model(tiny):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    return load_hf(tiny)
 
 
 @pytest.fixture()
 def engine(tiny):
     return EmbeddedEngine(tiny, max_batch_size=8)
-
-
-def reference_logprobs(model, prompt: list[int], response: list[int], temperature: float) -> torch.Tensor:
-    """log softmax(logits / T) at the response tokens from one plain forward pass over prompt + response."""
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].float()
-    if temperature > 0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, -1).gather(1, torch.tensor(response)[:, None]).squeeze(1)
 
 
 def _prompts(engine):

@@ -14,7 +14,7 @@ from megatron_pz.rollout.pool import RolloutPool
 from megatron_pz.rollout.protocol import RolloutEngine, SamplingParams
 from megatron_pz.rollout.server import RolloutServer, ServerConfig
 from megatron_pz.rollout.sglang_client import BadResponse, ClientConfig, SGLangClient
-from megatron_pz.rollout.tiny import make_tiny_llama, perturbed_state
+from megatron_pz.rollout.tiny import load_hf, make_tiny_llama, perturbed_state, reference_fn
 from megatron_pz.rollout.weight_sync import DiskWeightSync, check_logprobs, check_weights
 
 NUM_GPUS = 0
@@ -44,21 +44,6 @@ def served(tiny, tmp_path):
     server.stop()
 
 
-def _hf(tiny):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
-
-
-def _ref_logprobs(model):
-    def fn(prompt, response, temperature):
-        with torch.no_grad():
-            logits = model(torch.tensor([list(prompt) + list(response)])).logits[0, len(prompt) - 1:-1]
-        logits = logits / temperature if temperature > 0 else logits
-        return torch.log_softmax(logits, -1).gather(1, torch.tensor(response)[:, None]).squeeze(1).tolist()
-    return fn
-
-
 def test_generate_over_http_n_samples_finish_reasons_and_limits(served):
     server, client = served
     assert isinstance(client, RolloutEngine) and client.health() and client.weight_version() == 0
@@ -84,7 +69,7 @@ def test_generate_over_http_n_samples_finish_reasons_and_limits(served):
 
 def test_logprobs_over_http_match_forward_pass(served, tiny):
     _, client = served
-    report = check_logprobs(client, [5, 6, 7, 8], _ref_logprobs(_hf(tiny)), max_new_tokens=12, temperature=0.0,
+    report = check_logprobs(client, [5, 6, 7, 8], reference_fn(load_hf(tiny)), max_new_tokens=12, temperature=0.0,
                             atol=1e-4)
     assert report.ok, str(report)
 
@@ -110,10 +95,10 @@ def test_disk_update_through_http_and_check_mode(served, tiny, tmp_path):
     assert client.weight_version() == 1 and report.num_tensors == len(state)
     assert (weights / "v00000001" / "config.json").is_file()
     assert check_weights(client, state).ok
-    perturbed = _hf(tiny)
+    perturbed = load_hf(tiny)
     perturbed.load_state_dict(state)
-    assert check_logprobs(client, [9, 8, 7], _ref_logprobs(perturbed), atol=1e-4).ok
-    assert not check_logprobs(client, [9, 8, 7], _ref_logprobs(_hf(tiny)), atol=1e-4).ok
+    assert check_logprobs(client, [9, 8, 7], reference_fn(perturbed), atol=1e-4).ok
+    assert not check_logprobs(client, [9, 8, 7], reference_fn(load_hf(tiny)), atol=1e-4).ok
     # Versions strictly increase: the sync object refuses, and so does the server.
     with pytest.raises(UserError, match="not above"):
         sync.push(state.items(), 1)
