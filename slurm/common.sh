@@ -135,7 +135,7 @@ pz_requeue_if_stopped() {
     fi
     pz_log "checkpoint saved; requeueing job $SLURM_JOB_ID to resume"
     scontrol requeue "$SLURM_JOB_ID"
-    sleep 60   # the requeue ends this run; do not report completion before it does
+    sleep "${PZ_REQUEUE_WAIT:-60}"   # the requeue ends this run; do not report completion before it does
   fi
   return 0
 }
@@ -147,6 +147,6 @@ pz_wait_file() {
   until [ -s "$file" ]; do
     if ! kill -0 "$pid" 2>/dev/null; then pz_log "$what exited before writing $file; see $LOG_DIR"; return 1; fi
     if [ "$(date +%s)" -gt "$deadline" ]; then pz_log "$what: no $file after ${timeout}s; see $LOG_DIR"; return 1; fi
-    sleep 5
+    sleep 2
   done
 }

@@ -35,7 +35,7 @@ def _register_plan(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--target", choices=["gpu", "cpu"], default=None,
                    help="gpu: Transformer Engine kernels assumed (default for bf16/fp16 configs); cpu: local spec")
     p.add_argument("--memory-gib", type=float, default=None,
-                   help="memory per rank (default: 80 on gpu, available host memory / world size on cpu)")
+                   help="memory per rank in GiB (default: 79.6 = an H100 80GB on gpu; available host memory / world size on cpu)")
     p.add_argument("--overhead-gib", type=float, default=None, help="fixed allowance per rank (gpu 4, cpu 0.5)")
     p.add_argument("--no-fake-groups", action="store_true", help="skip Megatron's parallel_state on a fake world")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for `megatron-pz train`")
@@ -111,6 +111,9 @@ def _register_scaling(kinds: argparse._SubParsersAction) -> None:
     r.add_argument("--threads", type=int, default=None, help="CPU threads shared by a point's ranks "
                                                              "(default: all cores)")
     r.add_argument("--timeout", type=float, default=1800.0, help="seconds per point")
+    r.add_argument("--target", choices=["gpu", "cpu"], default=None,
+                   help="plan for this device (kernels, memory); default: this machine's. gpu on a CPU machine "
+                        "only with --dry-run or --points-only")
     mode = r.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="plan every point, run nothing")
     mode.add_argument("--points-only", action="store_true",
@@ -124,7 +127,9 @@ def _spec_from_args(args: argparse.Namespace):
     from megatron_pz.bench import archs, scaling
     from megatron_pz.bench.validate import host_memory_gib
 
-    on_gpu = device.cuda_available()
+    on_gpu = device.cuda_available() if args.target is None else args.target == "gpu"
+    if on_gpu and not device.cuda_available() and not (args.dry_run or args.points_only):
+        raise ConfigError("--target gpu on a machine without CUDA: add --dry-run (or --points-only)")
     d = dict(model="tiny", seq_length=512, prompt_length=None, dtype="bf16" if on_gpu else "fp32", tp=[1], pp=[1],
              dp=[1], cp=[1], ep=[1], mbs=[1], recompute=[None], global_batch=None, sequence_parallel=False,
              distributed_optimizer=True)
@@ -160,10 +165,14 @@ def _spec_from_args(args: argparse.Namespace):
     world = args.world_size
     if args.memory_gib is not None:
         memory = args.memory_gib
-    elif on_gpu:
+    elif on_gpu and device.cuda_available():
         import torch
 
         memory = torch.cuda.get_device_properties(0).total_memory / 1024 ** 3
+    elif on_gpu:
+        from megatron_pz.bench.validate import H100_GIB
+
+        memory = H100_GIB
     else:
         memory = host_memory_gib() / max(world or max(t * p * c * dp for t in d["tp"] for p in d["pp"]
                                                       for c in d["cp"] for dp in d["dp"]), 1)

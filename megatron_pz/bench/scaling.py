@@ -107,13 +107,13 @@ def _check(spec: SweepSpec, tp: int, pp: int, dp: int, cp: int, ep: int, mbs: in
     """Raise ConfigError when the layout cannot run; returns the micro-batches per DP rank."""
     from megatron_pz.parallel import ParallelConfig
 
+    spec.arch.validate_parallel(tp, pp, cp, ep)
     world = tp * pp * cp * dp
     if spec.world_size is not None and world != spec.world_size:
         raise ConfigError(f"world size {spec.world_size} is not divisible by TP x PP x CP = {tp * pp * cp}")
     pc = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
                         expert_model_parallel_size=ep, sequence_parallel=spec.sequence_parallel)
     pc.data_parallel_size(world)
-    spec.arch.validate_parallel(tp, pp, cp, ep)
     if getattr(spec.arch, "num_experts", None) and tp > 1 and not spec.sequence_parallel:
         raise ConfigError(f"an MoE model at TP={tp} needs sequence_parallel (Megatron-Core's MoE layer)")
     if spec.sequence_parallel and not spec.on_gpu:

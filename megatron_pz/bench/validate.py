@@ -19,6 +19,10 @@ from megatron_pz import planner
 from megatron_pz.errors import UserError
 
 
+# An H100 80GB: nvidia-smi reports 81,559 MiB = 79.6 GiB.
+H100_GIB = 79.6
+
+
 @dataclass
 class Check:
     name: str
@@ -128,7 +132,7 @@ def validate(config: str, overrides: list[str], world_size: int, model: str | No
         overhead_gib = 4.0 if target == "gpu" else 0.5
     plan = planner.plan_memory(a, layout, work, overhead_gib=overhead_gib)
     if memory_gib is None:
-        memory_gib = 80.0 if target == "gpu" else host_memory_gib() / world_size
+        memory_gib = H100_GIB if target == "gpu" else host_memory_gib() / world_size
     fit = plan.fits(memory_gib)
     note = ""
     if rc == "full" and (cfg.model.recompute_num_layers or 1) != 1:

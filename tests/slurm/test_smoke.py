@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+from local_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
-pytestmark = [pytest.mark.slurm, pytest.mark.multiproc]
+pytestmark = pytest.mark.multiproc
 REPO = Path(__file__).resolve().parents[2]
 SHRINK = ["train.paragraphs_per_step=2", "train.masks_per_paragraph=2", "train.predictions_per_mask=2",
           "rollout.gen_max_new_tokens=16", "rollout.pred_max_new_tokens=12", "corpus.max_prompt_tokens=200"]

@@ -1,5 +1,8 @@
 """A real single-node Slurm cluster on localhost for the tests in this folder (tools/slurm_local.sh).
 
+A plain module, not a conftest.py: a second conftest.py would shadow tests/conftest.py for the tests that
+``from conftest import ...``. Tests import the fixture: ``from local_cluster import slurm_cluster``.
+
 The session fixture installs slurm-wlm and munge with apt when they are missing (root only), starts munged,
 slurmctld and slurmd with a private config and state folder on free ports, and stops exactly those daemons
 (by their pid files) at the end. Without root or apt, the tests skip and say why.
@@ -14,10 +17,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "slurm_local.sh"
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "srun")
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slurm: submits jobs to a local single-node Slurm cluster (tools/slurm_local.sh)")
 
 
 class Cluster:
