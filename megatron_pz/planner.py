@@ -202,7 +202,8 @@ class MemoryPlan:
             return Fit(True, f"fits: {b['total']:.1f} of {gpu_memory_gib:.1f} GiB on {where} ({parts} GiB)")
         biggest = max(("params", "grads", "optimizer", "activations", "logits"), key=lambda k: b[k])
         hint = {
-            "activations": "recompute (selective/full), a smaller micro_batch_size, sequence_parallel, or more TP/CP/PP",
+            "activations": "recompute (selective/full), a smaller micro_batch_size, sequence_parallel, or more "
+                           "TP/CP/PP",
             "logits": "a smaller micro_batch_size or more TP (logits are vocab-sharded over TP)",
             "optimizer": "the distributed optimizer and more DP, or more TP/PP/EP",
         }.get(biggest, "more TP/PP (or EP for experts)")

@@ -35,7 +35,8 @@ def _register_plan(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--target", choices=["gpu", "cpu"], default=None,
                    help="gpu: Transformer Engine kernels assumed (default for bf16/fp16 configs); cpu: local spec")
     p.add_argument("--memory-gib", type=float, default=None,
-                   help="memory per rank in GiB (default: 79.6 = an H100 80GB on gpu; available host memory / world size on cpu)")
+                   help="memory per rank in GiB (default on gpu: this machine's GPU, else 79.6 = an H100 80GB; "
+                        "on cpu: available host memory / world size)")
     p.add_argument("--overhead-gib", type=float, default=None, help="fixed allowance per rank (gpu 4, cpu 0.5)")
     p.add_argument("--no-fake-groups", action="store_true", help="skip Megatron's parallel_state on a fake world")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for `megatron-pz train`")
@@ -227,7 +228,8 @@ def _print_plan(rows: list[dict], spec) -> None:
     print(f"{len(rows)} point(s); memory limit {spec.gpu_memory_gib:.1f} GiB per rank")
     for r in rows:
         mem = f"{r['pred_total_gib']:6.1f} GiB" if "pred_total_gib" in r else " " * 10
-        print(f"  [{r['id']}] {r['label']:<28} {r['status']:<9} {mem}  {r['reason'] if r['status'] != 'planned' else ''}")
+        why = r["reason"] if r["status"] != "planned" else ""
+        print(f"  [{r['id']}] {r['label']:<28} {r['status']:<9} {mem}  {why}")
 
 
 def _print_results(rows: list[dict]) -> None:

@@ -22,7 +22,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -64,7 +64,7 @@ class Point:
         return s + (f" rc-{self.recompute}" if self.recompute else "")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Point":
+    def from_dict(cls, d: dict[str, Any]) -> Point:
         return cls(**d)
 
 
@@ -190,7 +190,7 @@ def run_point(point: dict[str, Any], out_path: str) -> None:
     state.optimizer.step = _timed(state.optimizer.step, optim)
     step_times: list[float] = []
     loss_cfg = LossConfig()
-    for i in range(p.warmup + p.steps):
+    for _ in range(p.warmup + p.steps):
         dist.barrier()
         _sync()
         t0 = time.perf_counter()

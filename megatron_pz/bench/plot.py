@@ -41,7 +41,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
                                  ("grad_sync_s", "grad sync", "#DD8452"), ("optimizer_s", "optimizer", "#55A868")):
             vals = [_f(r, key) for r in ok]
             ax_time.bar(x, vals, bottom=bottom, label=name, color=color)
-            bottom = [b + v for b, v in zip(bottom, vals)]
+            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
         ax_time.set_xticks(list(x), labels(ok), fontsize=8)
         ax_time.legend(fontsize=8)
         has_mfu = any(r.get("mfu") not in (None, "") for r in ok)
@@ -64,7 +64,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     for key, name in MEM_PARTS:
         vals = [_f(r, key) for r in shown]
         ax_mem.bar(x, vals, bottom=bottom, label=f"predicted {name}")
-        bottom = [b + v for b, v in zip(bottom, vals)]
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     meas = [(i, _f(r, "measured_peak_mem_gib")) for i, r in enumerate(shown) if _f(r, "measured_peak_mem_gib")]
     if meas:
         ax_mem.scatter([i for i, _ in meas], [m for _, m in meas], marker="D", color="black", zorder=3,

@@ -214,7 +214,10 @@ def measured_columns(result: dict[str, Any], arch: Any, spec: dict[str, Any]) ->
     """Throughput, time breakdown, FLOPs and memory of one measured point."""
     p = Point.from_dict(result["point"])
     ranks = result["ranks"]
-    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else 0.0
+
     step = mean(ranks[0]["step_s"])  # barrier to barrier: the same on every rank
     grad_sync = max(mean(r["grad_sync_s"]) for r in ranks)
     optim = max(mean(r["optimizer_s"]) for r in ranks)

@@ -11,13 +11,12 @@ fake N-rank world (torch's "fake" backend: no processes, no communication); the 
 from __future__ import annotations
 
 import math
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from megatron_pz import planner
 from megatron_pz.errors import UserError
-
 
 # An H100 80GB: nvidia-smi reports 81,559 MiB = 79.6 GiB.
 H100_GIB = 79.6
@@ -60,6 +59,17 @@ def host_memory_gib() -> float:
     with open("/proc/meminfo") as f:
         info = {ln.split(":")[0]: int(ln.split()[1]) for ln in f}
     return info.get("MemAvailable", info["MemTotal"]) / 1024 ** 2
+
+
+def gpu_memory_gib() -> float | None:
+    """This machine's GPU memory (the pre-flight runs on a node of the job), None without CUDA."""
+    from megatron_pz import device
+
+    if not device.cuda_available():
+        return None
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 1024 ** 3
 
 
 def validate(config: str, overrides: list[str], world_size: int, model: str | None = None,
@@ -132,7 +142,7 @@ def validate(config: str, overrides: list[str], world_size: int, model: str | No
         overhead_gib = 4.0 if target == "gpu" else 0.5
     plan = planner.plan_memory(a, layout, work, overhead_gib=overhead_gib)
     if memory_gib is None:
-        memory_gib = H100_GIB if target == "gpu" else host_memory_gib() / world_size
+        memory_gib = (gpu_memory_gib() or H100_GIB) if target == "gpu" else host_memory_gib() / world_size
     fit = plan.fits(memory_gib)
     note = ""
     if rc == "full" and (cfg.model.recompute_num_layers or 1) != 1:

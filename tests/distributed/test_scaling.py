@@ -26,7 +26,8 @@ def test_sweep_measures_tp_pp_dp_and_rejects_invalid_layouts(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     rows = {r["label"].split(" mbs")[0]: r for r in csv.DictReader(open(out / "scaling.csv"))}
     measured = {k: r for k, r in rows.items() if r["status"] == "ok"}
-    assert set(measured) == {"TP1 PP1 DP2", "TP1 PP2 DP1", "TP2 PP1 DP1"}, {k: r["reason"] for k, r in rows.items()}
+    reasons = {k: r["reason"] for k, r in rows.items()}
+    assert set(measured) == {"TP1 PP1 DP2", "TP1 PP2 DP1", "TP2 PP1 DP1"}, reasons
     for label, r in measured.items():
         assert float(r["tokens_per_s_per_gpu"]) > 0 and float(r["step_time_s"]) > 0
         assert int(r["tokens_per_step"]) == 2 * 128 * (2 if "DP2" in label else 1) * 1  # DP x micro-batches x seq
@@ -74,10 +75,10 @@ def test_plan_cli_verdicts():
 def test_plan_for_a_gpu_config_with_a_preset_architecture():
     from megatron_pz.bench.validate import validate
 
-    report = validate("examples/quickstart_cpu.yaml", ["model.dtype=bf16", "train.paragraphs_per_step=8",
-                                                       "model.recompute_granularity=full", "model.recompute_method=uniform",
-                                                       "model.recompute_num_layers=1"],
-                      world_size=8, model="qwen3-4b", memory_gib=80.0, fake_groups=False)
+    gpu_run = ["model.dtype=bf16", "train.paragraphs_per_step=8", "model.recompute_granularity=full",
+               "model.recompute_method=uniform", "model.recompute_num_layers=1"]
+    report = validate("examples/quickstart_cpu.yaml", gpu_run, world_size=8, model="qwen3-4b", memory_gib=80.0,
+                      fake_groups=False)
     text = report.text()
     assert report.ok, text
     assert "4.02B params (from qwen3-4b)" in text and "GPU target: Transformer Engine assumed" in text

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -58,7 +57,9 @@ else:  # run it here, as the first node of --nodelist
 
 FAKE_SCONTROL = r'''#!/usr/bin/env bash
 printf '["scontrol", "%s", "%s"]\n' "$1" "${2:-}" >> "$FAKE_LOG"
-if [ "$1 $2" = "show hostnames" ]; then printf '%s\n' $FAKE_NODES; fi
+# One write(2), as scontrol's buffered stdio does: launch_sglang.sh reads it through `head` under pipefail, and
+# bash's printf writes piecewise, so head could exit early and SIGPIPE the writer.
+if [ "$1 $2" = "show hostnames" ]; then cat <<< "$(printf '%s\n' $FAKE_NODES)"; fi
 '''
 
 # "torchrun": records its argv and CUDA_VISIBLE_DEVICES, starts one rank, waits for it. The rank installs a

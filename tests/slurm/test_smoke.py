@@ -7,10 +7,11 @@ import json
 import time
 from pathlib import Path
 
+import local_cluster
 import pytest
-from local_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.multiproc
+slurm_cluster = local_cluster.slurm_cluster  # the session fixture (tests/slurm/local_cluster.py)
 REPO = Path(__file__).resolve().parents[2]
 SHRINK = ["train.paragraphs_per_step=2", "train.masks_per_paragraph=2", "train.predictions_per_mask=2",
           "rollout.gen_max_new_tokens=16", "rollout.pred_max_new_tokens=12", "corpus.max_prompt_tokens=200"]

@@ -44,8 +44,8 @@ def test_flash_attention_keeps_no_scores_and_gqa_widths():
     # per token: e * (4h replicated + q + 2kv + q + w1 + w2) = 2 * (256 + 64 + 64 + 64 + 192 + 96) = 1472 B
     kw = dict(s=128, b=2, h=64, heads=4, q=64, kv=32, w1=192, w2=96, e=2)
     assert layer_activation_bytes(**kw, flash=True) == 256 * 1472
-    # Unfused (Megatron's local spec): K and V repeated to q width (+2 x 32 wide x 2 B = 128 B/token), fp32 softmax with a
-    # 16-bit copy (4 + 2 B per score): 4 heads x 128 x 128 scores x 2 sequences x 6 B.
+    # Unfused (Megatron's local spec): K and V repeated to q width (+2 x 32 wide x 2 B = 128 B/token), fp32
+    # softmax with a 16-bit copy (4 + 2 B per score): 4 heads x 128 x 128 scores x 2 sequences x 6 B.
     unfused = layer_activation_bytes(**kw, flash=False, softmax_fp32=True)
     assert unfused == 256 * (1472 + 128) + 4 * 128 * 128 * 2 * 6
 
@@ -70,7 +70,7 @@ def test_tied_embeddings_get_a_copy_on_the_last_stage_only_with_pp():
 
 def test_state_bytes_bf16_distributed_optimizer():
     plan = plan_memory(ARCH, Layout(tp=2, pp=2, dp=2), Workload(micro_batch_size=1, seq_length=64), overhead_gib=0)
-    last = [s for s in plan.stages if s.stage == 1][0]
+    last = next(s for s in plan.stages if s.stage == 1)
     n = 2 * 15488 + 64 + 16384  # 47,424
     assert last.param_count == n
     assert (last.params, last.grads, last.optimizer) == (2 * n, 4 * n, 12 * n / 2)
