@@ -112,6 +112,9 @@ class RolloutConfig:
     backend: str = "embedded"
     urls: list[str] = field(default_factory=list)
     endpoints_file: str | None = None
+    # An sglang-router in front of the servers: generation goes through it (weight updates still go to
+    # each server in `urls` / the endpoints file).
+    router_url: str | None = None
     api_key: str | None = None
     timeout_s: float = 600.0
     max_retries: int = 3

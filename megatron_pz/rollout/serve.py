@@ -102,6 +102,9 @@ def main(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _shutdown)
     signal.signal(signal.SIGINT, _shutdown)
+    # Slurm's pre-time-limit SIGUSR1 reaches every process of a job step; it is the trainer's cue to
+    # checkpoint, and must not take the rollout server down.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     print(f"serve-rollout: listening on {server.url}", flush=True)
     try:
         server.serve_forever()

@@ -41,21 +41,29 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy [B, S] of the full (TP-sharded) distribution, for logging. No gradient."""
+def token_entropy(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+    """Entropy [B, S] of the full (TP-sharded) distribution, for logging. No gradient.
+
+    Works through ``chunk_rows`` token rows at a time: the fp32 temporaries (z, exp z, exp z * z) would otherwise
+    be three more copies of the [B, S, V_local] logits, the largest tensor of the step at paper scale.
+    """
     from megatron.core import parallel_state as ps
 
     group = ps.get_tensor_model_parallel_group()
     tp = ps.get_tensor_model_parallel_world_size()
-    m = logits.max(dim=-1, keepdim=True).values
+    m = logits.max(dim=-1, keepdim=True).values  # [B, S, 1]
     if tp > 1:
         torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
-    z = logits - m
-    e = torch.exp(z)  # padded rows: exp(-inf) = 0
-    sum_e = e.sum(-1)
-    sum_ez = (e * torch.nan_to_num(z, neginf=0.0)).sum(-1)
+    flat, flat_m = logits.reshape(-1, logits.shape[-1]), m.reshape(-1, 1)
+    sum_e = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    sum_ez = torch.empty_like(sum_e)
+    for i in range(0, flat.shape[0], chunk_rows):
+        z = flat[i: i + chunk_rows] - flat_m[i: i + chunk_rows]
+        e = torch.exp(z)  # padded rows: exp(-inf) = 0
+        sum_e[i: i + chunk_rows] = e.sum(-1)
+        sum_ez[i: i + chunk_rows] = (e * torch.nan_to_num(z, neginf=0.0)).sum(-1)
     if tp > 1:
         torch.distributed.all_reduce(sum_e, group=group)
         torch.distributed.all_reduce(sum_ez, group=group)
     # H = log sum e^z - E_p[z]
-    return torch.log(sum_e) - sum_ez / sum_e
+    return (torch.log(sum_e) - sum_ez / sum_e).reshape(logits.shape[:-1])

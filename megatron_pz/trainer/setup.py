@@ -252,7 +252,7 @@ def start_rollout(run: Run) -> None:
     if run.is_data_owner:
         run.engine = RolloutPool(urls, PoolConfig(max_concurrency_per_server=r.max_concurrency_per_server),
                                  ClientConfig(api_key=r.api_key, generate_timeout_s=r.timeout_s,
-                                              max_retries=r.max_retries))
+                                              max_retries=r.max_retries), router_url=r.router_url)
     if torch.distributed.get_rank() == 0:
         run.weight_sync = make_weight_sync(run, weights_dir)
         if r.backend == "sglang":
