@@ -31,7 +31,10 @@ if [ -z "${MEGATRON_PZ_ROLLOUT_API_KEY:-}" ]; then
 fi
 export MEGATRON_PZ_ROLLOUT_API_KEY=${MEGATRON_PZ_ROLLOUT_API_KEY:-}
 
-NODES=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n "$ROLLOUT_NODES" | paste -sd, -)
+# Read the whole host list, then slice: `scontrol ... | head` under pipefail can end this script when head
+# exits early and scontrol dies of SIGPIPE (long node lists).
+mapfile -t ALL_NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+NODES=$(IFS=,; echo "${ALL_NODES[*]:0:$ROLLOUT_NODES}")
 PARTS="$RUN_DIR/endpoints.d"
 mkdir -p "$PARTS" "$RUN_DIR/logs"
 rm -f "$PARTS"/*.txt "$RUN_DIR/endpoints.txt"
@@ -42,7 +45,9 @@ SERVER_FLAGS=()
 if [ "$KIND" = sglang ]; then read -r -a SERVER_FLAGS <<< "$SGLANG_EXTRA_ARGS"; fi
 
 # One task per rollout node. $SLURM_NODEID is expanded on the node (single quotes), so each writes its own file.
-srun --overlap --nodes="$ROLLOUT_NODES" --ntasks="$ROLLOUT_NODES" --ntasks-per-node=1 --nodelist="$NODES" \
+# SRUN_EXTRA_ARGS: extra srun flags for this step, e.g. the pyxis container flags of slurm/common.sh.
+read -r -a SRUN_EXTRA <<< "${SRUN_EXTRA_ARGS:-}"
+srun "${SRUN_EXTRA[@]}" --overlap --nodes="$ROLLOUT_NODES" --ntasks="$ROLLOUT_NODES" --ntasks-per-node=1 --nodelist="$NODES" \
   --output="$RUN_DIR/logs/launcher-%n.log" \
   bash -c 'exec python -m megatron_pz.rollout.launcher --endpoints-file "'"$PARTS"'/node-$SLURM_NODEID.txt" "$@"' _ \
     --kind "$KIND" --model "$MODEL" --num-servers "$NUM_SERVERS" "${GPU_FLAGS[@]}" \
