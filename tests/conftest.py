@@ -58,3 +58,22 @@ def smollm2():
 
     hf_dir, mcore_dir = prepare_smollm2()
     return str(hf_dir), str(mcore_dir)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from threads, and 2 threads on 2 shared cores spin badly under load."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama with a byte tokenizer (megatron_pz.rollout.tiny), saved as an HF folder."""
+    from megatron_pz.rollout.tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "hf")

@@ -10,24 +10,13 @@ import torch
 from megatron_pz.errors import CheckpointError, ConfigError, RolloutError
 from megatron_pz.rollout.embedded import EmbeddedEngine, read_safetensors_dir
 from megatron_pz.rollout.protocol import SamplingParams
-from megatron_pz.rollout.tiny import load_hf, make_tiny_llama, perturbed_state, reference_logprobs
+from megatron_pz.rollout.tiny import load_hf, perturbed_state, reference_logprobs
 from megatron_pz.types import Sample, Status, Task
 
 NUM_GPUS = 0
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and 2 threads on 2 shared cores spin badly under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "hf")
+# tiny (a random tiny Llama) and one_thread come from tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

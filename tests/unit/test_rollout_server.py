@@ -6,7 +6,6 @@ import time
 
 import pytest
 import requests
-import torch
 
 from megatron_pz.errors import RolloutError, UserError
 from megatron_pz.rollout.embedded import EmbeddedEngine
@@ -14,24 +13,14 @@ from megatron_pz.rollout.pool import RolloutPool
 from megatron_pz.rollout.protocol import RolloutEngine, SamplingParams
 from megatron_pz.rollout.server import RolloutServer, ServerConfig
 from megatron_pz.rollout.sglang_client import BadResponse, ClientConfig, SGLangClient
-from megatron_pz.rollout.tiny import load_hf, make_tiny_llama, perturbed_state, reference_fn
+from megatron_pz.rollout.tiny import load_hf, perturbed_state, reference_fn
 from megatron_pz.rollout.weight_sync import DiskWeightSync, check_logprobs, check_weights
 
 NUM_GPUS = 0
 FAST = ClientConfig(max_retries=1, backoff_s=0.01, generate_timeout_s=60, control_timeout_s=60)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "hf")
+# tiny (a random tiny Llama) and one_thread come from tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()
