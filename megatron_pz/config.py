@@ -146,6 +146,8 @@ class RolloutConfig:
             raise ConfigError(f"rollout.weight_sync must be disk, distributed or tensor, got {self.weight_sync!r}")
         if self.backend == "embedded" and self.weight_sync != "disk":
             raise ConfigError("rollout.backend=embedded supports only rollout.weight_sync=disk")
+        if self.embedded_dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"rollout.embedded_dtype must be fp32, bf16 or fp16, got {self.embedded_dtype!r}")
         if not 0 < self.top_p <= 1 or self.temperature < 0:
             raise ConfigError(f"rollout: need temperature >= 0 and 0 < top_p <= 1 (got {self.temperature}, {self.top_p})")
 

@@ -57,31 +57,37 @@ def train(cfg: RunConfig) -> None:
 def rollout(run: Any, step: int) -> tuple[list, dict[str, float]]:
     """Data owners collect this DP rank's samples; every rank of the model-parallel group gets them."""
     from megatron_pz.trainer.collect import StepContext, collect
-    from megatron_pz.trainer.setup import chat_template_fn, share_samples
+    from megatron_pz.trainer.setup import share_samples
 
     samples, metrics = None, {}
     if run.is_data_owner:
         per_rank = run.cfg.train.paragraphs_per_step // run.dp_size
         paragraphs = [next(run.corpus) for _ in range(per_rank)]
         ctx = StepContext(encode=run.tokenizer.encode, decode=run.tokenizer.decode,
-                          chat_template=chat_template_fn(run), step=step, dp_rank=run.dp_rank)
+                          chat_template=run.chat_template, step=step, dp_rank=run.dp_rank)
         samples, metrics = collect(paragraphs, run.cfg, run.engine, ctx)
         metrics = {f"rollout/{k}": v for k, v in metrics.items()}
     return share_samples(run, samples), metrics
+
+
+def microbatches_for(run: Any, samples: list) -> list:
+    """This run's micro-batches: sequence length padded so TP sequence parallelism and CP can split it, and one
+    length for all micro-batches under pipeline parallelism (fixed-shape p2p activations)."""
+    from megatron_pz.trainer.batching import build_microbatches
+
+    p = run.cfg.parallel
+    multiple = 8 * (p.tensor_model_parallel_size if p.sequence_parallel else 1) * 2 * p.context_parallel_size
+    return build_microbatches(samples, run.cfg.train.micro_batch_size, run.tokenizer.eos_token_id or 0,
+                              seq_multiple=multiple, same_length=p.pipeline_model_parallel_size > 1)
 
 
 def update_policy(run: Any, samples: list) -> dict[str, float]:
     """One GRPO update on this DP rank's samples (Megatron's pipeline schedule + distributed optimizer)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_pz.trainer.batching import build_microbatches
     from megatron_pz.trainer.step import train_step
 
-    p = run.cfg.parallel
-    multiple = 8 * (p.tensor_model_parallel_size if p.sequence_parallel else 1) * 2 * p.context_parallel_size
-    pad_id = run.tokenizer.eos_token_id or 0
-    microbatches = build_microbatches(samples, run.cfg.train.micro_batch_size, pad_id, seq_multiple=multiple,
-                                      same_length=p.pipeline_model_parallel_size > 1)
+    microbatches = microbatches_for(run, samples)
     metrics = train_step(run.training, microbatches, run.cfg.loss, run.arch.vocab_size, run.cfg.rollout.temperature)
     metrics["train/microbatches"] = float(len(microbatches))
     if not ps.is_pipeline_last_stage():  # loss metrics exist on the last stage only
@@ -99,7 +105,6 @@ def check_on_policy(run: Any, samples: list) -> dict[str, float]:
 
     from megatron.core import parallel_state as ps
 
-    from megatron_pz.trainer.batching import build_microbatches
     from megatron_pz.trainer.step import forward_logprobs
     from megatron_pz.types import Status
 
@@ -109,9 +114,7 @@ def check_on_policy(run: Any, samples: list) -> dict[str, float]:
             c = copy.copy(s)
             c.status, c.advantage = Status.COMPLETED, 0.0
             probe.append(c)
-    p = run.cfg.parallel
-    mbs = build_microbatches(probe, run.cfg.train.micro_batch_size, run.tokenizer.eos_token_id or 0,
-                             same_length=p.pipeline_model_parallel_size > 1)
+    mbs = microbatches_for(run, probe)
     logps = forward_logprobs(run.training.model, mbs, run.arch.vocab_size, run.cfg.rollout.temperature)
     if not ps.is_pipeline_last_stage() or not probe:
         return {}

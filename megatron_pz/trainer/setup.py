@@ -46,6 +46,7 @@ class Run:
     servers: list = field(default_factory=list)  # embedded servers this process launched
     weight_sync: Any = None  # DiskWeightSync on global rank 0
     logger: Any = None
+    chat_template: Any = None  # messages -> prompt text when prompt.style is "chat" (fixed for the run)
     last_sync: Any = None  # SyncReport of the latest weight push (rank 0)
     stop_requested: bool = False
 
@@ -180,8 +181,9 @@ def setup(cfg: RunConfig) -> Run:
         load_hf_into_model(run.chunks, HFCheckpoint(source).get, arch)
         training.optimizer.reload_model_params()
 
+    run.chat_template = chat_template_fn(run)
     if owner:
-        overhead = template_overhead_tokens(lambda s: len(tokenizer.encode(s)), cfg.prompt, chat_template_fn(run))
+        overhead = template_overhead_tokens(lambda s: len(tokenizer.encode(s)), cfg.prompt, run.chat_template)
         run.corpus = CorpusReader(cfg.corpus, count_tokens=lambda s: len(tokenizer.encode(s)),
                                   prompt_overhead_tokens=overhead, dp_rank=dp_rank, dp_world_size=dp_size)
         corpus_state = meta.get("corpus", {}).get(str(dp_rank))
@@ -215,10 +217,14 @@ def _write_hf_meta(run: Run, source: Path, kind: str) -> None:
 
 
 # ------------------------------------------------------------------ rollout engine
+# rollout.embedded_dtype -> (torch dtype of the exported weights, the serve-rollout --dtype name)
+_ROLLOUT_DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16"),
+                   "fp16": (torch.float16, "float16")}
+
+
 def export_weights(run: Run) -> dict[str, torch.Tensor] | None:
     """The policy as HF tensors on global rank 0 (collective)."""
-    return gather_hf_state_dict(run.chunks, run.arch, dtype=torch.float32 if run.cfg.rollout.embedded_dtype ==
-                                "fp32" else torch.bfloat16)
+    return gather_hf_state_dict(run.chunks, run.arch, dtype=_ROLLOUT_DTYPES[run.cfg.rollout.embedded_dtype][0])
 
 
 def start_rollout(run: Run) -> None:
@@ -236,7 +242,7 @@ def start_rollout(run: Run) -> None:
         if r.backend == "embedded":
             writer = DiskWeightSync(None, weights_dir, hf_config_dir=run.out / "hf_meta")
             first = _fresh_version_dir(writer, state, run.weight_version)
-            dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(r.embedded_dtype, r.embedded_dtype)
+            dtype = _ROLLOUT_DTYPES[r.embedded_dtype][1]
             spec = ServerSpec(kind="embedded", model_path=str(first), port=free_port(), weights_dir=str(weights_dir),
                               die_with_parent=True,
                               weight_version=run.weight_version, log_path=str(run.out / "rollout_server.log"),

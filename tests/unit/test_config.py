@@ -48,6 +48,7 @@ def test_overrides_are_typed_yaml_scalars():
     (["rollout.weight_sync=distributed"], r"embedded supports only rollout\.weight_sync=disk"),
     (["train.predictions_per_mask=1"], r"group of one sample"),
     (["optim.lr_decay_style=step"], r"lr_decay_style"),
+    (["rollout.embedded_dtype=float8"], r"rollout\.embedded_dtype must be fp32, bf16 or fp16"),
     (["parallel.tensor_model_parallel_size=0"], r"tensor_model_parallel_size must be a positive integer"),
     (["train"], r"not of the form key\.sub=value"),
     (["train.steps.x=1"], r"'train\.steps' = \{'x': 1\} has the wrong type"),
