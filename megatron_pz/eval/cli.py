@@ -1,0 +1,224 @@
+"""``megatron-pz eval``: evaluate a policy (HF folder, SmolLM2, Megatron checkpoint or training run) on suites.
+
+Generation goes through the rollout interface: the in-process embedded engine by default, or running SGLang
+servers with ``--url``. Writes ``<out>/eval_<suite>.json`` and ``<out>/eval_report.md`` and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from megatron_pz.eval.suites import SUITES
+
+    p = sub.add_parser("eval", help="evaluate a policy on held-out span / maths / multiple-choice suites",
+                       description=__doc__.splitlines()[0],
+                       epilog="suites: " + ", ".join(f"{n} ({s.description})" for n, s in SUITES.items()))
+    p.add_argument("--load", required=True,
+                   help="HF model folder | 'smollm2' | Megatron checkpoint root or iter_NNNNNNN folder | a "
+                        "training run's output dir (its checkpoints/); with --url: only the tokenizer is read")
+    p.add_argument("--suite", required=True, help="suite name(s), comma-separated")
+    p.add_argument("--limit", type=int, default=None, help="items per suite (default: all items of the data)")
+    p.add_argument("--samples", type=int, default=None, help="k samples per item for mean@k (default: per suite)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: 0 for k=1, 0.6 for k>1)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: 1 greedy, 0.95 sampled)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="response cap (default: per suite)")
+    p.add_argument("--data", action="append", default=[], metavar="[SUITE=]PATH",
+                   help="data file for a suite (SUITE=PATH; a bare PATH applies when one suite is given); "
+                        "repeatable")
+    p.add_argument("--prompt-style", choices=["chat", "plain"], default="chat",
+                   help="chat: one user turn in the tokenizer's chat template; plain: raw text (base models)")
+    p.add_argument("--url", nargs="+", default=None, help="SGLang / embedded server URL(s) instead of in-process")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    p.add_argument("--out", default=None, help="report folder (default: runs/eval/<model name>)")
+    p.add_argument("--seed", type=int, default=0, help="picks items, span masks and the sampling seed")
+    p.add_argument("--dtype", choices=list(_DTYPES), default="fp32", help="embedded engine weights dtype")
+    p.add_argument("--device", default=None, help="embedded engine device (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=int, default=32, help="embedded engine: sequences per forward batch")
+    p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------ --load resolution
+def _cache_root() -> Path:
+    from megatron_pz.model.smollm2 import cache_root
+
+    return cache_root() / "eval_hf"
+
+
+def _checkpoint_of(path: Path) -> Path | None:
+    """The Megatron checkpoint of ``path``: itself, or a training run's ``checkpoints/``; None if neither."""
+    from megatron_pz import checkpoint as ckpt
+
+    if ckpt.is_megatron_checkpoint(path):
+        return path
+    if ckpt.is_megatron_checkpoint(path / "checkpoints"):
+        return path / "checkpoints"
+    return None
+
+
+def convert_cached(ckpt_path: Path, dtype: str | None, tokenizer: str | None) -> Path:
+    """HF export of a Megatron checkpoint, cached under ``<cache>/eval_hf/`` by path, iteration and save time."""
+    from megatron_pz import checkpoint as ckpt
+    from megatron_pz.errors import CheckpointError
+    from megatron_pz.eval.export import find_tokenizer_dir
+
+    info = ckpt.resolve(ckpt_path)
+    if tokenizer is None and find_tokenizer_dir(ckpt_path) is None:
+        raise CheckpointError(f"--load {ckpt_path}: no HF tokenizer with this checkpoint (looked for "
+                              f"<root>/hf_tokenizer and the run's hf_meta/); pass --tokenizer DIR")
+    stamp = (info.iter_dir / "metadata.json").stat().st_mtime_ns
+    key = hashlib.sha1(f"{info.iter_dir.resolve()}|{stamp}|{dtype}".encode()).hexdigest()[:16]
+    dst = _cache_root() / f"{info.iter_dir.name}-{key}"
+    if (dst / "config.json").exists():
+        logger.info("using the cached HF export %s", dst)
+        return dst
+    # A child process: the conversion initialises torch.distributed and Megatron's groups, which the evaluation
+    # itself does not need.
+    cmd = [sys.executable, "-m", "megatron_pz.eval.export", str(info.iter_dir), str(dst)]
+    if dtype:
+        cmd += ["--dtype", dtype]
+    if tokenizer:
+        cmd += ["--tokenizer", str(tokenizer)]
+    print(f"converting {info.iter_dir} -> {dst} (once)", file=sys.stderr)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise CheckpointError(f"--load {ckpt_path}: conversion to HF failed: {tail}")
+    return dst
+
+
+def resolve_load(load: str, *, convert: bool = True, dtype: str | None = None,
+                 tokenizer: str | None = None) -> tuple[Path | None, Path]:
+    """(HF model folder or None when ``convert`` is False for a checkpoint, tokenizer folder)."""
+    from megatron_pz.errors import CheckpointError
+    from megatron_pz.eval.export import find_tokenizer_dir
+
+    if load == "smollm2":
+        from megatron_pz.model.smollm2 import prepare_smollm2
+
+        hf_dir, _ = prepare_smollm2()
+        return hf_dir, Path(tokenizer) if tokenizer else hf_dir
+    path = Path(load)
+    if not path.exists():
+        raise CheckpointError(f"--load {load}: no such file or directory")
+    ck = _checkpoint_of(path) if path.is_dir() else None
+    if ck is not None:
+        tok = Path(tokenizer) if tokenizer else find_tokenizer_dir(ck)
+        if tok is None:
+            raise CheckpointError(f"--load {load}: no HF tokenizer with this checkpoint (looked for "
+                                  f"<root>/hf_tokenizer and the run's hf_meta/); pass --tokenizer DIR")
+        return (convert_cached(ck, dtype, tokenizer) if convert else None), tok
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, Path(tokenizer) if tokenizer else path
+    raise CheckpointError(f"--load {load}: not an HF model folder (config.json), a Megatron checkpoint "
+                          f"(latest_checkpointed_iteration.txt / metadata.json), a run dir with checkpoints/, "
+                          f"nor 'smollm2'")
+
+
+def parse_data_args(values: list[str], suites: list[str]) -> dict[str, str]:
+    from megatron_pz.errors import ConfigError
+    from megatron_pz.eval.suites import SUITES
+
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if sep and name in SUITES:
+            out[name] = path
+        elif len(suites) == 1:
+            out[suites[0]] = v
+        else:
+            raise ConfigError(f"--data {v}: with several suites write --data SUITE=PATH")
+    for name in out:
+        if name not in suites:
+            raise ConfigError(f"--data {name}=...: suite {name!r} is not among --suite {','.join(suites)}")
+    return out
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from megatron_pz.errors import ConfigError
+
+    for name in ("limit", "samples", "max_new_tokens", "batch_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.temperature is not None and not args.temperature >= 0:
+        raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_pz.errors import ConfigError
+    from megatron_pz.eval.report import text_table, write_reports
+    from megatron_pz.eval.runner import run_suite
+    from megatron_pz.eval.suites import default_data_path, get_suite, parse_suites
+    from megatron_pz.model.tokenizer import load_tokenizer
+
+    t_start = time.perf_counter()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _validate(args)
+    suites = parse_suites(args.suite)
+    data = parse_data_args(args.data, suites)
+    for s in suites:  # fail on missing data before loading any model
+        p = Path(data[s]) if s in data else default_data_path(s)
+        if not p.exists():
+            raise ConfigError(f"--data for suite {s!r}: {p} does not exist")
+        if get_suite(s).sample is None and s not in data:
+            raise ConfigError(f"suite {s!r} ships no data; pass --data {s}=PATH")
+
+    hf_dir, tok_dir = resolve_load(args.load, convert=not args.url, dtype=args.dtype, tokenizer=args.tokenizer)
+    tok = load_tokenizer(tok_dir)
+    chat_template = None
+    if args.prompt_style == "chat" and tok.apply_chat_template([{"role": "user", "content": "x"}]) is not None:
+        chat_template = tok.apply_chat_template
+
+    if args.url:
+        from megatron_pz.rollout.pool import RolloutPool
+        from megatron_pz.rollout.sglang_client import SGLangClient
+
+        engine = SGLangClient(args.url[0]) if len(args.url) == 1 else RolloutPool(args.url)
+        if not engine.health():
+            raise ConfigError(f"--url {' '.join(args.url)}: server not healthy / unreachable")
+        model_desc = f"{args.load} via {' '.join(args.url)}"
+    else:
+        import torch
+
+        from megatron_pz.rollout.embedded import EmbeddedEngine
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        engine = EmbeddedEngine(hf_dir, dtype=_DTYPES[args.dtype], device=device, max_batch_size=args.batch_size)
+        model_desc = str(args.load)
+
+    name = Path(str(args.load).rstrip("/")).name or "model"
+    out = Path(args.out) if args.out else Path("runs") / "eval" / name
+    results = []
+    for s in suites:
+        res = run_suite(engine, tok.encode, chat_template, s, limit=args.limit, samples=args.samples,
+                        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                        seed=args.seed, data_path=data.get(s), prompt_style=args.prompt_style)
+        results.append(res)
+    wall = time.perf_counter() - t_start
+    header = {"model": model_desc, "hf_folder": str(hf_dir) if hf_dir else "(server)",
+              "engine": "sglang" if args.url else f"embedded ({args.dtype})", "wall_seconds": round(wall, 1),
+              "command": "megatron-pz eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "megatron-pz eval"}
+    report = write_reports(results, out, header)
+    print(text_table(results))
+    print(f"wrote {report} and {len(results)} eval_<suite>.json in {wall:.0f}s")
+    return 0
+
+
+if os.environ.get("MEGATRON_PZ_EVAL_DEBUG"):  # pragma: no cover
+    logging.basicConfig(level=logging.DEBUG)
