@@ -54,12 +54,21 @@ class PromptConfig:
     """"plain": the template text only (INFERENCE for base models); "chat": one user turn in a chat template."""
     system_prompt: str = ""
     """Chat style only: an optional system turn placed before the user turn ("" = none)."""
+    gen_response_prefix: str = ""
+    """Text the mask-generation response is forced to start with (appended after the assistant opener), e.g.
+    ``"The masked words are: \\mask{"``. "" = none, the paper's setting. A small-model variant: SmolLM2-135M
+    never writes a valid ``\\mask{span}`` on its own (0/32 with the Fig. 5 prompt, with or without a format
+    system prompt or a one-shot example), but about 1 in 5 of its completions after this prefix is a verbatim
+    span (docs/results.md). The prefix belongs to the prompt (never trained on) and is prepended to the
+    response before ``\\mask{}`` is parsed."""
 
     def __post_init__(self) -> None:
         if self.style not in PROMPT_STYLES:
             raise ConfigError(f"PromptConfig.style={self.style!r}: expected one of {PROMPT_STYLES}")
         if not isinstance(self.system_prompt, str):
             raise ConfigError(f"PromptConfig.system_prompt={self.system_prompt!r}: expected a string")
+        if not isinstance(self.gen_response_prefix, str):
+            raise ConfigError(f"PromptConfig.gen_response_prefix={self.gen_response_prefix!r}: expected a string")
 
 
 def chatml(messages: Sequence[dict[str, str]]) -> str:
@@ -79,8 +88,9 @@ def wrap(text: str, cfg: PromptConfig, chat_template: ChatTemplateFn | None = No
 
 
 def generation_prompt(paragraph: str, cfg: PromptConfig, chat_template: ChatTemplateFn | None = None) -> str:
-    """Mask-generation prompt for a paragraph [PZ Fig. 5, "Prompt for Mask Generation"]."""
-    return wrap(GENERATION_PREFIX + paragraph + GENERATION_SUFFIX, cfg, chat_template)
+    """Mask-generation prompt for a paragraph [PZ Fig. 5, "Prompt for Mask Generation"], ending with
+    ``cfg.gen_response_prefix`` (the start of the response, "" by default)."""
+    return wrap(GENERATION_PREFIX + paragraph + GENERATION_SUFFIX, cfg, chat_template) + cfg.gen_response_prefix
 
 
 def prediction_prompt(

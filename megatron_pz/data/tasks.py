@@ -90,7 +90,8 @@ def generation_samples(
             task=Task.MASK_GEN,
             group_id=group_id,
             prompt_text=text,
-            metadata={**_paragraph_meta(paragraph), "paragraph": paragraph.text, "index": i},
+            metadata={**_paragraph_meta(paragraph), "paragraph": paragraph.text, "index": i,
+                      "response_prefix": prompt_cfg.gen_response_prefix},
         )
         for i in range(n)
     ]
@@ -112,7 +113,9 @@ def prediction_samples(
     occurrence in one_mask mode.
     """
     paragraph = gen_sample.metadata["paragraph"]
-    result = apply_span(paragraph, extract_mask(gen_sample.response_text), span_cfg, seed=seed)
+    # A forced response prefix (PromptConfig.gen_response_prefix) is part of the prompt; the answer is prefix+text.
+    response = gen_sample.metadata.get("response_prefix", "") + gen_sample.response_text
+    result = apply_span(paragraph, extract_mask(response), span_cfg, seed=seed)
     pred_group_id = f"{gen_sample.group_id}/mask{gen_sample.metadata.get('index', 0)}" if result.valid else None
     gen_sample.metadata.update(
         span=result.span,

@@ -32,7 +32,27 @@ def test_generation_samples_form_one_group():
     assert len(gens) == 8 and {g.group_id for g in gens} == {"step3/enwiki-1-000"}
     assert all(g.task is Task.MASK_GEN and g.status is Status.PENDING for g in gens)
     assert gens[5].prompt_text == generation_prompt(P.text, PLAIN)
-    assert gens[5].metadata == {"paragraph_id": P.id, "title": P.title, "paragraph": P.text, "index": 5}
+    assert gens[5].metadata == {"paragraph_id": P.id, "title": P.title, "paragraph": P.text, "index": 5,
+                                "response_prefix": ""}
+
+
+def test_response_prefix_ends_the_prompt_and_is_parsed_with_the_response():
+    cfg = PromptConfig(gen_response_prefix="The masked words are: \\mask{")
+    gen = generation_samples(P, "g", 2, cfg)[1]
+    assert gen.prompt_text == generation_prompt(P.text, PLAIN) + "The masked words are: \\mask{"
+    gen.response_text = "additional stakes} because they are hard"  # the model continues inside the braces
+    result, preds = prediction_samples(gen, 4, SpanConfig(), cfg)
+    assert result.valid and gen.metadata["span"] == "additional stakes" and len(preds) == 4
+    # the prediction prompt is not affected by the generator's prefix
+    assert preds[0].prompt_text == prediction_prompt(result.masked_text, PLAIN)
+    # without the prefix the same continuation has no \mask{ at all
+    gen.metadata["response_prefix"] = ""
+    assert not prediction_samples(gen, 4, SpanConfig(), cfg)[0].valid
+
+
+def test_response_prefix_must_be_a_string():
+    with pytest.raises(ConfigError, match="gen_response_prefix"):
+        PromptConfig(gen_response_prefix=3)
 
 
 def test_valid_mask_builds_a_predictor_group():

@@ -47,6 +47,19 @@ def test_every_example_loads(path):
     assert cfg.name == path.stem
 
 
+@pytest.mark.parametrize("path", sorted((EXAMPLES / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_experiment_run_loads(path):
+    assert load_config(path).name == path.stem
+
+
+def test_experiment_arms_differ_in_the_objective_only():
+    """docs/results.md compares the two arms; a variant changes one thing (name and output folder aside)."""
+    a = load_config(EXAMPLES / "experiments" / "smollm2_pretrainzero.yaml").to_dict()
+    b = load_config(EXAMPLES / "experiments" / "smollm2_random_span.yaml").to_dict()
+    diff = {k for k in a if a[k] != b[k]} | {f"train.{k}" for k in a["train"] if a["train"][k] != b["train"][k]}
+    assert diff == {"name", "output_dir", "train", "train.objective"}
+
+
 def test_every_paper_run_is_listed():
     names = {p.name for p in EXAMPLES.glob("*.yaml")}
     assert set(PAPER_RUNS) <= names
