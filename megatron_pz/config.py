@@ -26,6 +26,7 @@ from megatron_pz.data.corpus import CorpusConfig
 from megatron_pz.data.prompts import PromptConfig
 from megatron_pz.data.spans import RandomSpanConfig, SpanConfig
 from megatron_pz.errors import ConfigError
+from megatron_pz.eval.runner import EvalConfig
 from megatron_pz.model.provider import ModelConfig
 from megatron_pz.parallel import ParallelConfig
 from megatron_pz.rewards.span import RewardConfig
@@ -193,6 +194,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # -------------------------------------------------------------- derived
     @property

@@ -7,6 +7,8 @@ The PretrainZero step loop [PZ §3.3, §4.1]. One step:
               PP stage) -> finalize_model_grads -> distributed optimizer + cosine schedule
     sync      gather TP/PP shards into HF tensors -> rollout engine at weight version step + 1
     save      Megatron checkpoint (model, optimizer, scheduler, corpus position, step, weight version)
+    evaluate  every eval.interval steps: the eval suites through the rollout engine, which now serves the
+              new weights (rank 0; also once before the first step when eval.at_start)
     log       TensorBoard, metrics.jsonl, sample texts, progress bar (rank 0)
 
 The same command resumes a killed run from <output_dir>/checkpoints.
@@ -32,6 +34,8 @@ def train(cfg: RunConfig) -> None:
     run = setup(cfg)
     timer = StepTimer()
     try:
+        if should_evaluate(run, run.start_step, at_start=True):
+            log_eval(run, run.start_step, evaluate(run))
         for step in range(run.start_step, cfg.train.steps):
             timer.reset()
             with timer("rollout"):
@@ -45,7 +49,11 @@ def train(cfg: RunConfig) -> None:
             if should_save(run, step + 1):
                 with timer("save"):
                     save(run, step + 1)
-            log(run, step + 1, samples, {**rollout_metrics, **train_metrics, **timer.summary()})
+            eval_metrics = {}
+            if should_evaluate(run, step + 1):
+                with timer("eval"):
+                    eval_metrics = evaluate(run)
+            log(run, step + 1, samples, {**rollout_metrics, **train_metrics, **eval_metrics, **timer.summary()})
             if run.stop_requested:
                 logger.warning("stopping after step %d on request (checkpoint saved)", step + 1)
                 break
@@ -153,6 +161,36 @@ def save(run: Any, step: int) -> None:
             "corpus": corpus, "run_name": run.cfg.name}
     ckpt.save(run.out / CHECKPOINT_SUBDIR, step, run.chunks, run.arch, optimizer=run.training.optimizer, meta=meta,
               keep_last=run.cfg.checkpoint.keep_last)
+
+
+def should_evaluate(run: Any, step: int, at_start: bool = False) -> bool:
+    """After every ``eval.interval``-th step and the last one; before step 0 of a fresh run when ``at_start``."""
+    e = run.cfg.eval
+    if e.interval <= 0:
+        return False
+    if at_start:
+        return e.at_start and step == 0
+    return step % e.interval == 0 or step == run.cfg.train.steps
+
+
+def evaluate(run: Any) -> dict[str, float]:
+    """The eval suites on the weights the rollout engine serves now; rank 0 only (the others return {}).
+
+    Greedy by default, so the numbers move only when the weights do. Returns ``eval/<suite>/<metric>``.
+    """
+    from megatron_pz.eval.runner import evaluate as run_suites
+    from megatron_pz.eval.runner import flat_metrics
+
+    if torch.distributed.get_rank() != 0 or not run.is_data_owner:
+        return {}
+    results = run_suites(run.engine, run.tokenizer.encode, run.chat_template, run.cfg.eval, run.cfg.prompt.style)
+    return flat_metrics(results)
+
+
+def log_eval(run: Any, step: int, metrics: dict[str, float]) -> None:
+    """Eval metrics outside a training step (the initial weights): one metrics line at ``step``, rank 0."""
+    if metrics and torch.distributed.get_rank() == 0:
+        run.logger.log_step(step, {**metrics, "weight_version": float(run.weight_version)})
 
 
 def log(run: Any, step: int, samples: list, metrics: dict[str, float]) -> None:

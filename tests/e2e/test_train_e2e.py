@@ -63,9 +63,18 @@ def metrics(out):
 
 def test_pretrainzero_tp1_two_steps(tiny_policy, tmp_path):
     out = tmp_path / "run"
-    run(command(out, tiny_policy, "train.steps=2"))
+    run(command(out, tiny_policy, "train.steps=2", "eval.interval=2", "eval.suites=[wiki_span]", "eval.limit=3",
+                "eval.max_new_tokens=6"))
     rows = metrics(out)
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    # periodic eval: the initial weights (its own line at step 0) and after step 2 (interval 2), not after step 1
+    evals = {r["step"]: r for r in rows if "eval/wiki_span/accuracy" in r}
+    assert sorted(evals) == [0, 2] and evals[0]["weight_version"] == 0 and evals[2]["weight_version"] == 2
+    for r in evals.values():
+        assert r["eval/wiki_span/n"] == 3 and 0.0 <= r["eval/wiki_span/accuracy"] <= 1.0
+        assert 0 < r["eval/wiki_span/mean_response_tokens"] <= 6
+    assert "time/eval" in rows[2] and "time/eval" not in rows[1]
+    rows = rows[1:]
     for r in rows:
         # both tasks ran: 2 paragraphs x 2 masks generator samples, their rewards and mask statistics
         assert r["count/mask_gen"] == 4 and "reward/mask_gen" in r and "rollout/mask_valid_frac" in r

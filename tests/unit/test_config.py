@@ -52,6 +52,8 @@ def test_overrides_are_typed_yaml_scalars():
     (["parallel.tensor_model_parallel_size=0"], r"tensor_model_parallel_size must be a positive integer"),
     (["train"], r"not of the form key\.sub=value"),
     (["train.steps.x=1"], r"'train\.steps' = \{'x': 1\} has the wrong type"),
+    (["eval.suites=[wiki_spam]"], r"EvalConfig\.suites.*wiki_spam"),
+    (["eval.interval=-1"], r"EvalConfig\.interval"),
 ])
 def test_bad_values_are_named(override, match):
     with pytest.raises(ConfigError, match=match):
