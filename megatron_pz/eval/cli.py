@@ -205,16 +205,18 @@ def run(args: argparse.Namespace) -> int:
     name = Path(str(args.load).rstrip("/")).name or "model"
     out = Path(args.out) if args.out else Path("runs") / "eval" / name
     results = []
+    header = {"model": model_desc, "hf_folder": str(hf_dir) if hf_dir else "(server)",
+              "engine": "sglang" if args.url else f"embedded ({args.dtype})",
+              "command": "megatron-pz eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "megatron-pz eval"}
     for s in suites:
         res = run_suite(engine, tok.encode, chat_template, s, limit=args.limit, samples=args.samples,
                         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                         seed=args.seed, data_path=data.get(s), prompt_style=args.prompt_style)
         results.append(res)
+        # Written after every suite, so an interrupted run keeps the suites it finished.
+        header["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+        report = write_reports(results, out, header)
     wall = time.perf_counter() - t_start
-    header = {"model": model_desc, "hf_folder": str(hf_dir) if hf_dir else "(server)",
-              "engine": "sglang" if args.url else f"embedded ({args.dtype})", "wall_seconds": round(wall, 1),
-              "command": "megatron-pz eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "megatron-pz eval"}
-    report = write_reports(results, out, header)
     print(text_table(results))
     print(f"wrote {report} and {len(results)} eval_<suite>.json in {wall:.0f}s")
     return 0
