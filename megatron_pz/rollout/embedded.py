@@ -260,6 +260,12 @@ class EmbeddedEngine:
             bos_token_id=self.model.generation_config.bos_token_id, eos_token_id=sorted(self.eos_token_ids) or None,
             pad_token_id=self.pad_token_id)
 
+        # Prefill each distinct prompt once per batch (see _shared_prompt_cache); off for cache types we do not know.
+        self._share_prompts = type(self.model).__name__.startswith(("Llama", "Qwen2", "Qwen3", "Mistral"))
+        # transformers >= 5.x names the KV-cache argument `cache` (`past_key_values` deprecated); older: the latter.
+        import inspect
+
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._lock = threading.Lock()  # held while generating or swapping weights
         self._version = int(weight_version)
         self._running = threading.Event()  # cleared while paused
@@ -333,8 +339,11 @@ class EmbeddedEngine:
             )
             if params.seed is not None:
                 torch.manual_seed(params.seed)
+            input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+            cache = self._shared_prompt_cache(rows, input_ids, attention_mask)
+            cache_arg = {self._cache_kw: cache} if cache is not None else {}
             sequences = self.model.generate(
-                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                input_ids=input_ids, attention_mask=attention_mask, **cache_arg,
                 generation_config=gen_cfg, logits_processor=LogitsProcessorList([recorder]),
                 stopping_criteria=StoppingCriteriaList([stopper]),
             ).cpu()
@@ -358,6 +367,37 @@ class EmbeddedEngine:
                 extra={"e2e_latency": elapsed},
             ))
         return out
+
+    def _shared_prompt_cache(self, rows: list[Sequence[int]], input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """The KV cache of columns [0, L-1) for every row, computed once per *distinct* prompt.
+
+        A request for n samples of one prompt arrives as n identical rows. ``generate`` would prefill each of them:
+        n x the prompt's forward pass. Instead each distinct prompt is prefilled once, without its last token, and
+        the cache rows are copied to the rows that share it; ``generate`` then feeds only the last prompt column
+        (it skips the columns a given cache covers) and samples as before. Positions follow ``generate``'s own rule
+        for left padding (cumsum of the mask - 1). Returns None (plain ``generate``) when no prompt repeats, for
+        prompts of one token, or for models whose cache is not a plain ``DynamicCache``.
+        """
+        from transformers import DynamicCache
+
+        if input_ids.shape[1] < 2 or not self._share_prompts:
+            return None
+        first: dict[tuple[int, ...], int] = {}
+        index = [first.setdefault(tuple(r), len(first)) for r in rows]
+        if len(first) == len(rows):
+            return None
+        rep = [0] * len(first)
+        for row, u in enumerate(index):
+            if rep[u] == 0:
+                rep[u] = row + 1
+        sel = torch.tensor([r - 1 for r in rep], device=input_ids.device)
+        ids_u, mask_u = input_ids[sel, :-1], attention_mask[sel, :-1]
+        pos = (mask_u.long().cumsum(-1) - 1).masked_fill_(mask_u == 0, 1)
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=ids_u, attention_mask=mask_u, position_ids=pos, use_cache=True, logits_to_keep=1,
+                   **{self._cache_kw: cache})
+        cache.batch_select_indices(torch.tensor(index, device=input_ids.device))
+        return cache
 
     def _text(self, ids: list[int], matched: int | str | None, params: SamplingParams) -> str | None:
         """Decoded response, trimmed like SGLang's DetokenizerManager.trim_matched_stop (no_stop_trim=False)."""
