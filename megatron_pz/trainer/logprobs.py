@@ -41,11 +41,12 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_entropy(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+def token_entropy(logits: torch.Tensor, chunk_rows: int = 1024, finite: bool = False) -> torch.Tensor:
     """Entropy [B, S] of the full (TP-sharded) distribution, for logging. No gradient.
 
     Works through ``chunk_rows`` token rows at a time: the fp32 temporaries (z, exp z, exp z * z) would otherwise
     be three more copies of the [B, S, V_local] logits, the largest tensor of the step at paper scale.
+    ``finite=True`` (no padded vocabulary rows at -inf) skips the ``nan_to_num`` pass that guards 0 * -inf.
     """
     from megatron.core import parallel_state as ps
 
@@ -61,7 +62,7 @@ def token_entropy(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
         z = flat[i: i + chunk_rows] - flat_m[i: i + chunk_rows]
         e = torch.exp(z)  # padded rows: exp(-inf) = 0
         sum_e[i: i + chunk_rows] = e.sum(-1)
-        sum_ez[i: i + chunk_rows] = (e * torch.nan_to_num(z, neginf=0.0)).sum(-1)
+        sum_ez[i: i + chunk_rows] = (e * (z if finite else torch.nan_to_num(z, neginf=0.0))).sum(-1)
     if tp > 1:
         torch.distributed.all_reduce(sum_e, group=group)
         torch.distributed.all_reduce(sum_ez, group=group)

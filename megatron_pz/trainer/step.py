@@ -29,18 +29,31 @@ def _forward_backward(model: list[torch.nn.Module], microbatches: list[MicroBatc
         output = chunk(mb.tokens, mb.position_ids, attention_mask=None)
 
         def loss_func(logits: torch.Tensor):
-            # logits: [B, S, V_pad / TP] on the last stage.
+            # logits: [B, S, V_pad / TP] on the last stage. Only the response positions enter the loss: take
+            # them out first ([B, R, V], R = the longest response) so that the fp32 copy, temperature, log-softmax
+            # and entropy passes over the vocabulary skip the prompt positions.
+            win = response_window(mb.loss_mask) if logits.shape[:2] == mb.loss_mask.shape else None
+            labels, loss_mask, rollout = mb.labels, mb.loss_mask, mb.rollout_logprobs
+            if win is not None:
+                rows, cols, valid = win
+                logits = logits[rows, cols]
+                labels, rollout = labels[rows, cols], rollout[rows, cols]
+                loss_mask = loss_mask[rows, cols] * valid
             z = scaled_logits(logits, vocab_size, temperature)
-            logp = token_logprobs(z, mb.labels)  # [B, S]
-            ent = token_entropy(z.detach())
+            logp = token_logprobs(z, labels)  # [B, R] (or [B, S])
+            ent = token_entropy(z.detach(), finite=not _vocab_padded(z, vocab_size))
             # num_global_tokens=1: the loss stays a token sum; Megatron divides by the global count.
-            loss, metrics = policy_loss(logp, logp.detach(), mb.advantages, mb.loss_mask, 1.0, loss_cfg,
-                                        rollout_logprobs=mb.rollout_logprobs, entropy=ent)
-            ntok = mb.loss_mask.sum().to(torch.int)
+            loss, metrics = policy_loss(logp, logp.detach(), mb.advantages, loss_mask, 1.0, loss_cfg,
+                                        rollout_logprobs=rollout, entropy=ent)
+            ntok = loss_mask.sum().to(torch.int)
             report = {k: float(v) for k, v in metrics.items()}
             report["_tokens"] = int(ntok)
             if forward_only:
-                report["_logprobs"] = logp.detach()
+                full = logp.detach()
+                if win is not None:  # back to [B, S] positions (callers index with mb.loss_mask)
+                    full = torch.zeros(mb.loss_mask.shape, dtype=logp.dtype, device=logp.device)
+                    full[rows[valid], cols[valid]] = logp.detach()[valid]
+                report["_logprobs"] = full
             return loss, ntok, report
 
         return output, loss_func
@@ -50,6 +63,34 @@ def _forward_backward(model: list[torch.nn.Module], microbatches: list[MicroBatc
         forward_step_func=forward_step, data_iterator=iter(microbatches), model=model,
         num_microbatches=len(microbatches), seq_length=seq_len, micro_batch_size=microbatches[0].tokens.shape[0],
         forward_only=forward_only)
+
+
+def response_window(loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Index tensors picking each row's loss positions out of ``[B, S]``: (rows, cols, valid), each ``[B, R]``.
+
+    The loss positions of a row are contiguous (``batching.build_microbatches``: ``[P-1, P+R-2]``); R is the
+    longest run in the micro-batch, shorter rows are padded with their last column and ``valid = False``.
+    None when the window would not be shorter than S (nothing to save).
+    """
+    b, s = loss_mask.shape
+    m = loss_mask > 0
+    count = m.sum(1)
+    r = max(int(count.max()), 1)
+    if r >= s:
+        return None
+    first = torch.where(count > 0, m.to(torch.int8).argmax(1), torch.zeros_like(count))
+    k = torch.arange(r, device=loss_mask.device)
+    cols = (first[:, None] + k).clamp(max=s - 1)
+    valid = k[None, :] < count[:, None]
+    rows = torch.arange(b, device=loss_mask.device)[:, None].expand(b, r)
+    return rows, cols, valid
+
+
+def _vocab_padded(logits: torch.Tensor, vocab_size: int) -> bool:
+    """Whether some rank's vocabulary shard holds Megatron's padding rows (masked to -inf)."""
+    from megatron.core import parallel_state as ps
+
+    return logits.shape[-1] * ps.get_tensor_model_parallel_world_size() > vocab_size
 
 
 def _combine(reports: list[dict[str, Any]]) -> dict[str, float]:
