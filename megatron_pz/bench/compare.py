@@ -331,7 +331,8 @@ def compare(config: str, overrides: list[str], out: Path, steps: int | None, war
     summary.update({
         "command": " ".join(["megatron-pz", "bench", "compare", "--config", config, "--out", str(out),
                              *(["--threads", str(threads)] if threads else []), *overrides]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "commit": _git_commit(),
+        "machine": {"platform": platform.platform(), "processor": _cpu_model() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                     "trl": trl_version},
         "sides": info, "same_paragraphs": same_data,
@@ -345,6 +346,25 @@ def compare(config: str, overrides: list[str], out: Path, steps: int | None, war
     (out / "bench.json").write_text(json.dumps(summary, indent=1, default=str))
     (out / "bench.md").write_text(markdown_table(summary) + "\n" + _load_note(summary) + "\n")
     return summary
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return (head + ("+dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _load_note(s: dict[str, Any]) -> str:
