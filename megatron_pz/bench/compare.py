@@ -87,7 +87,11 @@ def tree_rss_bytes(pid: int) -> int:
 def run_side(name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
              timeout_s: float = 3600.0) -> dict[str, Any]:
     """Run one side; returns wall time, peak tree RSS, load averages; raises UserError on failure."""
+    import resource
+
     load_before = load_average()
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu0 = ru.ru_utime + ru.ru_stime
     t0 = time.perf_counter()
     peak = 0
     with open(log_path, "w") as log:
@@ -102,8 +106,11 @@ def run_side(name: str, cmd: list[str], log_path: Path, env: dict[str, str] | No
     if proc.returncode != 0:
         tail = log_path.read_text()[-3000:]
         raise UserError(f"bench: side {name!r} failed (exit {proc.returncode}); log: {log_path}\n{tail}")
-    return {"wall_s": time.perf_counter() - t0, "peak_rss_bytes": peak, "load_before": load_before,
-            "load_after": load_average()}
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds of the side's whole process tree (set-up and warm-up included): less sensitive than wall time to
+    # other jobs on a shared machine
+    return {"wall_s": time.perf_counter() - t0, "cpu_s": ru.ru_utime + ru.ru_stime - cpu0, "peak_rss_bytes": peak,
+            "load_before": load_before, "load_after": load_average()}
 
 
 # ------------------------------------------------------------------------------------------- reductions (pure)
@@ -368,7 +375,8 @@ def _git_commit() -> str | None:
 
 
 def _load_note(s: dict[str, Any]) -> str:
-    parts = [f"{k}: load {v['load_before']} -> {v['load_after']}, {v['wall_s']:.0f} s wall"
+    parts = [f"{k}: load {v['load_before']} -> {v['load_after']}, {v['wall_s']:.0f} s wall, "
+             f"{v.get('cpu_s', float('nan')):.0f} CPU-s (whole run)"
              for k, v in s["sides"].items()]
     return "Load averages (1/5/15 min) before -> after each side: " + "; ".join(parts)
 
