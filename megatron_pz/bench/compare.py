@@ -69,18 +69,42 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """RSS of ``pid`` and all its descendants (Linux /proc)."""
-    kids, total, todo = _children(), 0, [pid]
-    page = os.sysconf("SC_PAGE_SIZE")
+def _tree(pid: int) -> list[int]:
+    kids, out, todo = _children(), [], [pid]
     while todo:
         p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """RSS of ``pid`` and all its descendants (Linux /proc). Pages shared between them count once per process."""
+    total, page = 0, os.sysconf("SC_PAGE_SIZE")
+    for p in _tree(pid):
         try:
             with open(f"/proc/{p}/statm") as f:
                 total += int(f.read().split()[1]) * page
         except (OSError, IndexError, ValueError):
             pass
-        todo += kids.get(p, [])
+    return total
+
+
+def tree_pss_bytes(pid: int) -> int:
+    """PSS of ``pid`` and its descendants: each shared page is split among the processes mapping it, so forked
+    workers (Megatron's checkpoint writers fork the trainer) are not counted as full copies. Falls back to RSS
+    where smaps_rollup is unreadable."""
+    total, page = 0, os.sysconf("SC_PAGE_SIZE")
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("Pss:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            try:
+                with open(f"/proc/{p}/statm") as f:
+                    total += int(f.read().split()[1]) * page
+            except (OSError, IndexError, ValueError):
+                pass
     return total
 
 
@@ -93,11 +117,12 @@ def run_side(name: str, cmd: list[str], log_path: Path, env: dict[str, str] | No
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu0 = ru.ru_utime + ru.ru_stime
     t0 = time.perf_counter()
-    peak = 0
+    peak = peak_rss = 0
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
-            peak = max(peak, tree_rss_bytes(proc.pid))
+            peak = max(peak, tree_pss_bytes(proc.pid))
+            peak_rss = max(peak_rss, tree_rss_bytes(proc.pid))
             if time.perf_counter() - t0 > timeout_s:
                 proc.kill()
                 proc.wait()
@@ -110,6 +135,8 @@ def run_side(name: str, cmd: list[str], log_path: Path, env: dict[str, str] | No
     # CPU seconds of the side's whole process tree (set-up and warm-up included): less sensitive than wall time to
     # other jobs on a shared machine
     return {"wall_s": time.perf_counter() - t0, "cpu_s": ru.ru_utime + ru.ru_stime - cpu0, "peak_rss_bytes": peak,
+            "peak_rss_sum_bytes": peak_rss,  # plain RSS summed over the tree (double-counts shared pages)
+            "max_process_rss_bytes": ru.ru_maxrss * 1024,  # the largest single process waited for so far
             "load_before": load_before, "load_after": load_average()}
 
 
@@ -190,7 +217,7 @@ def summarize(ours: list[dict[str, float]], trl: list[dict[str, float]] | None, 
 _ROWS = [("step time (s, lower is better)", "step_s", "{:.2f}"),
          ("rollout tokens/s", "rollout_tokens_per_s", "{:.1f}"),
          ("train tokens/s", "train_tokens_per_s", "{:.1f}"),
-         ("peak RSS (GB)", "peak_rss_bytes", "{:.2f}")]
+         ("peak memory (GB, process-tree PSS)", "peak_rss_bytes", "{:.2f}")]
 
 
 def _fmt(key: str, fmt: str, v: Any) -> str:

@@ -36,7 +36,7 @@ def test_bench_compare_one_measured_step(tiny_policy, tmp_path):
                         "rollout.pred_max_new_tokens=8", "corpus.max_prompt_tokens=200"],
                        capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
     assert p.returncode == 0, p.stderr[-4000:]
-    for word in ("megatron_pz", "TRL GRPOTrainer", "ours / TRL", "rollout tokens/s", "train tokens/s", "peak RSS",
+    for word in ("megatron_pz", "TRL GRPOTrainer", "ours / TRL", "rollout tokens/s", "train tokens/s", "peak memory",
                  "FLOP/s", "plain transformers generate", "weight sync", "idle"):
         assert word in p.stdout, word
     s = json.loads((out / "bench.json").read_text())

@@ -66,7 +66,7 @@ def test_tables_have_every_column_and_row():
     text, md = compare.text_table(s), compare.markdown_table(s)
     for out in (text, md):
         for word in ("megatron_pz", "TRL GRPOTrainer", "ours / TRL", "step time", "rollout tokens/s",
-                     "train tokens/s", "peak RSS", "FLOP/s", "plain transformers generate", "weight sync",
+                     "train tokens/s", "peak memory", "FLOP/s", "plain transformers generate", "weight sync",
                      "rollout", "train", "sync", "save", "idle"):
             assert word in out, word
     assert "0.67" in md and "2.00" in md and "1.50" in md  # the ratios
@@ -116,6 +116,7 @@ def test_tree_rss_counts_children():
         with open(f"/proc/{p.pid}/statm") as f:
             parent_only = int(f.read().split()[1]) * __import__("os").sysconf("SC_PAGE_SIZE")
         assert own > parent_only
+        assert 0 < compare.tree_pss_bytes(p.pid) <= own  # shared pages split, not counted per process
     finally:
         p.kill()
         p.wait()
