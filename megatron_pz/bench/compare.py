@@ -249,7 +249,8 @@ def extra_lines(s: dict[str, Any]) -> list[str]:
     if "pretrainzero" in s:
         p = s["pretrainzero"]
         lines.append(f"full PretrainZero step (ours): {p['step_s']:.2f} s (with save {p['step_with_save_s']:.2f}), "
-                     f"rollout {p['rollout_tokens_per_s']:.1f} tok/s, shares " +
+                     f"rollout {p['rollout_tokens_per_s']:.1f} tok/s, {p.get('loss_tokens', 0):.0f} trained response "
+                     f"tokens per step, shares " +
                      ", ".join(f"{k} {100 * v:.1f}%" for k, v in p["share"].items()))
     return lines
 
@@ -361,6 +362,10 @@ def compare(config: str, overrides: list[str], out: Path, steps: int | None, war
                                                      and "dapo" not in o] + ["train.objective=pretrainzero"])
         pz = summarize(pz_rows, None, None, warmup=warmup, params=params, matmul_gflops=gflops,
                        peak_rss={"ours": info["pretrainzero"]["peak_rss_bytes"]})["ours"]
+        # with the DAPO filter on, throughput/tokens_per_s counts filtered samples too: no train-token figures
+        for k in ("train_tokens_per_s", "trained_tokens", "train_flops_per_s", "train_flops_over_matmul"):
+            pz.pop(k, None)
+        pz["loss_tokens"] = _mean([r["loss_tokens"] for r in pz_rows[warmup:]])
         summary["pretrainzero"] = pz
     summary.update({
         "command": " ".join(["megatron-pz", "bench", "compare", "--config", config, "--out", str(out),
