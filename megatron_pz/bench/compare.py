@@ -44,7 +44,7 @@ OURS_OVERRIDES = ["train.objective=random_span", "advantage.dapo_filter=false", 
 def require_trl() -> str:
     """TRL's version, or a one-line UserError."""
     try:
-        import trl  # noqa: F401
+        import trl
     except ImportError:
         raise UserError("bench compare needs TRL: pip install 'megatron_pz[bench]' (or bash tools/install.sh)") \
             from None
@@ -237,9 +237,9 @@ def table_rows(s: dict[str, Any]) -> list[list[str]]:
 
 def extra_lines(s: dict[str, Any]) -> list[str]:
     o = s["ours"]
-    lines = [f"train FLOP/s (6 x {s['params'] / 1e6:.1f}M params x trained tokens / train time): "
-             f"{o['train_flops_per_s'] / 1e9:.2f} GFLOP/s = {100 * o['train_flops_over_matmul']:.1f}% of measured "
-             f"fp32 matmul {s['matmul_gflops']:.1f} GFLOP/s"]
+    lines = [(f"train FLOP/s (6 x {s['params'] / 1e6:.1f}M params x trained tokens / train time): "
+              f"{o['train_flops_per_s'] / 1e9:.2f} GFLOP/s = {100 * o['train_flops_over_matmul']:.1f}% of measured "
+              f"fp32 matmul {s['matmul_gflops']:.1f} GFLOP/s")]
     if "generate" in s:
         lines.append(f"rollout tokens/s over plain transformers generate: {o['rollout_tokens_per_s']:.1f} / "
                      f"{s['generate']['tokens_per_s']:.1f} = {o['rollout_over_generate']:.2f}")
@@ -398,9 +398,9 @@ def _cpu_model() -> str | None:
 def _git_commit() -> str | None:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
+                              check=False, cwd=Path(__file__).resolve().parent).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
+                               text=True, timeout=10, check=False, cwd=Path(__file__).resolve().parent).stdout.strip()
         return (head + ("+dirty" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None

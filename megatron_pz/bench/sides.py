@@ -35,9 +35,9 @@ def _threads(spec: dict[str, Any]) -> None:
 
 
 def _write(path: str, data: dict[str, Any]) -> None:
-    from megatron_pz.bench.measure import peak_rss_bytes
-
     import torch
+
+    from megatron_pz.bench.measure import peak_rss_bytes
 
     data["peak_rss_self_bytes"] = peak_rss_bytes()
     data["torch_threads"] = torch.get_num_threads()
@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 3 or argv[0] not in ("trl", "generate"):
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2
-    spec = json.loads(open(argv[1]).read())
+    with open(argv[1]) as f:
+        spec = json.load(f)
     (run_trl if argv[0] == "trl" else run_generate)(spec, argv[2])
     return 0
 

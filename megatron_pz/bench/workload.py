@@ -41,7 +41,7 @@ class Workload:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Workload":
+    def from_dict(cls, d: dict[str, Any]) -> Workload:
         steps = [StepWork(s["step"], list(s["paragraph_ids"]), [Prompt(**p) for p in s["prompts"]])
                  for s in d["steps"]]
         return cls(d["hf_dir"], d["tokenizer_dir"], d["eos_token_id"], steps)
@@ -79,7 +79,7 @@ def build_workload(cfg: Any, steps: int) -> Workload:
     chat = None
     if cfg.prompt.style == "chat" and tok.apply_chat_template([{"role": "user", "content": "x"}]) is not None:
         chat = tok.apply_chat_template
-    count = lambda s: len(tok.encode(s))  # noqa: E731
+    count = lambda s: len(tok.encode(s))
     corpus = CorpusReader(cfg.corpus, count_tokens=count,
                           prompt_overhead_tokens=template_overhead_tokens(count, cfg.prompt, chat),
                           dp_rank=0, dp_world_size=1)
