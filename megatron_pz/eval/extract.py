@@ -33,7 +33,7 @@ LETTERS = "ABCDEFGHIJ"
 _TAIL = 300  # characters kept after an "answer is" marker
 
 # Markers searched (case-insensitively) from the end of the output; the text after the last one is the answer.
-_ANSWER_MARKERS = ("the final answer is", "final answer:", "the answer is", "answer:")
+_ANSWER_MARKERS = ("the final answer is", "final answer:", "the correct answer is", "the answer is", "answer:")
 
 
 def _after_last_marker(text: str, markers: tuple[str, ...]) -> str | None:
@@ -45,9 +45,9 @@ def _after_last_marker(text: str, markers: tuple[str, ...]) -> str | None:
             best, best_end = pos, pos + len(m)
     if best < 0:
         return None
-    tail = text[best_end: best_end + _TAIL]
-    # The answer runs to the end of the line / sentence.
-    line = tail.split("\n", 1)[0].strip()
+    tail = text[best_end: best_end + _TAIL].lstrip(" \t:")
+    # The answer runs to the end of the line / sentence (the next line when the marker ends its line).
+    line = next((ln.strip() for ln in tail.split("\n") if ln.strip()), "")
     line = re.sub(r"\.\s.*$", "", line)  # first sentence only (". " then more text)
     return line.strip().rstrip(".").strip() or None
 
