@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 # Tokenizer and other non-weight HF files travel inside the Megatron checkpoint root, under this folder.
 HF_AUX_DIR = "hf_tokenizer"
+RUN_HF_META_DIR = "hf_meta"
+"""A training run keeps its tokenizer and generation config in ``<output_dir>/hf_meta``, next to ``checkpoints/``."""
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -79,6 +81,15 @@ def _hf_to_mcore_rank(src: str, dst: str, tp: int, pp: int, dtype: str, iteratio
     ckpt.save(dst, iteration, model, arch, meta={"source": {"hf": str(Path(src).resolve())}})
 
 
+def hf_aux_dir(root: Path) -> Path | None:
+    """The tokenizer / generation-config files that go with a checkpoint root: ``<root>/hf_tokenizer`` (written by
+    ``hf_to_mcore``) or, for a training run's ``checkpoints/``, the run's ``hf_meta/``; None if neither exists."""
+    for cand in (root / HF_AUX_DIR, root.parent / RUN_HF_META_DIR):
+        if cand.is_dir():
+            return cand
+    return None
+
+
 def mcore_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None, vocab_size: int | None = None,
                 allow_pickle: bool = False, max_shard_bytes: int = 5 * 1024**3) -> Path:
     """Export a Megatron checkpoint (ours or Megatron-LM's) to an HF safetensors folder."""
@@ -98,8 +109,8 @@ def mcore_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None, voca
         # transformers>=5 writes "dtype"; older versions "torch_dtype". Keep whichever the source used.
         cfg["dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"] = \
             str(torch_dtype).replace("torch.", "")
-        aux = info.root / HF_AUX_DIR
-        save_hf_folder(dst, state.items(), cfg, copy_from=aux_files(aux) if aux.is_dir() else (),
+        aux = hf_aux_dir(info.root)
+        save_hf_folder(dst, state.items(), cfg, copy_from=aux_files(aux) if aux is not None else (),
                        max_shard_bytes=max_shard_bytes)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -89,33 +89,46 @@ def plot_runs(runs: dict[str, Sequence[dict]], png: str | Path, smooth: int = 4)
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    # Curves of different runs may coincide (a null result draws them all on 0): dash and mark each run apart.
+    styles = [dict(linestyle=ls, marker=mk) for ls, mk in (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))]
+    style = {name: styles[i % len(styles)] for i, name in enumerate(runs)}
     for ax, key, title in ((axes[0][0], "eval/wiki_span/accuracy", "held-out random spans (wiki_span), greedy"),
                            (axes[0][1], "eval/squad_span/accuracy", "SQuAD answer spans (squad_span), greedy")):
         for name, rows in runs.items():
             x, y = series(rows, key)
-            ax.plot(x, [100 * v for v in y], marker="o", label=name)
+            ax.plot(x, [100 * v for v in y], label=name, **style[name])
         ax.set(title=title, xlabel="step", ylabel="exact match (%)")
+        _floor(ax)
         ax.legend(fontsize=8)
     ax = axes[1][0]
     for name, rows in runs.items():
         for key in TRAIN_REWARD_KEYS:
             x, y = series(rows, key)
             if x:
-                ax.plot(x, [100 * v for v in moving_average(y, smooth)], label=f"{name}: {key}")
+                ax.plot(x, [100 * v for v in moving_average(y, smooth)], label=f"{name}: {key}",
+                        linestyle=style[name]["linestyle"])
     ax.set(title=f"predictor reward on its training spans ({smooth}-step mean)", xlabel="step",
            ylabel="exact match (%)")
+    _floor(ax)
     ax.legend(fontsize=8)
     ax = axes[1][1]
     for name, rows in runs.items():
         for key, label in (("mask/valid_rate", "valid-mask rate"), ("reward/mask_gen", "generator reward")):
             x, y = series(rows, key)
             if x:
-                ax.plot(x, moving_average(y, smooth), label=f"{name}: {label}")
+                ax.plot(x, moving_average(y, smooth), label=f"{name}: {label}", linestyle=style[name]["linestyle"])
     ax.set(title=f"generator ({smooth}-step mean)", xlabel="step", ylabel="rate / reward")
     ax.legend(fontsize=8)
+    _floor(ax, top=1.0)
     fig.tight_layout()
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
+
+
+def _floor(ax, top: float = 10.0) -> None:
+    """Start the y axis just below 0 and show at least up to ``top``, so an all-zero curve reads as a floor."""
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(-0.02 * max(hi, top), max(hi, top))

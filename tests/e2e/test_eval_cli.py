@@ -130,8 +130,10 @@ def test_eval_a_training_run_dir_and_export_for_lm_eval(tiny, tmp_path):
                tmp_path / "out", env=env)
     assert proc.returncode == 0 and "converting" not in proc.stderr  # cached
 
-    exp = subprocess.run([sys.executable, "-m", "megatron_pz.eval.export", str(run / "checkpoints"),
-                          str(tmp_path / "hf_out")], capture_output=True, text=True, timeout=600)
+    # the plain converter finds the run's hf_meta/ next to checkpoints/ (convert.api.hf_aux_dir)
+    exp = subprocess.run([sys.executable, "-m", "megatron_pz.cli", "convert", "--from", "mcore", "--to", "hf",
+                          str(run / "checkpoints"), str(tmp_path / "hf_out")], capture_output=True, text=True,
+                         timeout=600)
     assert exp.returncode == 0, exp.stderr[-2000:]
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_out"))
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf_out"))

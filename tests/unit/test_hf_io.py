@@ -64,3 +64,18 @@ def test_shards_split_by_size(tmp_path):
     index = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(set(index.values())) == 2
     assert all(HFCheckpoint(dst).get(f"w{i}").numel() == 256 for i in range(4))
+
+
+def test_export_finds_the_tokenizer_of_a_converted_checkpoint_or_of_a_training_run(tmp_path):
+    """``megatron-pz convert --to hf`` copies tokenizer files from <root>/hf_tokenizer (written by --to mcore) or,
+    for a training run's checkpoints/, from the run's hf_meta/ (written by the trainer)."""
+    from megatron_pz.convert.api import hf_aux_dir
+
+    run = tmp_path / "run"
+    root = run / "checkpoints"
+    root.mkdir(parents=True)
+    assert hf_aux_dir(root) is None
+    (run / "hf_meta").mkdir()
+    assert hf_aux_dir(root) == run / "hf_meta"
+    (root / "hf_tokenizer").mkdir()
+    assert hf_aux_dir(root) == root / "hf_tokenizer"  # the checkpoint's own files win
