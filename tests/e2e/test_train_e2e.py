@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_pz.parallel import free_port
 
@@ -86,6 +87,16 @@ def test_pretrainzero_tp1_two_steps(tiny_policy, tmp_path):
     # first-step on-policy check (all generated tokens, filtered ones too): engine and trainer agree (fp32)
     assert rows[0]["onpolicy/tokens"] > 0 and rows[0]["onpolicy/logprob_abs_diff_max"] < 1e-3
     assert "onpolicy/tokens" not in rows[1]
+    # a random tiny model writes no valid \mask{}: DAPO filters every group, and a step without a trainable token
+    # must leave the weights exactly as they were (no AdamW weight decay on zero gradients)
+    assert all(r["train/tokens"] == 0 and r["train/update_skipped"] == 1 for r in rows)
+    from safetensors.torch import load_file
+
+    before = {k: v for f in Path(tiny_policy).glob("*.safetensors") for k, v in load_file(f).items()}
+    after = {k: v for f in (out / "weights" / "v00000002").glob("*.safetensors") for k, v in load_file(f).items()}
+    common = set(before) & set(after)
+    assert len(common) >= len(before) - 1  # lm_head may be tied away
+    assert all(torch.equal(before[k].float(), after[k].float()) for k in common)
 
 
 @pytest.mark.parametrize("layout", [["parallel.pipeline_model_parallel_size=2"],
