@@ -1,5 +1,6 @@
 """Test tiers: default pytest is CPU-only; ``gpu`` tests need CUDA and are deselected by pytest.ini."""
 import os
+from pathlib import Path
 
 import pytest
 
@@ -58,6 +59,18 @@ def smollm2():
 
     hf_dir, mcore_dir = prepare_smollm2()
     return str(hf_dir), str(mcore_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(smollm2, tmp_path_factory):
+    """A 2-layer random Llama with SmolLM2's tokenizer and chat template: a policy for real entry points."""
+    import shutil
+
+    d = save_tiny_hf(tmp_path_factory.mktemp("tiny_policy") / "hf", "llama", vocab_size=49152,
+                     tie_word_embeddings=True, max_position_embeddings=1024)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(Path(smollm2[0]) / f, d)
+    return d
 
 
 @pytest.fixture(scope="module")

@@ -78,33 +78,31 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
+def _rss_bytes(pid: int) -> int:
+    """Resident set of one process (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def tree_rss_bytes(pid: int) -> int:
     """RSS of ``pid`` and all its descendants (Linux /proc). Pages shared between them count once per process."""
-    total, page = 0, os.sysconf("SC_PAGE_SIZE")
-    for p in _tree(pid):
-        try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * page
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
+    return sum(_rss_bytes(p) for p in _tree(pid))
 
 
 def tree_pss_bytes(pid: int) -> int:
     """PSS of ``pid`` and its descendants: each shared page is split among the processes mapping it, so forked
     workers (Megatron's checkpoint writers fork the trainer) are not counted as full copies. Falls back to RSS
     where smaps_rollup is unreadable."""
-    total, page = 0, os.sysconf("SC_PAGE_SIZE")
+    total = 0
     for p in _tree(pid):
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
                 total += next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("Pss:"))
         except (OSError, StopIteration, ValueError, IndexError):
-            try:
-                with open(f"/proc/{p}/statm") as f:
-                    total += int(f.read().split()[1]) * page
-            except (OSError, IndexError, ValueError):
-                pass
+            total += _rss_bytes(p)
     return total
 
 

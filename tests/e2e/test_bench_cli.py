@@ -5,7 +5,6 @@ ratios are computed from the measured per-step values, and that the three sides 
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,16 +15,6 @@ pytest.importorskip("trl")
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 REPO = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture(scope="module")
-def tiny_policy(smollm2, tmp_path_factory):
-    from conftest import save_tiny_hf
-
-    d = save_tiny_hf(tmp_path_factory.mktemp("bench_policy") / "hf", "llama", vocab_size=49152,
-                     tie_word_embeddings=True, max_position_embeddings=1024)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(Path(smollm2[0]) / f, d)
-    return d
 
 
 def test_bench_compare_one_measured_step(tiny_policy, tmp_path):

@@ -5,7 +5,6 @@ server; each run is a few steps of a scaled-down batch.
 """
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,16 +23,6 @@ SMALL = ["train.paragraphs_per_step=2", "train.masks_per_paragraph=2", "train.pr
          "rollout.gen_max_new_tokens=16", "rollout.pred_max_new_tokens=12", "corpus.max_prompt_tokens=200",
          "logging.progress_bar=false", "checkpoint.save_interval=1"]
 
-
-@pytest.fixture(scope="module")
-def tiny_policy(smollm2, tmp_path_factory):
-    from conftest import save_tiny_hf
-
-    d = save_tiny_hf(tmp_path_factory.mktemp("tiny_policy") / "hf", "llama", vocab_size=49152,
-                     tie_word_embeddings=True, max_position_embeddings=1024)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(Path(smollm2[0]) / f, d)
-    return d
 
 
 def command(out, policy, *extra, nproc=1):
