@@ -170,16 +170,8 @@ def summarize(ours: list[dict[str, float]], trl: list[dict[str, float]] | None, 
     o = ours[warmup:]
     if not o:
         raise UserError(f"bench: no measured steps after {warmup} warm-up step(s); raise --steps")
-    ours_s = {
-        "step_s": _mean([r["step_no_save_s"] for r in o]),
-        "step_with_save_s": _mean([r["step_s"] for r in o]),
-        "rollout_tokens_per_s": _div(sum(r["generated_tokens"] for r in o), sum(r["rollout_s"] for r in o)),
-        "train_tokens_per_s": _div(sum(r["trained_tokens"] for r in o), sum(r["train_s"] for r in o)),
-        "peak_rss_bytes": peak_rss.get("ours", 0),
-        "sync_s": _mean([r["sync_s"] for r in o]),
-        "generated_tokens": _mean([r["generated_tokens"] for r in o]),
-        "trained_tokens": _mean([r["trained_tokens"] for r in o]),
-    }
+    ours_s = {**_side_summary(o, "step_no_save_s", peak_rss.get("ours", 0)),
+              "step_with_save_s": _mean([r["step_s"] for r in o]), "sync_s": _mean([r["sync_s"] for r in o])}
     step_total = sum(r["step_s"] for r in o)
     ours_s["share"] = {k: _div(sum(r[f"{k}_s"] for r in o), step_total)
                        for k in ("rollout", "train", "sync", "save", "idle")}
@@ -192,14 +184,7 @@ def summarize(ours: list[dict[str, float]], trl: list[dict[str, float]] | None, 
         t = trl[warmup:]
         if not t:
             raise UserError("bench: TRL reported no steps after the warm-up")
-        trl_s = {
-            "step_s": _mean([r["step_s"] for r in t]),
-            "rollout_tokens_per_s": _div(sum(r["generated_tokens"] for r in t), sum(r["rollout_s"] for r in t)),
-            "train_tokens_per_s": _div(sum(r["trained_tokens"] for r in t), sum(r["train_s"] for r in t)),
-            "peak_rss_bytes": peak_rss.get("trl", 0),
-            "generated_tokens": _mean([r["generated_tokens"] for r in t]),
-            "trained_tokens": _mean([r["trained_tokens"] for r in t]),
-        }
+        trl_s = _side_summary(t, "step_s", peak_rss.get("trl", 0))
         out["trl"] = trl_s
         out["ratio_ours_over_trl"] = {k: _div(ours_s[k], trl_s[k]) for k in
                                       ("step_s", "rollout_tokens_per_s", "train_tokens_per_s", "peak_rss_bytes")}
@@ -209,6 +194,19 @@ def summarize(ours: list[dict[str, float]], trl: list[dict[str, float]] | None, 
         out["generate"] = {"tokens_per_s": g_tps, "peak_rss_bytes": peak_rss.get("generate", 0)}
         out["ours"]["rollout_over_generate"] = _div(ours_s["rollout_tokens_per_s"], g_tps)
     return out
+
+
+def _side_summary(rows: list[dict[str, Any]], step_key: str, peak_bytes: int) -> dict[str, float]:
+    """The figures both sides report, over their measured steps: mean step time (``step_key``), generated tokens per
+    rollout second, trained tokens per train second, peak memory, and the mean token counts."""
+    return {
+        "step_s": _mean([r[step_key] for r in rows]),
+        "rollout_tokens_per_s": _div(sum(r["generated_tokens"] for r in rows), sum(r["rollout_s"] for r in rows)),
+        "train_tokens_per_s": _div(sum(r["trained_tokens"] for r in rows), sum(r["train_s"] for r in rows)),
+        "peak_rss_bytes": peak_bytes,
+        "generated_tokens": _mean([r["generated_tokens"] for r in rows]),
+        "trained_tokens": _mean([r["trained_tokens"] for r in rows]),
+    }
 
 
 # ------------------------------------------------------------------------------------------- tables
