@@ -93,16 +93,19 @@ def init_distributed(cfg: ParallelConfig) -> None:
     if not torch.distributed.is_initialized():
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        init_method = None  # env:// (torchrun, srun, spawn_local set MASTER_ADDR/MASTER_PORT)
+        if world == 1 and "MASTER_PORT" not in os.environ:
+            # A world of one of our own: rendezvous on a free loopback port *without* exporting it. A
+            # MASTER_PORT written into os.environ would be inherited by every subprocess this process starts
+            # later (a converter, a trainer, an sbatch script) and collide with the store still listening here.
+            init_method = f"tcp://127.0.0.1:{free_port()}"
         backend = cfg.backend
         if backend == "auto":
             backend = "nccl" if device.cuda_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(
-            backend=backend, rank=rank, world_size=world,
+            backend=backend, init_method=init_method, rank=rank, world_size=world,
             timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
     world = torch.distributed.get_world_size()
     cfg.data_parallel_size(world)  # validates divisibility with a clear message

@@ -1,11 +1,27 @@
 """Test tiers: default pytest is CPU-only; ``gpu`` tests need CUDA and are deselected by pytest.ini."""
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 # Keep tests off any accidentally visible accelerator and quiet.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Every test session starts from a cold model cache, as CI on a fresh machine does: a warm
+# ~/.cache/megatron_pz once hid a bug in the first-use SmolLM2 conversion (it left a process group and an
+# exported MASTER_PORT behind, and every later subprocess died with EADDRINUSE). Subprocesses inherit it.
+# Set MEGATRON_PZ_CACHE yourself to reuse a cache between sessions (~30 s saved).
+_OWN_CACHE = None
+if "MEGATRON_PZ_CACHE" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="megatron_pz_test_cache_")
+    os.environ["MEGATRON_PZ_CACHE"] = _OWN_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -21,7 +21,7 @@ from megatron_pz.convert.hf_io import HFCheckpoint, aux_files, atomic_dir, save_
 from megatron_pz.errors import CheckpointError
 from megatron_pz.model.arch import ModelArch
 from megatron_pz.model.provider import ModelConfig, build_model
-from megatron_pz.parallel import ParallelConfig, init_distributed, spawn_local
+from megatron_pz.parallel import ParallelConfig, destroy_distributed, init_distributed, spawn_local
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +58,18 @@ def hf_to_mcore(src: str | Path, dst: str | Path, tp: int = 1, pp: int = 1, dtyp
     dtype = dtype or _DTYPE_NAMES.get(hf.first_dtype(), "fp32")
     # Expert layers need ETP x EP ranks per stage (ETP = TP here); attention sees the extra ranks as DP.
     world = tp * pp * ep
-    if world > 1 and not _running_distributed():
-        spawn_local(_hf_to_mcore_rank, world, (str(src), str(dst), tp, pp, dtype, iteration, ep))
+    job = (str(src), str(dst), tp, pp, dtype, iteration, ep)
+    if world == 1 and not _running_distributed():
+        # A world of one in this process, torn down afterwards: the caller is left with no process group.
+        try:
+            _hf_to_mcore_rank(*job)
+        finally:
+            destroy_distributed()
     else:
-        _hf_to_mcore_rank(str(src), str(dst), tp, pp, dtype, iteration, ep)
+        # A world of its own, also when the caller already has one (the trainer's rank 0 converting the
+        # SmolLM2 cache at TP=2): re-initialising Megatron's groups in the caller's world would replace its
+        # layout, and on one rank only.
+        spawn_local(_hf_to_mcore_rank, world, job)
     return Path(dst)
 
 
@@ -92,13 +100,28 @@ def hf_aux_dir(root: Path) -> Path | None:
 
 def mcore_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None, vocab_size: int | None = None,
                 allow_pickle: bool = False, max_shard_bytes: int = 5 * 1024**3) -> Path:
-    """Export a Megatron checkpoint (ours or Megatron-LM's) to an HF safetensors folder."""
+    """Export a Megatron checkpoint (ours or Megatron-LM's) to an HF safetensors folder.
+
+    Inside a caller's distributed world every rank takes part (the model is built in the caller's layout and
+    gathered to global rank 0). Without one it runs in a world of one, torn down before it returns.
+    """
     info = ckpt.resolve(src)
     arch = ckpt.read_arch(src, vocab_size=vocab_size, allow_pickle=allow_pickle)
     dtype = dtype or info.meta.get("saved_with", {}).get("dtype", "float32")
     dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
-    if not _running_distributed():
-        init_distributed(ParallelConfig())
+    if _running_distributed():
+        _mcore_to_hf_rank(info, src, dst, arch, dtype, max_shard_bytes)
+        torch.distributed.barrier()
+        return Path(dst)
+    init_distributed(ParallelConfig())
+    try:
+        _mcore_to_hf_rank(info, src, dst, arch, dtype, max_shard_bytes)
+    finally:
+        destroy_distributed()
+    return Path(dst)
+
+
+def _mcore_to_hf_rank(info, src, dst, arch: ModelArch, dtype: str, max_shard_bytes: int) -> None:
     model = build_model(arch, _conversion_model_config(dtype), training=False)
     ckpt.load(src, model, arch)
     # Cast on export: some modules keep fp32 parameters in a bf16 model (the local spec's RMSNorm).
@@ -112,6 +135,3 @@ def mcore_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None, voca
         aux = hf_aux_dir(info.root)
         save_hf_folder(dst, state.items(), cfg, copy_from=aux_files(aux) if aux is not None else (),
                        max_shard_bytes=max_shard_bytes)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return Path(dst)
