@@ -211,8 +211,11 @@ def _drop_steps_from(path: Path, start_step: int) -> None:
 class RunLogger:
     """Rank-0 sink for one training run; with ``enabled=False`` every method is a no-op and nothing is created.
 
-    ``start_step`` is the first step this process will run (steps ``< start_step`` are done); the progress bar
-    shows ``step + 1`` of ``total_steps`` after ``log_step(step, ...)``.
+    ``start_step`` is the first step number this process will log: lines at or after it left by a killed run are
+    dropped. ``steps_done`` is how many steps were completed before this process (default ``start_step``, for
+    0-based step numbers; the trainer numbers steps by completed count, 1-based, and passes ``start_step - 1``).
+    The progress bar shows ``steps_done + (step - start_step + 1)`` of ``total_steps`` after ``log_step(step)``;
+    a line logged before ``start_step`` (the initial-weights eval) leaves it alone.
     """
 
     # Scalars shown after the bar when present (keep the line short).
@@ -224,6 +227,7 @@ class RunLogger:
         *,
         total_steps: int,
         start_step: int = 0,
+        steps_done: int | None = None,
         tensorboard: bool = True,
         progress_bar: bool = True,
         enabled: bool = True,
@@ -232,6 +236,7 @@ class RunLogger:
         self.out_dir = Path(out_dir)
         self.total_steps = total_steps
         self.start_step = start_step
+        self.steps_done = start_step if steps_done is None else steps_done
         self._metrics = self._writer = self._bar = None
         if not enabled:
             return
@@ -259,7 +264,7 @@ class RunLogger:
         if progress_bar:
             self._bar = tqdm(
                 total=total_steps,
-                initial=start_step,
+                initial=self.steps_done,
                 file=sys.stderr,
                 dynamic_ncols=True,
                 bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
@@ -292,8 +297,8 @@ class RunLogger:
                 finite = [x for x in map(_number, seq.tolist() if hasattr(seq, "tolist") else seq) if x is not None]
                 if finite:
                     self._writer.add_histogram(tag, np.asarray(finite, dtype=np.float64), int(step))
-        if self._bar is not None:
-            self._advance_bar(int(step) + 1, values)
+        if self._bar is not None and int(step) >= self.start_step:
+            self._advance_bar(self.steps_done + int(step) - self.start_step + 1, values)
 
     def _advance_bar(self, done: int, values: dict[str, int | float | None]) -> None:
         now = monotonic()
@@ -301,7 +306,7 @@ class RunLogger:
             self._first_logged = (now, done)
         t0, n0 = self._first_logged
         if done <= n0:
-            t0, n0 = self._t_created, self.start_step
+            t0, n0 = self._t_created, self.steps_done
         parts = []
         if done > n0 and now > t0:
             seconds_per_step = (now - t0) / (done - n0)

@@ -194,7 +194,7 @@ def setup(cfg: RunConfig) -> Run:
                               f"data-parallel size?); resume with the DP size it was saved with")
     # Logged step numbers count completed steps (1-based): the first one this process logs is start_step + 1,
     # so lines a killed run wrote after its last checkpoint (and only those) are dropped.
-    run.logger = RunLogger(out, total_steps=cfg.train.steps, start_step=run.start_step + 1,
+    run.logger = RunLogger(out, total_steps=cfg.train.steps, start_step=run.start_step + 1, steps_done=run.start_step,
                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
                            enabled=rank == 0)
     _write_hf_meta(run, source, kind)

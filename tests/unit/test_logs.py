@@ -196,6 +196,26 @@ def test_progress_bar_eta_from_steady_rate(tmp_path, monkeypatch, capsys):
     assert "reward/mask_pred=0.5" in captured.err and "other" not in captured.err
 
 
+def test_progress_bar_counts_completed_steps_as_the_trainer_numbers_them(tmp_path, capsys):
+    """The trainer logs step k after k completed steps (1-based) and the initial eval at step 0: a fresh 3-step
+    run must end at 3/3 (it showed 1/3 before any step and ended at 4/?), a resumed one start from its count."""
+    log = RunLogger(tmp_path, total_steps=3, start_step=1, steps_done=0, tensorboard=False)
+    log.log_step(0, {"eval/x": 0.0})  # initial-weights eval: not a step
+    assert log._bar.n == 0
+    for step in (1, 2, 3):
+        log.log_step(step, {})
+        assert log._bar.n == step
+    log.close()
+    err = capsys.readouterr().err
+    assert "0/3" in err and "3/3" in err and "4/" not in err
+
+    resumed = RunLogger(tmp_path, total_steps=3, start_step=3, steps_done=2, tensorboard=False)
+    assert resumed._bar.n == 2
+    resumed.log_step(3, {})
+    assert resumed._bar.n == 3
+    resumed.close()
+
+
 # ----------------------------------------------------------------------------- TensorBoard
 def _events(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
