@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from megatron_pz.errors import UserError
+from megatron_pz.errors import RolloutError, UserError
 
 # (subcommand, module providing register(subparsers)). Order = order in --help.
 SUBCOMMANDS: list[tuple[str, str]] = [
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"megatron-pz {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RolloutError as exc:  # the servers failed for good; the message names URL and endpoint
+        print(f"megatron-pz {args.command}: rollout error: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

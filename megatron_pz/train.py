@@ -237,10 +237,25 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=10")
 
 
+ROLLOUT_FAILED_EXIT = 3
+"""Exit status when the rollout servers failed for good (2 is bad input, 1 a bug)."""
+
+
 def main_from_args(args: argparse.Namespace) -> int:
+    from megatron_pz.errors import RolloutError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
-    train(cfg)
+    try:
+        train(cfg)
+    except RolloutError as exc:
+        # A server that died (after the client's retries and the pool's fail-over) is not a bug of ours: name it
+        # in one line and say how to continue. The step in flight is lost, nothing saved is: checkpoints are
+        # written atomically, and the same command resumes from the last one.
+        print(f"megatron-pz train: rollout error: {exc}", file=sys.stderr)
+        print(f"megatron-pz train: nothing saved is lost: bring the rollout server(s) back and rerun the same "
+              f"command to resume from {cfg.output_dir}/checkpoints", file=sys.stderr)
+        return ROLLOUT_FAILED_EXIT
     return 0
 
 

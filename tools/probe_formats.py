@@ -8,6 +8,7 @@ A model at 0 % on both gets no GRPO signal at all (every group is all-0 and DAPO
 quotes this table for SmolLM2-135M-Instruct:
 
     python tools/probe_formats.py --load smollm2 --paragraphs 8 --samples 4
+    python tools/probe_formats.py --load smollm2 --paragraphs 24 --samples 8 --single-word --only predictor
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-tokens", type=int, default=96)
     p.add_argument("--pred-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--single-word", action="store_true",
+                   help="predictor rows mask one whole word (the easiest random span) instead of SpanBERT lengths")
+    p.add_argument("--only", choices=("generator", "predictor"), default=None, help="run one task's rows only")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
 
@@ -69,10 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     paras = [json.loads(line) for f in sorted(valid_dir.glob("*.jsonl")) for line in f.read_text().splitlines()]
     paras = paras[: args.paragraphs]
     rng = random.Random(args.seed)
-    spans = [sample_random_span(x["text"], SpanConfig(), RandomSpanConfig(), rng) for x in paras]
+    span_lengths = RandomSpanConfig(geometric_p=1.0, max_words=1) if args.single_word else RandomSpanConfig()
+    spans = [sample_random_span(x["text"], SpanConfig(), span_lengths, rng) for x in paras]
 
     rows = []
     for name, task, system, prefix in VARIANTS:
+        if args.only and not name.startswith(args.only):
+            continue
         cfg = prompts.PromptConfig(style="chat", system_prompt=system)
         if task == "gen":
             texts = [prompts.generation_prompt(x["text"], cfg, chat) + prefix for x in paras]

@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_BUCKET_BYTES = 512 * 1024 ** 2
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 _VERSION_DIR = re.compile(r"^v(\d{8})$")
+_TMP_DIR = re.compile(r"^\.v\d{8}\.tmp\d+$")
 # Files copied next to the weights so that the folder is a complete HF model (SGLang reads config.json).
 _HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
@@ -184,6 +185,20 @@ class DiskWeightSync(_Versioned):
         logger.info("disk weight sync v%d: %d tensors, %.1f MB in %.2fs", version, n_tensors, n_bytes / 1e6,
                     report.seconds)
         return report
+
+    def drop_versions_after(self, version: int) -> list[str]:
+        """Remove version folders above ``version`` and temporary folders of any writer: what a run that died
+        after a weight sync but before its checkpoint left behind. The resumed run, restarting from the checkpoint
+        at ``version``, writes those versions again (with other weights). Returns the names removed."""
+        if not self.weights_dir.is_dir():
+            return []
+        removed = []
+        for p in sorted(self.weights_dir.iterdir()):
+            m = _VERSION_DIR.match(p.name)
+            if (m and int(m.group(1)) > version) or _TMP_DIR.match(p.name):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+        return removed
 
     def _prune(self, keep: Path) -> None:
         versions = sorted(p for p in self.weights_dir.iterdir() if _VERSION_DIR.match(p.name))

@@ -162,3 +162,21 @@ def test_external_server_with_distributed_weight_sync(tiny_policy, tmp_path):
     assert rows[0]["onpolicy/logprob_abs_diff_max"] < 1e-3
     log = (tmp_path / "server.log").read_text()
     assert all(f"weights updated to version {v}" in log for v in (1, 2, 3))
+
+
+def test_a_dead_rollout_server_is_named_in_one_line_and_loses_nothing(tiny_policy, tmp_path):
+    """An external rollout server that is down: exit 3, its URL and endpoint in one line plus how to resume, no
+    traceback. Run twice: the second run is not tripped up by what the first left behind (it used to fail on the
+    weight folder the first had written)."""
+    out = tmp_path / "run"
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    cmd = command(out, tiny_policy, "train.steps=1", "train.objective=random_span", "rollout.backend=sglang",
+                  f"rollout.urls=[{dead}]", "rollout.max_retries=0")
+    for _ in range(2):
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env(), cwd=REPO)
+        assert p.returncode == 3, p.stderr[-3000:]
+        assert "Traceback" not in p.stderr
+        last = p.stderr.strip().splitlines()[-2:]
+        assert last[0].startswith("megatron-pz train: rollout error: ") and dead in last[0], last
+        assert "/update_weights_from_disk" in last[0]
+        assert last[1].startswith("megatron-pz train: nothing saved is lost") and str(out) in last[1], last

@@ -79,6 +79,25 @@ def test_disk_versions_are_atomic_complete_and_increasing(tmp_path):
         sync.push(named + named[:1], 4)
 
 
+def test_a_resumed_run_replaces_versions_written_after_its_checkpoint(tmp_path):
+    """Killed between the weight sync of step 3 and its checkpoint: v3 is on disk, the checkpoint says version 2.
+    The resumed run must be able to write v3 again (it failed with 'already exists')."""
+    w = tmp_path / "w"
+    first = DiskWeightSync(_RecordingEngine(), w, keep_last=5)
+    for v in (1, 2, 3):
+        first.push(_named([10]), v)
+    (w / ".v00000004.tmp999").mkdir()  # a writer killed mid-write
+    (w / "notes.txt").write_text("not ours")
+    resumed = DiskWeightSync(_RecordingEngine(), w, keep_last=5, current_version=2)
+    with pytest.raises(UserError, match="already exists"):
+        resumed.push(_named([10]), 3)  # without the clean-up
+    assert resumed.drop_versions_after(2) == [".v00000004.tmp999", "v00000003"]
+    assert sorted(p.name for p in w.iterdir()) == ["notes.txt", "v00000001", "v00000002"]
+    resumed.push(_named([7]), 3)
+    assert torch.equal(read_safetensors_dir(w / "v00000003")["t0"], torch.zeros(7))
+    assert DiskWeightSync(None, tmp_path / "missing").drop_versions_after(0) == []
+
+
 def _decode(payload: str):
     """What SGLang's scheduler does: base64 -> unpickle ({"flattened_tensor", "metadata"}) -> views."""
     blob = pickle.loads(base64.b64decode(payload))
