@@ -9,6 +9,8 @@
 #     pulls can replace the CPU torch; skipped when the pinned TRL is already installed.
 #  5. the pinned SGLang release's *source* with --no-deps: tests read its request dataclasses to check
 #     our wire format. It is never imported on CPU (its import chain needs triton and CUDA torchvision).
+#  6. shellcheck from Debian's packages when we are root with apt-get (the lint test of slurm/ scripts);
+#     optional: without it that one test skips. (The Slurm tests install slurm-wlm + munge themselves.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -23,4 +25,8 @@ SGLANG_VERSION=${SGLANG_VERSION:-0.5.23}
 if [ ! -d .cache/sglang-src/sglang ]; then
   $PY -m pip install -q --no-deps --target .cache/sglang-src "sglang==${SGLANG_VERSION}" || \
     echo "install.sh: could not fetch sglang==${SGLANG_VERSION} source; wire-format tests will skip" >&2
+fi
+if ! command -v shellcheck >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  { apt-get install -y -q shellcheck || { apt-get update -q && apt-get install -y -q shellcheck; }; } >/dev/null 2>&1 || \
+    echo "install.sh: could not install shellcheck; the slurm/ lint test will skip" >&2
 fi
