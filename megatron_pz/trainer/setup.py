@@ -239,12 +239,12 @@ def start_rollout(run: Run) -> None:
     state = export_weights(run)  # collective
     urls: list[str] = []
     if torch.distributed.get_rank() == 0:
-        stale = DiskWeightSync(None, weights_dir).drop_versions_after(run.weight_version)
+        writer = DiskWeightSync(None, weights_dir, hf_config_dir=run.out / "hf_meta")
+        stale = writer.drop_versions_after(run.weight_version)
         if stale:
             logger.warning("removed weight versions %s from %s: written after the last checkpoint by a run that "
                            "did not finish (this run writes them again)", stale, weights_dir)
         if r.backend == "embedded":
-            writer = DiskWeightSync(None, weights_dir, hf_config_dir=run.out / "hf_meta")
             first = _fresh_version_dir(writer, state, run.weight_version)
             dtype = _ROLLOUT_DTYPES[r.embedded_dtype][1]
             spec = ServerSpec(kind="embedded", model_path=str(first), port=free_port(), weights_dir=str(weights_dir),
