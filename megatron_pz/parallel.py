@@ -130,6 +130,33 @@ def destroy_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
+def data_owner_rank() -> int:
+    """Global rank of this rank's data owner: TP 0, PP 0, CP 0 of its DP replica. Only the data owner talks to
+    the rollout engine and reads the corpus; the rest of its model-parallel group gets its samples."""
+    from megatron.core import parallel_state as ps
+
+    return torch.distributed.get_global_rank(ps.get_model_parallel_group(), 0)
+
+
+def share_samples(samples: list | None) -> list:
+    """Broadcast the data owner's samples (``list[Sample]``; None on the other ranks) to its model-parallel group."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_model_parallel_group()
+    if torch.distributed.get_world_size(group) == 1:
+        return samples or []
+    box = [samples]
+    torch.distributed.broadcast_object_list(box, src=data_owner_rank(), group=group)
+    return box[0]
+
+
+def gather_to_all(obj: object) -> list:
+    """Every rank's ``obj``, indexed by global rank, on every rank (collective; pickled objects)."""
+    out: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 

@@ -18,11 +18,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from megatron_pz.config import RunConfig, load_config
+
+if TYPE_CHECKING:
+    from megatron_pz.trainer.batching import MicroBatch
+    from megatron_pz.trainer.run import Run
+    from megatron_pz.types import Sample
 
 logger = logging.getLogger("megatron_pz.train")
 
@@ -62,10 +67,10 @@ def train(cfg: RunConfig) -> None:
 
 
 # ------------------------------------------------------------------ stages
-def rollout(run: Any, step: int) -> tuple[list, dict[str, float]]:
+def rollout(run: Run, step: int) -> tuple[list[Sample], dict[str, float]]:
     """Data owners collect this DP rank's samples; every rank of the model-parallel group gets them."""
+    from megatron_pz.parallel import share_samples
     from megatron_pz.trainer.collect import StepContext, collect
-    from megatron_pz.trainer.setup import share_samples
 
     samples, metrics = None, {}
     if run.is_data_owner:
@@ -75,10 +80,10 @@ def rollout(run: Any, step: int) -> tuple[list, dict[str, float]]:
                           chat_template=run.chat_template, step=step, dp_rank=run.dp_rank)
         samples, metrics = collect(paragraphs, run.cfg, run.engine, ctx)
         metrics = {f"rollout/{k}": v for k, v in metrics.items()}
-    return share_samples(run, samples), metrics
+    return share_samples(samples), metrics
 
 
-def microbatches_for(run: Any, samples: list) -> list:
+def microbatches_for(run: Run, samples: list[Sample]) -> list[MicroBatch]:
     """This run's micro-batches: sequence length padded so TP sequence parallelism and CP can split it, and one
     length for all micro-batches under pipeline parallelism (fixed-shape p2p activations)."""
     from megatron_pz.trainer.batching import build_microbatches
@@ -89,7 +94,7 @@ def microbatches_for(run: Any, samples: list) -> list:
                               seq_multiple=multiple, same_length=p.pipeline_model_parallel_size > 1)
 
 
-def update_policy(run: Any, samples: list) -> dict[str, float]:
+def update_policy(run: Run, samples: list[Sample]) -> dict[str, float]:
     """One GRPO update on this DP rank's samples (Megatron's pipeline schedule + distributed optimizer)."""
     from megatron.core import parallel_state as ps
 
@@ -103,7 +108,7 @@ def update_policy(run: Any, samples: list) -> dict[str, float]:
     return metrics
 
 
-def check_on_policy(run: Any, samples: list) -> dict[str, float]:
+def check_on_policy(run: Run, samples: list[Sample]) -> dict[str, float]:
     """First step of a process: trainer log-probs vs the rollout engine's on every generated response token.
 
     The PPO ratio pi_trainer / pi_rollout should be 1 on-policy; this reports how far it is (one extra
@@ -131,39 +136,21 @@ def check_on_policy(run: Any, samples: list) -> dict[str, float]:
             "onpolicy/ratio_max_dev": float((torch.exp(diffs) - 1).max()), "onpolicy/tokens": float(diffs.numel())}
 
 
-def sync_weights(run: Any) -> None:
+def sync_weights(run: Run) -> None:
     """Push the updated policy to the rollout engine as weight version + 1 (collective gather, rank 0 pushes)."""
-    from megatron_pz.trainer.setup import export_weights
-
-    state = export_weights(run)
-    run.weight_version += 1
-    if run.weight_sync is not None:
-        run.last_sync = run.weight_sync.push(state.items(), run.weight_version)
-    if run.is_data_owner and run.weight_sync is None:
-        run.engine.mark_updated(run.weight_version)  # other owners' pools learn the new version
+    run.weights.push(run.chunks)
 
 
-def should_save(run: Any, step: int) -> bool:
-    interval = run.cfg.checkpoint.save_interval
-    return step == run.cfg.train.steps or run.stop_requested or (interval > 0 and step % interval == 0)
+def should_save(run: Run, step: int) -> bool:
+    return run.checkpointer.due(step, run.stop_requested)
 
 
-def save(run: Any, step: int) -> None:
-    """Model + optimizer (sharded), scheduler, every DP rank's corpus position, step and weight version."""
-    from megatron_pz import checkpoint as ckpt
-    from megatron_pz.trainer.setup import CHECKPOINT_SUBDIR
-
-    corpus_states: list[Any] = [None] * torch.distributed.get_world_size()
-    mine = (run.dp_rank, run.corpus.state_dict()) if run.corpus is not None else None
-    torch.distributed.all_gather_object(corpus_states, mine)
-    corpus = {str(r): s for item in corpus_states if item is not None for r, s in [item]}
-    meta = {"step": step, "weight_version": run.weight_version, "scheduler": run.training.scheduler.state_dict(),
-            "corpus": corpus, "run_name": run.cfg.name}
-    ckpt.save(run.out / CHECKPOINT_SUBDIR, step, run.chunks, run.arch, optimizer=run.training.optimizer, meta=meta,
-              keep_last=run.cfg.checkpoint.keep_last)
+def save(run: Run, step: int) -> None:
+    """Everything the checkpointer owns: model, optimizer, scheduler, corpus positions, RNG, step, weight version."""
+    run.checkpointer.save(run, step)
 
 
-def should_evaluate(run: Any, step: int, at_start: bool = False) -> bool:
+def should_evaluate(run: Run, step: int, at_start: bool = False) -> bool:
     """After every ``eval.interval``-th step and the last one; before step 0 of a fresh run when ``at_start``."""
     e = run.cfg.eval
     if e.interval <= 0:
@@ -173,7 +160,7 @@ def should_evaluate(run: Any, step: int, at_start: bool = False) -> bool:
     return step % e.interval == 0 or step == run.cfg.train.steps
 
 
-def evaluate(run: Any) -> dict[str, float]:
+def evaluate(run: Run) -> dict[str, float]:
     """The eval suites on the weights the rollout engine serves now; rank 0 only (the others return {}).
 
     Greedy by default, so the numbers move only when the weights do. Returns ``eval/<suite>/<metric>``.
@@ -187,13 +174,13 @@ def evaluate(run: Any) -> dict[str, float]:
     return flat_metrics(results)
 
 
-def log_eval(run: Any, step: int, metrics: dict[str, float]) -> None:
+def log_eval(run: Run, step: int, metrics: dict[str, float]) -> None:
     """Eval metrics outside a training step (the initial weights): one metrics line at ``step``, rank 0."""
     if metrics and torch.distributed.get_rank() == 0:
         run.logger.log_step(step, {**metrics, "weight_version": float(run.weight_version)})
 
 
-def log(run: Any, step: int, samples: list, metrics: dict[str, float]) -> None:
+def log(run: Run, step: int, samples: list[Sample], metrics: dict[str, float]) -> None:
     """Reduce this step's metrics and sample statistics to rank 0 and write them."""
     from megatron_pz.logs import sample_histograms, sample_scalars
 
@@ -211,7 +198,7 @@ def log(run: Any, step: int, samples: list, metrics: dict[str, float]) -> None:
     scalars = {k: sum(v) / len(v) for k, v in merged.items()}  # mean over the ranks that report a metric
     scalars.update(sample_scalars(all_samples))
     scalars["weight_version"] = float(run.weight_version)
-    sync = getattr(run, "last_sync", None)
+    sync = run.weights.last_report
     if sync is not None:
         scalars["time/sync_s_per_100m_params"] = sync.seconds_per_100m_params
     tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in all_samples)

@@ -1,0 +1,109 @@
+"""Everything a run saves and restores, behind one ``save``/``load`` pair.
+
+A checkpoint (Megatron-LM layout, ``megatron_pz.checkpoint`` writes and reads it) holds:
+  * the model and the distributed optimizer's state, sharded (``dist_checkpointing``);
+  * in ``megatron_pz.json``: step (completed steps), weight version, the LR scheduler, every DP rank's corpus
+    position, and every rank's RNG states (Python, NumPy, torch CPU).
+Adding a piece of run state means editing ``_state`` and ``_restore`` here, nothing else. Saves are collective
+and atomic: a kill at any point leaves the previous checkpoint whole, and the tracker names the newest.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from megatron_pz import checkpoint as ckpt
+from megatron_pz.errors import ConfigError
+from megatron_pz.parallel import gather_to_all
+
+if TYPE_CHECKING:
+    from megatron_pz.config import CheckpointConfig
+    from megatron_pz.trainer.run import Run
+
+logger = logging.getLogger(__name__)
+
+SUBDIR = "checkpoints"
+
+
+class Checkpointer:
+    def __init__(self, out: Path, cfg: CheckpointConfig, total_steps: int):
+        self.root = out / SUBDIR
+        self.cfg = cfg
+        self.total_steps = total_steps
+
+    # ------------------------------------------------------------------ when
+    def due(self, step: int, stop_requested: bool = False) -> bool:
+        """After the last step, on a stop request, and every ``checkpoint.save_interval`` steps."""
+        interval = self.cfg.save_interval
+        return step == self.total_steps or stop_requested or (interval > 0 and step % interval == 0)
+
+    def can_resume(self) -> bool:
+        return self.cfg.auto_resume and (self.root / ckpt.TRACKER).exists()
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, run: Run, step: int) -> Path:
+        """Collective: every rank contributes its shards, corpus position and RNG; returns the iteration folder."""
+        meta = _state(run, step)
+        return ckpt.save(self.root, step, run.chunks, run.arch, optimizer=run.training.optimizer, meta=meta,
+                         keep_last=self.cfg.keep_last)
+
+    def load(self, run: Run) -> int:
+        """Restore the newest checkpoint into ``run`` (collective); returns the step it was saved at."""
+        info, _ = ckpt.load(self.root, run.chunks, run.arch, optimizer=run.training.optimizer)
+        _restore(run, info.meta)
+        logger.info("resumed from %s at step %d (weight version %d)", info.iter_dir, run.start_step,
+                    run.weight_version)
+        return run.start_step
+
+
+# ---------------------------------------------------------------------- what is in megatron_pz.json
+def _state(run: Run, step: int) -> dict[str, Any]:
+    mine = (run.dp_rank, run.corpus.state_dict()) if run.corpus is not None else None
+    corpus = {str(r): s for item in gather_to_all(mine) if item is not None for r, s in [item]}
+    rng = {str(r): s for r, s in enumerate(gather_to_all(rng_state()))}
+    return {"step": step, "weight_version": run.weight_version, "scheduler": run.training.scheduler.state_dict(),
+            "corpus": corpus, "rng": rng, "run_name": run.cfg.name}
+
+
+def _restore(run: Run, meta: dict[str, Any]) -> None:
+    run.training.scheduler.load_state_dict(meta["scheduler"])
+    run.start_step = int(meta["step"])
+    run.weights.version = int(meta["weight_version"])
+    if run.corpus is not None:
+        state = meta.get("corpus", {}).get(str(run.dp_rank))
+        if state is None:
+            raise ConfigError(f"checkpoint has no corpus position for DP rank {run.dp_rank} (saved with a different "
+                              f"data-parallel size?); resume with the DP size it was saved with")
+        run.corpus.load_state_dict(state)
+    rng = meta.get("rng", {})  # absent in checkpoints written before RNG states were saved
+    mine = rng.get(str(torch.distributed.get_rank()))
+    if mine is not None and len(rng) == torch.distributed.get_world_size():
+        set_rng_state(mine)
+    elif rng:
+        logger.warning("checkpoint RNG states are for %d ranks, this run has %d: RNG not restored", len(rng),
+                       torch.distributed.get_world_size())
+
+
+# ---------------------------------------------------------------------- RNG, JSON-safe
+def rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy and torch CPU generator states, as JSON values."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    raw = np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()
+    torch.set_rng_state(torch.from_numpy(raw))

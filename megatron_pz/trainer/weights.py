@@ -1,0 +1,47 @@
+"""The policy's weight versions: gather the Megatron shards into HF tensors and push them to the rollout engine.
+
+The one owner of the weight version. Version 0 is the weights the run started from (or resumed at); every
+``push`` makes version + 1 on every rank, so checkpoints, logs and samples agree on what the engine serves.
+Gathering is collective (TP/PP shards meet on global rank 0); only global rank 0 holds a sync strategy
+(disk, CUDA-IPC tensor or NCCL/gloo broadcast, see ``megatron_pz.weight_sync``) and pushes.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_pz.model.arch import ModelArch
+
+
+class WeightPublisher:
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, version: int = 0):
+        self.arch = arch
+        self.dtype = dtype  # what servers receive (rollout.weights_dtype)
+        self.version = version
+        self.sync: Any = None  # the weight-sync strategy, global rank 0 only (set once the engine is up)
+        self.engine: Any = None  # this data owner's rollout pool, told of versions pushed without it
+        self.last_report: Any = None  # SyncReport of the latest push (rank 0)
+
+    def export(self, chunks: list[torch.nn.Module]) -> dict[str, torch.Tensor] | None:
+        """The policy as HF tensors on global rank 0, None elsewhere (collective over all ranks)."""
+        from megatron_pz.convert.bridge import gather_hf_state_dict
+
+        return gather_hf_state_dict(chunks, self.arch, dtype=self.dtype)
+
+    def push(self, chunks: list[torch.nn.Module]) -> int:
+        """Gather the current weights (collective) and make them version + 1 on the rollout engine."""
+        return self.publish(self.export(chunks))
+
+    def publish(self, state: dict[str, torch.Tensor] | None) -> int:
+        """Make ``state`` (exported on rank 0, None elsewhere) version + 1 on every rank; returns the new version."""
+        self.version += 1
+        if self.sync is not None:
+            self.last_report = self.sync.push(state.items(), self.version)
+        elif self.engine is not None:
+            self.engine.mark_updated(self.version)  # other owners' pools learn the new version
+        return self.version
+
+    def close(self) -> None:
+        if self.sync is not None and hasattr(self.sync, "close"):
+            self.sync.close()
