@@ -232,7 +232,7 @@ def start_rollout(run: Run) -> None:
     from megatron_pz.rollout.launcher import ServerSpec, launch
     from megatron_pz.rollout.pool import PoolConfig, RolloutPool, read_endpoints_file
     from megatron_pz.rollout.sglang_client import ClientConfig
-    from megatron_pz.rollout.weight_sync import DiskWeightSync
+    from megatron_pz.weight_sync import DiskWeightSync
 
     r = run.cfg.rollout
     weights_dir = Path(r.weights_dir or run.out / "weights").resolve()
@@ -275,7 +275,7 @@ def make_weight_sync(run: Run, weights_dir: Path) -> Any:
     """The configured Megatron -> rollout weight path (global rank 0, which holds the gathered HF tensors)."""
     import socket
 
-    from megatron_pz.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, TensorWeightSync
+    from megatron_pz.weight_sync import DiskWeightSync, DistributedWeightSync, TensorWeightSync
 
     r = run.cfg.rollout
     bucket = r.bucket_mb * 1024**2
