@@ -34,7 +34,7 @@ from megatron_pz.rollout.protocol import SamplingParams
 from megatron_pz.rollout.server import RolloutServer, ServerConfig
 from megatron_pz.rollout.sglang_client import ClientConfig
 from megatron_pz.rollout.tiny import make_tiny_llama
-from megatron_pz.rollout.weight_sync import DiskWeightSync
+from megatron_pz.weight_sync import DiskWeightSync
 
 WIKI = Path("/work/shared/data/wiki/valid.jsonl")
 

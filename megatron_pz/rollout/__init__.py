@@ -1,14 +1,19 @@
 """Rollout layer: one generation/weight-update interface over SGLang servers or an embedded CPU engine.
 
+Pushing the trainer's weights to the servers is ``megatron_pz.weight_sync`` (disk, CUDA IPC or NCCL broadcast).
+
 Modules (each one job):
   protocol.py       SamplingParams, GenerationResult and the RolloutEngine protocol the trainer codes against
-  sglang_client.py  HTTP client for ONE server speaking SGLang's native API (retries, clear errors)
+  updater.py        the WeightUpdater protocol: the weight-update endpoints megatron_pz.weight_sync calls
+  sglang_client.py  client for ONE server speaking SGLang's native API, one method per endpoint
+  sglang_wire.py    SGLang's request bodies and /generate response parsing (pure)
+  http_transport.py HTTP to one server: keep-alive session, timeouts, retries, clear errors
   pool.py           several servers (or one sglang-router): balancing, concurrency limits, fail-over
   embedded.py       the CPU/single-GPU engine: transformers generate + per-token logprobs + atomic weight swap
   server.py         that engine behind SGLang's HTTP endpoints (so CI drives the production client)
   serve.py          the ``megatron-pz serve-rollout`` subcommand
   launcher.py       start SGLang or embedded servers as subprocesses, wait for health, write the endpoints file
-  weight_sync.py    push trainer weights (HF names) to the servers: disk, tensor (CUDA IPC) or NCCL broadcast
+  process_group.py  the trainer <-> engines broadcast group (both ends of the distributed weight path)
   tiny.py           a tiny random Llama + byte tokenizer for tests and quick benches
 
 Importing this package imports nothing heavy; import the submodule you need.

@@ -1,4 +1,5 @@
-"""Several rollout servers behind one ``RolloutEngine``: balancing, concurrency limits, fail-over, fan-out updates.
+"""Several rollout servers behind one ``RolloutEngine`` and ``WeightUpdater``: balancing, concurrency limits,
+fail-over, fan-out updates.
 
 Generation: a batch of prompts is cut into small requests (``prompts_per_request``) sent concurrently from a
 thread pool; each goes to the live server with the fewest requests in flight, never exceeding
@@ -22,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from megatron_pz.errors import RolloutError, UserError
+from megatron_pz.rollout.http_transport import ServerUnavailable
 from megatron_pz.rollout.protocol import GenerationResult, SamplingParams
-from megatron_pz.rollout.sglang_client import ClientConfig, ServerUnavailable, SGLangClient
+from megatron_pz.rollout.sglang_client import ClientConfig, SGLangClient
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ def read_endpoints_file(path: str | Path) -> list[str]:
 
 
 class RolloutPool:
-    """``RolloutEngine`` over many servers (see module docstring)."""
+    """``RolloutEngine`` and ``WeightUpdater`` over many servers (see module docstring)."""
 
     def __init__(self, endpoints: Sequence[str], config: PoolConfig | None = None,
                  client_config: ClientConfig | None = None, router_url: str | None = None):
@@ -91,7 +93,7 @@ class RolloutPool:
 
     @property
     def clients(self) -> list[SGLangClient]:
-        """Per-worker clients (weight_sync's distributed path needs each server's rank)."""
+        """Per-worker clients (``weight_sync.DistributedWeightSync`` needs each server's rank)."""
         return [s.client for s in self.servers] or [self.router.client]
 
     def close(self) -> None:
@@ -204,7 +206,7 @@ class RolloutPool:
             logger.error("%s v%d missed by %d of %d servers; they are excluded until updated: %s", what, version,
                          len(failed), len(servers), list(failed))
 
-    # ---------------------------------------------------------------- RolloutEngine
+    # ---------------------------------------------------------------- RolloutEngine / WeightUpdater
 
     def weight_version(self) -> int:
         if self._target_version is not None:
@@ -230,10 +232,10 @@ class RolloutPool:
         raise RolloutError("update_weights_from_tensor targets one colocated engine; call it on pool.clients[i]")
 
     def init_weights_update_group(self, *args: Any, **kwargs: Any) -> None:
-        raise RolloutError("each server needs its own rank_offset; use weight_sync.DistributedWeightSync")
+        raise RolloutError("each server needs its own rank_offset; use megatron_pz.weight_sync.DistributedWeightSync")
 
     def update_weights_from_distributed(self, *args: Any, **kwargs: Any) -> None:
-        raise RolloutError("distributed updates are driven by weight_sync.DistributedWeightSync")
+        raise RolloutError("distributed updates are driven by megatron_pz.weight_sync.DistributedWeightSync")
 
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
         self._all_or_raise(lambda c: c.destroy_weights_update_group(group_name), "destroy_weights_update_group")
@@ -254,7 +256,7 @@ class RolloutPool:
         self._all_or_raise(lambda c: c.resume_memory_occupation(tags), "resume_memory_occupation")
 
     def mark_updated(self, version: int, failed_urls: Sequence[str] = ()) -> None:
-        """Record a weight update pushed around the pool (weight_sync's tensor/distributed paths)."""
+        """Record a weight update pushed around the pool (``megatron_pz.weight_sync``'s tensor/distributed paths)."""
         with self._cond:
             for s in self.servers or [self.router]:
                 s.stale = s.url in failed_urls

@@ -1,7 +1,8 @@
 """The rollout contract the trainer codes against: sampling parameters, one generated sample, the engine protocol.
 
 Every backend (an SGLang server, a pool of them, the embedded engine in-process or behind HTTP) implements
-``RolloutEngine``; the trainer never learns which one it talks to.
+``RolloutEngine``; the trainer never learns which one it talks to. Weight updates are the separate
+``WeightUpdater`` protocol (updater.py).
 
 What a logprob means here (the same everywhere, and what the GRPO/PPO ratio needs):
     logprobs[i] = log softmax(logits_i / temperature)[response_ids[i]]
@@ -135,11 +136,12 @@ def fill_sample(sample: Sample, result: GenerationResult) -> Sample:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """What the trainer needs from a rollout backend. Implemented by ``SGLangClient`` (one server),
+    """What the trainer and eval need from a rollout backend. Implemented by ``SGLangClient`` (one server),
     ``RolloutPool`` (several) and ``EmbeddedEngine`` (in-process).
 
-    Weight versions are integers that strictly increase; an engine refuses a version <= its current one.
-    Methods raise ``megatron_pz.errors.RolloutError`` (naming the server/endpoint) on failure.
+    Weight updates are a separate protocol (``rollout/updater.py``, ``WeightUpdater``) driven by
+    ``megatron_pz.weight_sync``. Methods raise ``megatron_pz.errors.RolloutError`` (naming the server/endpoint)
+    on failure.
     """
 
     def generate(
@@ -149,51 +151,13 @@ class RolloutEngine(Protocol):
         ...
 
     def weight_version(self) -> int:
-        """Version of the weights that new requests are served with."""
+        """Version of the weights that new requests are served with (integers that strictly increase)."""
         ...
 
     def health(self) -> bool:
         """True if the engine can generate right now."""
         ...
 
-    def update_weights_from_disk(self, model_path: str, version: int) -> None:
-        """Load a full HF safetensors folder and switch to ``version`` (all or nothing)."""
+    def close(self) -> None:
+        """Release connections and worker threads (the servers themselves keep running)."""
         ...
-
-    def update_weights_from_tensor(
-        self, serialized_named_tensors: list[str], version: int, load_format: str | None = "flattened_bucket"
-    ) -> None:
-        """One bucket of CUDA-IPC-serialized tensors (one payload per engine TP rank); colocated GPUs only."""
-        ...
-
-    def init_weights_update_group(
-        self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-        group_name: str = "weight_update_group", backend: str = "nccl",
-    ) -> None:
-        """Join the trainer's broadcast group (the trainer is rank 0). Blocks until the group forms."""
-        ...
-
-    def update_weights_from_distributed(
-        self, names: list[str], dtypes: list[str], shapes: list[list[int]], version: int,
-        group_name: str = "weight_update_group",
-    ) -> None:
-        """Receive one bucket broadcast by rank 0 of the group, in ``names`` order. Blocks until received."""
-        ...
-
-    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None: ...
-
-    def flush_cache(self) -> None:
-        """Drop the prefix/KV cache (stale after a weight update)."""
-        ...
-
-    def pause_generation(self, mode: str = "abort") -> None:
-        """Stop scheduling; "abort" returns in-flight requests with finish reason "abort"."""
-        ...
-
-    def continue_generation(self) -> None: ...
-
-    def release_memory_occupation(self, tags: list[str] | None = None) -> None:
-        """Free GPU memory (weights and/or KV cache) for a colocated trainer step."""
-        ...
-
-    def resume_memory_occupation(self, tags: list[str] | None = None) -> None: ...

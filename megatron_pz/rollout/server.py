@@ -45,7 +45,7 @@ from typing import Any
 from megatron_pz.errors import RolloutError, UserError
 from megatron_pz.rollout.embedded import EmbeddedEngine
 from megatron_pz.rollout.protocol import GenerationResult, SamplingParams
-from megatron_pz.rollout.sglang_client import PARTIAL_VERSION_SUFFIX
+from megatron_pz.rollout.updater import PARTIAL_VERSION_SUFFIX
 
 logger = logging.getLogger(__name__)
 

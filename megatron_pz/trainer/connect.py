@@ -1,7 +1,7 @@
 """Connect a run to its rollout engine: start the embedded server (or find the SGLang ones), open a pool on
 every data owner, and give global rank 0 the configured weight-sync strategy.
 
-Build-time only; the per-step push lives in ``trainer/weights.py``.
+Build-time only; the per-step push is ``weight_sync/publisher.py``.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 import shutil
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +19,7 @@ from megatron_pz.parallel import free_port
 
 if TYPE_CHECKING:
     from megatron_pz.trainer.run import Run
+    from megatron_pz.weight_sync import DiskWeightSync, WeightSync
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def start_rollout(run: Run) -> None:
     from megatron_pz.rollout.launcher import ServerSpec, launch
     from megatron_pz.rollout.pool import PoolConfig, RolloutPool, read_endpoints_file
     from megatron_pz.rollout.sglang_client import ClientConfig
-    from megatron_pz.rollout.weight_sync import DiskWeightSync
+    from megatron_pz.weight_sync import DiskWeightSync
 
     r = run.cfg.rollout
     weights_dir = Path(r.weights_dir or run.out / "weights").resolve()
@@ -65,9 +66,9 @@ def start_rollout(run: Run) -> None:
         run.weights.publish(state)
 
 
-def make_weight_sync(run: Run, weights_dir: Path) -> Any:
+def make_weight_sync(run: Run, weights_dir: Path) -> WeightSync:
     """The configured Megatron -> rollout weight path (global rank 0, which holds the gathered HF tensors)."""
-    from megatron_pz.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, TensorWeightSync
+    from megatron_pz.weight_sync import DiskWeightSync, DistributedWeightSync, TensorWeightSync
 
     r = run.cfg.rollout
     bucket = r.bucket_mb * 1024**2
@@ -89,9 +90,11 @@ def make_weight_sync(run: Run, weights_dir: Path) -> Any:
     return sync
 
 
-def fresh_version_dir(writer: Any, state: dict[str, torch.Tensor], version: int) -> Path:
+def fresh_version_dir(writer: DiskWeightSync, state: dict[str, torch.Tensor], version: int) -> Path:
     """Write the initial weights (replacing a leftover folder of the same version from a killed run)."""
-    path = writer.weights_dir / f"v{version:08d}"
+    from megatron_pz.weight_sync.disk import version_dir_name
+
+    path = writer.weights_dir / version_dir_name(version)
     shutil.rmtree(path, ignore_errors=True)
     return writer.write(state.items(), version)[0]
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # type-only imports: building a Run never needs them at impor
     from megatron_pz.rollout.pool import RolloutPool
     from megatron_pz.trainer.checkpointer import Checkpointer
     from megatron_pz.trainer.optimizer import TrainingState
-    from megatron_pz.trainer.weights import WeightPublisher
+    from megatron_pz.weight_sync.publisher import WeightPublisher
 
 ChatTemplate = Callable[[list[dict[str, str]]], str]
 

@@ -23,7 +23,7 @@ from megatron_pz.parallel import data_owner_rank, init_distributed
 from megatron_pz.trainer.checkpointer import Checkpointer
 from megatron_pz.trainer.connect import start_rollout, stop_rollout
 from megatron_pz.trainer.run import DataLayout, Run
-from megatron_pz.trainer.weights import WeightPublisher
+from megatron_pz.weight_sync.publisher import WeightPublisher
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from megatron_pz.rollout.pool import PoolConfig, RolloutPool
 from megatron_pz.rollout.protocol import SamplingParams
 from megatron_pz.rollout.sglang_client import ClientConfig
 from megatron_pz.rollout.tiny import load_hf, make_tiny_llama, perturbed_state, reference_fn
-from megatron_pz.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, check_logprobs, check_weights
+from megatron_pz.weight_sync import DiskWeightSync, DistributedWeightSync, check_logprobs, check_weights
 
 NUM_GPUS = 0
 REPO = Path(__file__).resolve().parents[2]

@@ -18,7 +18,8 @@ import pytest
 from megatron_pz.errors import RolloutError
 from megatron_pz.rollout.pool import PoolConfig, RolloutPool
 from megatron_pz.rollout.protocol import SamplingParams
-from megatron_pz.rollout.sglang_client import BadResponse, ClientConfig, ServerUnavailable, SGLangClient
+from megatron_pz.rollout.http_transport import BadResponse, ServerUnavailable
+from megatron_pz.rollout.sglang_client import ClientConfig, SGLangClient
 
 NUM_GPUS = 0
 PARAMS = SamplingParams(n=2, max_new_tokens=2)

@@ -14,7 +14,7 @@ from megatron_pz.rollout.protocol import RolloutEngine, SamplingParams
 from megatron_pz.rollout.server import RolloutServer, ServerConfig
 from megatron_pz.rollout.sglang_client import BadResponse, ClientConfig, SGLangClient
 from megatron_pz.rollout.tiny import load_hf, perturbed_state, reference_fn
-from megatron_pz.rollout.weight_sync import DiskWeightSync, check_logprobs, check_weights
+from megatron_pz.weight_sync import DiskWeightSync, check_logprobs, check_weights
 
 NUM_GPUS = 0
 FAST = ClientConfig(max_retries=1, backoff_s=0.01, generate_timeout_s=60, control_timeout_s=60)

@@ -13,13 +13,9 @@ import torch
 
 from megatron_pz.errors import UserError
 from megatron_pz.rollout.embedded import read_safetensors_dir
-from megatron_pz.rollout.sglang_client import parse_weight_version
-from megatron_pz.rollout.weight_sync import (
-    DiskWeightSync,
-    TensorWeightSync,
-    _serialize_flattened_bucket_local,
-    iter_buckets,
-)
+from megatron_pz.rollout.sglang_wire import parse_weight_version
+from megatron_pz.weight_sync import DiskWeightSync, TensorWeightSync, iter_buckets
+from megatron_pz.weight_sync.tensor import serialize_flattened_bucket_local
 
 NUM_GPUS = 0
 REPO = Path(__file__).resolve().parents[2]
@@ -109,7 +105,7 @@ def _decode(payload: str):
 
 def test_tensor_payload_roundtrips_mixed_dtypes():
     bucket = [("a", torch.randn(3, 4)), ("b", torch.arange(6, dtype=torch.int64)), ("c", torch.randn(5).bfloat16())]
-    got = _decode(_serialize_flattened_bucket_local(bucket))
+    got = _decode(serialize_flattened_bucket_local(bucket))
     for name, t in bucket:
         assert got[name].dtype == t.dtype and torch.equal(got[name], t)
 
@@ -137,7 +133,7 @@ def test_tensor_payload_only_uses_globals_sglang_safe_unpickler_allows():
             used.add((module, name))
             return super().find_class(module, name)
 
-    payload = _serialize_flattened_bucket_local([("w", torch.randn(2, 3)), ("b", torch.zeros(4).half())])
+    payload = serialize_flattened_bucket_local([("w", torch.randn(2, 3)), ("b", torch.zeros(4).half())])
     Recorder(io.BytesIO(base64.b64decode(payload))).load()
     assert used and used <= allowed, f"rejected by sglang SafeUnpickler: {used - allowed}"
 

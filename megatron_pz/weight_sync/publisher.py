@@ -3,15 +3,19 @@
 The one owner of the weight version. Version 0 is the weights the run started from (or resumed at); every
 ``push`` makes version + 1 on every rank, so checkpoints, logs and samples agree on what the engine serves.
 Gathering is collective (TP/PP shards meet on global rank 0); only global rank 0 holds a sync strategy
-(disk, CUDA-IPC tensor or NCCL/gloo broadcast, see ``megatron_pz.weight_sync``) and pushes.
+(disk, CUDA-IPC tensor or NCCL/gloo broadcast, the strategies beside this module) and pushes.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_pz.model.arch import ModelArch
+
+if TYPE_CHECKING:
+    from megatron_pz.rollout.pool import RolloutPool
+    from megatron_pz.weight_sync import SyncReport, WeightSync
 
 
 class WeightPublisher:
@@ -19,9 +23,9 @@ class WeightPublisher:
         self.arch = arch
         self.dtype = dtype  # what servers receive (rollout.weights_dtype)
         self.version = version
-        self.sync: Any = None  # the weight-sync strategy, global rank 0 only (set once the engine is up)
-        self.engine: Any = None  # this data owner's rollout pool, told of versions pushed without it
-        self.last_report: Any = None  # SyncReport of the latest push (rank 0)
+        self.sync: WeightSync | None = None  # the strategy, global rank 0 only (set once the engine is up)
+        self.engine: RolloutPool | None = None  # this data owner's pool, told of versions pushed without it
+        self.last_report: SyncReport | None = None  # the latest push (rank 0)
 
     def export(self, chunks: list[torch.nn.Module]) -> dict[str, torch.Tensor] | None:
         """The policy as HF tensors on global rank 0, None elsewhere (collective over all ranks)."""
@@ -43,5 +47,5 @@ class WeightPublisher:
         return self.version
 
     def close(self) -> None:
-        if self.sync is not None and hasattr(self.sync, "close"):
+        if self.sync is not None:
             self.sync.close()

@@ -1,0 +1,32 @@
+"""Weight sync: push the trainer's full tensors (HF names) to the rollout engines as one strictly newer version.
+
+Modules (one strategy each; slime's ``update_weight_from_{disk,tensor,distributed}.py``):
+  base.py         the ``WeightSync`` protocol (``push(named_tensors, version) -> SyncReport``, ``close()``),
+                  ``SyncReport``, bucketing and the version check every strategy shares
+  disk.py         ``DiskWeightSync``: one safetensors folder per version, then /update_weights_from_disk
+                  (the embedded server, shared filesystems)
+  tensor.py       ``TensorWeightSync``: colocated SGLang, CUDA IPC buckets to /update_weights_from_tensor
+  distributed.py  ``DistributedWeightSync``: disaggregated SGLang, rank 0 broadcasts each bucket (NCCL; gloo on CPU)
+  check.py        ``check_weights`` / ``check_logprobs``: does the engine now serve the trainer's weights?
+
+The strategies call the engines through ``megatron_pz.rollout.updater.WeightUpdater``. Buckets hold at most
+``bucket_bytes`` (default 512 MiB).
+"""
+from megatron_pz.weight_sync.base import (
+    DEFAULT_BUCKET_BYTES,
+    NamedTensors,
+    SyncReport,
+    VersionedSync,
+    WeightSync,
+    iter_buckets,
+)
+from megatron_pz.weight_sync.check import CheckReport, check_logprobs, check_weights
+from megatron_pz.weight_sync.disk import DiskWeightSync
+from megatron_pz.weight_sync.distributed import DistributedWeightSync
+from megatron_pz.weight_sync.tensor import TensorWeightSync, serialize_flattened_bucket
+
+__all__ = [
+    "DEFAULT_BUCKET_BYTES", "CheckReport", "DiskWeightSync", "DistributedWeightSync", "NamedTensors", "SyncReport",
+    "TensorWeightSync", "VersionedSync", "WeightSync", "check_logprobs", "check_weights", "iter_buckets",
+    "serialize_flattened_bucket",
+]
