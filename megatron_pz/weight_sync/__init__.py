@@ -8,6 +8,8 @@ Modules (one strategy each; slime's ``update_weight_from_{disk,tensor,distribute
   tensor.py       ``TensorWeightSync``: colocated SGLang, CUDA IPC buckets to /update_weights_from_tensor
   distributed.py  ``DistributedWeightSync``: disaggregated SGLang, rank 0 broadcasts each bucket (NCCL; gloo on CPU)
   check.py        ``check_weights`` / ``check_logprobs``: does the engine now serve the trainer's weights?
+  publisher.py    ``WeightPublisher``: the one owner of the weight version; gathers the Megatron shards into HF
+                  tensors (collective) and pushes them through the strategy as version + 1
 
 The strategies call the engines through ``megatron_pz.rollout.updater.WeightUpdater``. Buckets hold at most
 ``bucket_bytes`` (default 512 MiB).
