@@ -17,9 +17,9 @@ Figures per side, over the steps after ``--warmup``: step time (ours without che
 nothing), rollout tokens/s = generated tokens / rollout phase time, train tokens/s = prompt + response tokens of
 the trained samples (no padding) / train phase time, peak RSS; ratios ours/TRL. Ours also: achieved train FLOP/s
 = 6 x parameters x trained tokens / train time (the dense 6NT rule: forward + backward, attention FLOPs not
-counted) over this process's measured fp32 matmul FLOP/s (``megatron_pz.scaling.measure.matmul_gflops``); rollout tokens/s over plain
-generate; weight-sync seconds; the share of the step in rollout / train / sync / save / idle (idle = step - the
-phases). Writes <out>/bench.json and <out>/bench.md, and prints the table. ``uptime`` load averages are recorded
+counted) over this process's measured fp32 matmul FLOP/s (``megatron_pz.scaling.measure.matmul_gflops``);
+rollout tokens/s over plain generate; weight-sync seconds; the share of the step in rollout / train / sync / save /
+idle (idle = step - the phases). Writes <out>/bench.json and <out>/bench.md, and prints the table. ``uptime`` load averages are recorded
 before and after each side: the figures are only comparable at similar load.
 """
 from __future__ import annotations

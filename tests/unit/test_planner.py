@@ -1,4 +1,4 @@
-"""megatron_pz.plan (the memory and FLOP model) against hand-computed numbers and Korthikanti et al. 2022's published formulas."""
+"""megatron_pz.plan (memory and FLOP model) against hand-computed numbers and Korthikanti et al. 2022's formulas."""
 from types import SimpleNamespace
 
 import pytest
