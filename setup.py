@@ -35,8 +35,9 @@ setup(
         # ships in NGC containers; Megatron-Core falls back to torch kernels without it.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "sglang": ["sglang[all]>=0.5.6", "sglang-router>=0.2"],
-        # `megatron-pz bench` (compare): TRL's GRPOTrainer is the baseline it measures against. Pinned to the
-        # version the bench was written and measured with (trl/trainer/grpo_trainer.py internals are overridden).
+        # `python -m benchmarks.compare` (the top-level benchmarks/ folder, not installed): TRL's GRPOTrainer is
+        # the baseline it measures against. Pinned to the version the bench was written and measured with
+        # (trl/trainer/grpo_trainer.py internals are overridden in benchmarks/trl_grpo.py).
         "bench": ["trl==1.16.0"],
         "dev": [
             "pytest>=8",

@@ -18,7 +18,8 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("serve-rollout", "megatron_pz.rollout.serve"),
     ("train", "megatron_pz.train"),
     ("eval", "megatron_pz.eval.cli"),
-    ("bench", "megatron_pz.bench.cli"),
+    ("plan", "megatron_pz.plan.cli"),
+    ("scaling", "megatron_pz.scaling.cli"),
 ]
 
 

@@ -11,8 +11,8 @@ PYTHON=${PYTHON:-python3}                     # the interpreter with megatron_pz
 OUTPUT_DIR=${OUTPUT_DIR:-$PZ_ROOT/runs/${SLURM_JOB_NAME:-pz}-${SLURM_JOB_ID:-local}}   # checkpoints, metrics, logs;
                                               # stable across requeues (same job id), so a requeued job resumes
 LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/logs}          # per-job logs of the steps (rollout launchers, servers, router)
-PREFLIGHT=${PREFLIGHT:-1}                     # 1: `megatron-pz bench plan` must pass before launching; warn: print only; 0: skip
-PREFLIGHT_ARGS=${PREFLIGHT_ARGS:-}            # e.g. "--model qwen3-4b --memory-gib 80" (see `megatron-pz bench plan -h`)
+PREFLIGHT=${PREFLIGHT:-1}                     # 1: `megatron-pz plan` must pass before launching; warn: print only; 0: skip
+PREFLIGHT_ARGS=${PREFLIGHT_ARGS:-}            # e.g. "--model qwen3-4b --memory-gib 80" (see `megatron-pz plan -h`)
 REQUEUE=${REQUEUE:-1}                         # 1: after a time-limit stop (SIGUSR1) the job requeues itself and resumes
 MAX_RESTARTS=${MAX_RESTARTS:-20}              # ... at most this many times (SLURM_RESTART_COUNT)
 mkdir -p "$OUTPUT_DIR" "$LOG_DIR"
@@ -63,7 +63,7 @@ pz_banner() {
 # pz_srun ARGS... : srun with the container flags (empty without CONTAINER_IMAGE).
 pz_srun() { srun "${SRUN_CONTAINER_ARGS[@]}" "$@"; }
 
-# pz_preflight WORLD_SIZE [overrides...]: `megatron-pz bench plan` on one node (seconds, CPU, no process group):
+# pz_preflight WORLD_SIZE [overrides...]: `megatron-pz plan` on one node (seconds, CPU, no process group):
 # divisibility, lengths, Megatron's config and process-group layout, memory per GPU. Fails the job before any
 # GPU time is spent, unless PREFLIGHT=warn or 0.
 pz_preflight() {
@@ -72,7 +72,7 @@ pz_preflight() {
   local args
   read -r -a args <<< "$PREFLIGHT_ARGS"
   if pz_srun --nodes=1 --ntasks=1 --overlap --output="$LOG_DIR/preflight.log" \
-      "$PYTHON" -m megatron_pz.cli bench plan --config "$CONFIG" --world-size "$world" "${args[@]}" "$@"; then
+      "$PYTHON" -m megatron_pz.cli plan --config "$CONFIG" --world-size "$world" "${args[@]}" "$@"; then
     pz_log "pre-flight OK ($LOG_DIR/preflight.log)"
   else
     cat "$LOG_DIR/preflight.log" >&2 || true

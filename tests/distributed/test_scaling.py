@@ -1,4 +1,4 @@
-"""``megatron-pz bench scaling`` and ``bench plan`` on CPU: gloo worlds per point, planner verdicts, CSV + PNG."""
+"""``megatron-pz scaling`` and ``megatron-pz plan`` on CPU: gloo worlds per point, planner verdicts, CSV + PNG."""
 import csv
 import subprocess
 import sys
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_pz.bench import scaling
-from megatron_pz.bench.archs import preset
+from megatron_pz.plan.archs import preset
+from megatron_pz.scaling import sweep
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,7 +20,7 @@ def megatron_pz(*args: str, timeout: float = 600) -> subprocess.CompletedProcess
 @pytest.mark.multiproc
 def test_sweep_measures_tp_pp_dp_and_rejects_invalid_layouts(tmp_path):
     out = tmp_path / "sweep"
-    p = megatron_pz("bench", "scaling", "--model", "tiny", "--tp", "1,2,3", "--pp", "1,2", "--world-size", "2",
+    p = megatron_pz("scaling", "--model", "tiny", "--tp", "1,2,3", "--pp", "1,2", "--world-size", "2",
                     "--mbs", "1", "--seq-length", "128", "--prompt-length", "32", "--num-microbatches", "2",
                     "--steps", "1", "--warmup", "0", "--out", str(out))
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
@@ -42,15 +42,15 @@ def test_sweep_measures_tp_pp_dp_and_rejects_invalid_layouts(tmp_path):
     assert (out / "scaling.png").stat().st_size > 10_000
     # --report rebuilds the same table from the saved points and results
     (out / "scaling.csv").unlink()
-    assert megatron_pz("bench", "scaling", "--out", str(out), "--report").returncode == 0
+    assert megatron_pz("scaling", "--out", str(out), "--report").returncode == 0
     assert len(list(csv.DictReader(open(out / "scaling.csv")))) == len(rows)
 
 
 def test_dry_run_plans_and_rejects_what_cannot_fit(tmp_path):
-    spec = scaling.SweepSpec(arch=preset("qwen3-8b"), model="qwen3-8b", tp=[1, 2, 8], pp=[1], dp=[1], cp=[1], ep=[1],
+    spec = sweep.SweepSpec(arch=preset("qwen3-8b"), model="qwen3-8b", tp=[1, 2, 8], pp=[1], dp=[1], cp=[1], ep=[1],
                              micro_batch_size=[1], recompute=[None, "full"], world_size=8, seq_length=5632,
                              prompt_length=1536, dtype="bf16", gpu_memory_gib=80.0, on_gpu=True)
-    rows = scaling.write_points(spec, tmp_path)
+    rows = sweep.write_points(spec, tmp_path)
     by = {(r["tp"], r["recompute"]): r for r in rows}
     # 8.2B params at TP1: 2 + 4 B/param of weights and grads alone are 45.8 GiB; the logits of one 5632-token
     # sequence over 151936 rows are another 20.7 GiB -> rejected, and the reason says what dominates.
@@ -61,11 +61,11 @@ def test_dry_run_plans_and_rejects_what_cannot_fit(tmp_path):
 
 
 def test_plan_cli_verdicts():
-    ok = megatron_pz("bench", "plan", "--config", "examples/quickstart_cpu.yaml", "--world-size", "2",
+    ok = megatron_pz("plan", "--config", "examples/quickstart_cpu.yaml", "--world-size", "2",
                      "train.paragraphs_per_step=2")
     assert ok.returncode == 0 and "VERDICT: OK" in ok.stdout, ok.stdout + ok.stderr[-2000:]
     assert "process groups  Megatron parallel_state on a fake 2-rank world: DP 2" in ok.stdout
-    bad = megatron_pz("bench", "plan", "--config", "examples/quickstart_cpu.yaml", "--world-size", "6",
+    bad = megatron_pz("plan", "--config", "examples/quickstart_cpu.yaml", "--world-size", "6",
                       "parallel.tensor_model_parallel_size=2")
     assert bad.returncode == 1 and "VERDICT: FAIL" in bad.stdout
     assert "num_attention_heads=9 is not divisible by tensor_model_parallel_size=2" in bad.stdout
@@ -73,7 +73,7 @@ def test_plan_cli_verdicts():
 
 
 def test_plan_for_a_gpu_config_with_a_preset_architecture():
-    from megatron_pz.bench.validate import validate
+    from megatron_pz.plan.dry_run import validate
 
     gpu_run = ["model.dtype=bf16", "train.paragraphs_per_step=8", "model.recompute_granularity=full",
                "model.recompute_method=uniform", "model.recompute_num_layers=1"]

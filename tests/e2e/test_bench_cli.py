@@ -1,4 +1,4 @@
-"""``megatron-pz bench compare`` end to end on a tiny random Llama (SmolLM2's tokenizer): ours, TRL, plain generate.
+"""``python -m benchmarks.compare`` end to end on a tiny random Llama (SmolLM2's tokenizer): ours, TRL, plain generate.
 
 Two steps per side (one warm-up, one measured). Checks that bench.json / bench.md carry every column and that the
 ratios are computed from the measured per-step values, and that the three sides ran the same workload.
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_bench_compare_one_measured_step(tiny_policy, tmp_path):
     out = tmp_path / "bench"
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run([sys.executable, "-m", "megatron_pz.cli", "bench", "compare", "--out", str(out), "--steps", "2",
+    p = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--out", str(out), "--steps", "2",
                         "--threads", "1", "--no-pretrainzero", f"policy.load={tiny_policy}",
                         "rollout.pred_max_new_tokens=8", "corpus.max_prompt_tokens=200"],
                        capture_output=True, text=True, timeout=900, env=env, cwd=REPO)

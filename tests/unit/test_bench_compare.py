@@ -1,10 +1,10 @@
-"""``bench compare`` arithmetic on hand-made measurements: reductions, ratios, tables (no model, no TRL run)."""
+"""``benchmarks.compare`` arithmetic on hand-made measurements: reductions, ratios, tables (no model, no TRL run)."""
 import math
 import sys
 
 import pytest
 
-from megatron_pz.bench import compare
+from benchmarks import compare, procs, report
 from megatron_pz.errors import UserError
 
 
@@ -16,7 +16,7 @@ def _metrics_row(step, rollout, train, sync, save, extra_idle=0.0, n=16, length=
 
 
 def test_ours_steps_reads_phases_tokens_and_idle():
-    rows = compare.ours_steps([_metrics_row(1, 4.0, 2.0, 0.5, 0.0, extra_idle=1.5)])
+    rows = report.ours_steps([_metrics_row(1, 4.0, 2.0, 0.5, 0.0, extra_idle=1.5)])
     r = rows[0]
     assert r["step_s"] == pytest.approx(8.0) and r["step_no_save_s"] == pytest.approx(8.0)
     assert r["idle_s"] == pytest.approx(1.5)
@@ -25,7 +25,7 @@ def test_ours_steps_reads_phases_tokens_and_idle():
 
 
 def _hand_made():
-    ours = compare.ours_steps([_metrics_row(1, 40.0, 10.0, 1.0, 0.0, extra_idle=5.0),  # warm-up, left out
+    ours = report.ours_steps([_metrics_row(1, 40.0, 10.0, 1.0, 0.0, extra_idle=5.0),  # warm-up, left out
                                _metrics_row(2, 4.0, 2.0, 1.0, 3.0),
                                _metrics_row(3, 6.0, 2.0, 1.0, 0.0)])
     trl = [{"step_s": 99.0, "rollout_s": 50.0, "train_s": 49.0, "generated_tokens": 160, "trained_tokens": 2000},
@@ -33,7 +33,7 @@ def _hand_made():
            {"step_s": 14.0, "rollout_s": 12.0, "train_s": 2.0, "generated_tokens": 160, "trained_tokens": 2000}]
     gen = [{"generate_s": 9.0, "generated_tokens": 160}, {"generate_s": 2.0, "generated_tokens": 160},
            {"generate_s": 2.0, "generated_tokens": 160}]
-    return compare.summarize(ours, trl, gen, warmup=1, params=1_000_000, matmul_gflops=10.0,
+    return report.summarize(ours, trl, gen, warmup=1, params=1_000_000, matmul_gflops=10.0,
                              peak_rss={"ours": 3_000_000_000, "trl": 2_000_000_000, "generate": 10})
 
 
@@ -63,7 +63,7 @@ def test_summarize_ratios_come_from_the_measured_values():
 
 def test_tables_have_every_column_and_row():
     s = _hand_made()
-    text, md = compare.text_table(s), compare.markdown_table(s)
+    text, md = report.text_table(s), report.markdown_table(s)
     for out in (text, md):
         for word in ("megatron_pz", "TRL GRPOTrainer", "ours / TRL", "step time", "rollout tokens/s",
                      "train tokens/s", "peak memory", "FLOP/s", "plain transformers generate", "weight sync",
@@ -74,31 +74,29 @@ def test_tables_have_every_column_and_row():
 
 
 def test_without_trl_side_the_table_says_so():
-    s = compare.summarize(compare.ours_steps([_metrics_row(1, 1, 1, 1, 0), _metrics_row(2, 1, 1, 1, 0)]), None,
+    s = report.summarize(report.ours_steps([_metrics_row(1, 1, 1, 1, 0), _metrics_row(2, 1, 1, 1, 0)]), None,
                           None, warmup=1, params=10, matmul_gflops=1.0, peak_rss={})
     assert "trl" not in s and "ratio_ours_over_trl" not in s
-    assert compare.table_rows(s)[1][2] == "-"
+    assert report.table_rows(s)[1][2] == "-"
 
 
 def test_no_measured_step_is_a_user_error():
     with pytest.raises(UserError, match="warm-up"):
-        compare.summarize(compare.ours_steps([_metrics_row(1, 1, 1, 1, 0)]), None, None, warmup=1, params=1,
+        report.summarize(report.ours_steps([_metrics_row(1, 1, 1, 1, 0)]), None, None, warmup=1, params=1,
                           matmul_gflops=1.0, peak_rss={})
 
 
 def test_zero_time_gives_nan_not_an_exception():
-    s = compare.summarize(compare.ours_steps([_metrics_row(1, 0.0, 0.0, 0.0, 0.0)]), None, None, warmup=0,
+    s = report.summarize(report.ours_steps([_metrics_row(1, 0.0, 0.0, 0.0, 0.0)]), None, None, warmup=0,
                           params=1, matmul_gflops=1.0, peak_rss={})
     assert math.isnan(s["ours"]["rollout_tokens_per_s"])
 
 
 def test_missing_trl_is_one_clear_line(monkeypatch, capsys):
-    from megatron_pz.cli import main
-
     monkeypatch.setitem(sys.modules, "trl", None)  # import trl -> ImportError
     with pytest.raises(UserError, match=r"pip install 'megatron_pz\[bench\]'"):
-        compare.require_trl()
-    assert main(["bench"]) == 2
+        procs.require_trl()
+    assert compare.main([]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs TRL" in err[0]
 
@@ -112,11 +110,11 @@ def test_tree_rss_counts_children():
         import time
 
         time.sleep(1.0)
-        own = compare.tree_rss_bytes(p.pid)
+        own = procs.tree_rss_bytes(p.pid)
         with open(f"/proc/{p.pid}/statm") as f:
             parent_only = int(f.read().split()[1]) * __import__("os").sysconf("SC_PAGE_SIZE")
         assert own > parent_only
-        assert 0 < compare.tree_pss_bytes(p.pid) <= own  # shared pages split, not counted per process
+        assert 0 < procs.tree_pss_bytes(p.pid) <= own  # shared pages split, not counted per process
     finally:
         p.kill()
         p.wait()

@@ -1,10 +1,12 @@
-"""megatron_pz.planner against hand-computed numbers and Korthikanti et al. 2022's published formulas."""
+"""megatron_pz.plan (memory and FLOP model) against hand-computed numbers and Korthikanti et al. 2022's formulas."""
 from types import SimpleNamespace
 
 import pytest
 
-from megatron_pz import planner
-from megatron_pz.planner import Layout, Workload, layer_activation_bytes, plan_memory
+from megatron_pz.plan import activations, flops, params
+from megatron_pz.plan.activations import layer_activation_bytes
+from megatron_pz.plan.layout import Layout, Workload
+from megatron_pz.plan.memory import GIB, plan_memory
 
 # A small Llama: L=4, h=64, f=96, 4 heads of 16, 2 KV groups (q width 64, kv width 32), vocab 300, untied.
 # vocab 300 pads to 384 at TP1 and 512 at TP2 (multiples of 128 x TP).
@@ -53,19 +55,19 @@ def test_flash_attention_keeps_no_scores_and_gqa_widths():
 # ------------------------------------------------------------------------------------------- parameters
 def test_param_counts_by_stage():
     # per layer: attention 64*(64+2*32) + 64*64 = 12288, MLP 3*64*96 = 18432, two norms 128 -> 30848
-    assert planner.layer_param_counts(ARCH) == (30848, 0)
-    dense, expert = planner.stage_param_counts(ARCH, Layout(), 0)
+    assert params.layer_param_counts(ARCH) == (30848, 0)
+    dense, expert = params.stage_param_counts(ARCH, Layout(), 0)
     assert (dense, expert) == (4 * 30848 + 384 * 64 + 384 * 64 + 64, 0)  # + embedding, output layer, final norm
     # TP2 PP2: a layer is 12288/2 + 18432/2 + 128 = 15488; embedding 512*64/2 = 16384
     lay = Layout(tp=2, pp=2, dp=2)
-    assert planner.stage_param_counts(ARCH, lay, 0) == (2 * 15488 + 16384, 0)
-    assert planner.stage_param_counts(ARCH, lay, 1) == (2 * 15488 + 64 + 16384, 0)
+    assert params.stage_param_counts(ARCH, lay, 0) == (2 * 15488 + 16384, 0)
+    assert params.stage_param_counts(ARCH, lay, 1) == (2 * 15488 + 64 + 16384, 0)
 
 
 def test_tied_embeddings_get_a_copy_on_the_last_stage_only_with_pp():
     tied = SimpleNamespace(**{**vars(ARCH), "tie_word_embeddings": True})
-    assert planner.stage_param_counts(tied, Layout(), 0)[0] == 4 * 30848 + 384 * 64 + 64
-    assert planner.stage_param_counts(tied, Layout(pp=2), 1)[0] == 2 * 30848 + 384 * 64 + 64
+    assert params.stage_param_counts(tied, Layout(), 0)[0] == 4 * 30848 + 384 * 64 + 64
+    assert params.stage_param_counts(tied, Layout(pp=2), 1)[0] == 2 * 30848 + 384 * 64 + 64
 
 
 def test_state_bytes_bf16_distributed_optimizer():
@@ -87,12 +89,12 @@ def test_state_bytes_fp32_and_without_distributed_optimizer():
 def test_moe_params_via_optional_fields():
     moe = SimpleNamespace(**vars(ARCH), num_experts=8, moe_ffn_hidden_size=32, moe_router_topk=2)
     # TP2: attention 12288/2 + norms 128 + router 8*64 (replicated) = 6784; EP4 ETP1: 2 experts x 3*64*32 = 12288
-    assert planner.layer_param_counts(moe, tp=2, ep=4, etp=1) == (6784, 12288)
+    assert params.layer_param_counts(moe, tp=2, ep=4, etp=1) == (6784, 12288)
     # expert optimizer state is sharded over expert-DP = world / (PP x EP x ETP) = 16 / 4 = 4
     lay = Layout(tp=2, dp=8, ep=4, etp=1)
     assert lay.expert_dp == 4
     st = plan_memory(moe, lay, Workload(1, 64), overhead_gib=0).stages[0]
-    dense, expert = planner.stage_param_counts(moe, lay, 0)
+    dense, expert = params.stage_param_counts(moe, lay, 0)
     assert st.optimizer == 12 * dense / 8 + 12 * expert / 4
 
 
@@ -115,14 +117,14 @@ def test_stage_activations_and_pipeline_in_flight():
 def test_logits_bytes():
     # 2 x 128 tokens x 384 padded rows; per element: bf16 logits 2 + fp32 copy 4 + saved softmax 4 + entropy 16
     # + 4 for the masked_fill copy (vocab 300 is padded at TP1)
-    assert planner.logits_bytes(ARCH, Layout(), WORK) == 2 * 128 * 384 * 30
+    assert activations.logits_bytes(ARCH, Layout(), WORK) == 2 * 128 * 384 * 30
     fp32 = Workload(2, 128, dtype="fp32")
-    assert planner.logits_bytes(ARCH, Layout(tp=2), fp32) == 2 * 128 * 512 / 2 * 28
+    assert activations.logits_bytes(ARCH, Layout(tp=2), fp32) == 2 * 128 * 512 / 2 * 28
 
 
 def test_fits_names_the_largest_part():
     plan = plan_memory(ARCH, Layout(), WORK, overhead_gib=1.0)
-    assert plan.total == plan.worst.allocated + planner.GIB
+    assert plan.total == plan.worst.allocated + GIB
     ok = plan.fits(2.0)
     assert ok and ok.reason.startswith("fits: ")
     big = plan_memory(ARCH, Layout(), Workload(64, 1024), overhead_gib=0.0)
@@ -134,21 +136,21 @@ def test_fits_names_the_largest_part():
 # ------------------------------------------------------------------------------------------- FLOPs and peaks
 def test_model_flops_per_token():
     # N_matmul = 4 * (64*128 + 64*64 + 3*64*96) + 300*64 = 142,080; 6N = 852,480; attention 12*4*128*64 = 393,216
-    assert planner.matmul_params(ARCH) == 142_080
-    assert planner.model_flops_per_token(ARCH, 128) == 852_480 + 393_216
+    assert flops.matmul_params(ARCH) == 142_080
+    assert flops.model_flops_per_token(ARCH, 128) == 852_480 + 393_216
 
 
 def test_peak_tflops_table():
-    assert planner.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
-    assert planner.peak_tflops("NVIDIA GH200 480GB", "bf16") == 989.4
-    assert planner.peak_tflops("NVIDIA H100 80GB HBM3", "fp32") is None
-    assert planner.peak_tflops("cpu", "bf16") is None
+    assert flops.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert flops.peak_tflops("NVIDIA GH200 480GB", "bf16") == 989.4
+    assert flops.peak_tflops("NVIDIA H100 80GB HBM3", "fp32") is None
+    assert flops.peak_tflops("cpu", "bf16") is None
 
 
 def test_real_model_counts_match_modelarch():
-    from megatron_pz.bench.archs import preset
+    from megatron_pz.plan.archs import preset
 
     for name in ("qwen3-4b", "qwen3-8b", "qwen3-30b-a3b"):
         arch = preset(name)
-        dense, expert = planner.stage_param_counts(arch, Layout(), 0)  # vocab 151936 needs no padding at TP1
+        dense, expert = params.stage_param_counts(arch, Layout(), 0)  # vocab 151936 needs no padding at TP1
         assert dense + expert == arch.num_parameters, name

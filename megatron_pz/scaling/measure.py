@@ -10,7 +10,7 @@ Per step: wall time (barrier to barrier), split into forward+backward (the sched
 including the distributed optimizer's parameter all-gather). Peak memory: ``torch.cuda.max_memory_allocated``
 on GPU; on CPU the peak RSS (``getrusage``) minus the RSS right before the model is built.
 
-    python -m megatron_pz.bench.measure --point point.json --out result.json
+    python -m megatron_pz.scaling.measure --point point.json --out result.json
 spawns TP x PP x CP x DP local processes (gloo on CPU, NCCL on GPU); under torchrun/srun (RANK and
 WORLD_SIZE set) it runs as one rank of that world instead.
 """
@@ -207,14 +207,13 @@ def run_point(point: dict[str, Any], out_path: str) -> None:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     if dist.get_rank() == 0:
-        tmp = out_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"point": point, "ranks": gathered}, f)
-        os.replace(tmp, out_path)
+        from megatron_pz.io import atomic_write_text
+
+        atomic_write_text(out_path, json.dumps({"point": point, "ranks": gathered}))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m megatron_pz.bench.measure", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m megatron_pz.scaling.measure", description=__doc__.splitlines()[0])
     ap.add_argument("--point", required=True, help="JSON file of one Point")
     ap.add_argument("--out", required=True, help="result JSON (written by rank 0)")
     args = ap.parse_args(argv)

@@ -1,8 +1,8 @@
 """Scaling study: a grid of TP x PP x DP (x CP x EP, micro-batch, recompute) for one model -> CSV + PNG.
 
-Every point is first checked (divisibility, sequence length, Megatron's rules) and planned (``planner``:
+Every point is first checked (divisibility, sequence length, Megatron's rules) and planned (``megatron_pz.plan``:
 memory per GPU); points that cannot fit are rejected with the reason before anything starts. The others run
-``bench.measure`` (the real train step on synthetic samples) in a fresh world each, locally; on a cluster,
+``scaling.measure`` (the real train step on synthetic samples) in a fresh world each, locally; on a cluster,
 ``--points-only`` writes the point files for ``slurm/scaling.sbatch`` to run and ``--report`` collects them.
 
 Output folder:
@@ -23,9 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_pz import planner
-from megatron_pz.bench.measure import Point
 from megatron_pz.errors import ConfigError
+from megatron_pz.plan.flops import model_flops_per_token, peak_tflops
+from megatron_pz.plan.layout import Layout, Workload
+from megatron_pz.plan.memory import GIB, MemoryPlan, plan_memory
+from megatron_pz.scaling.measure import Point
 
 COLUMNS = [
     "id", "label", "status", "reason", "model", "device", "tp", "pp", "dp", "cp", "ep", "sequence_parallel",
@@ -133,21 +135,21 @@ def _check(spec: SweepSpec, tp: int, pp: int, dp: int, cp: int, ep: int, mbs: in
     return spec.global_batch // (dp * mbs)
 
 
-def plan_point(spec: SweepSpec, p: Point) -> planner.MemoryPlan:
-    layout = planner.Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, etp=p.etp,
-                            sequence_parallel=p.sequence_parallel)
-    work = planner.Workload(micro_batch_size=p.micro_batch_size, seq_length=p.seq_length,
-                            num_microbatches=p.num_microbatches, dtype=p.dtype,
-                            distributed_optimizer=p.distributed_optimizer, recompute=p.recompute,
-                            flash_attention=spec.on_gpu, fused_swiglu=spec.on_gpu)
-    return planner.plan_memory(spec.arch, layout, work, overhead_gib=spec.overhead_gib)
+def plan_point(spec: SweepSpec, p: Point) -> MemoryPlan:
+    layout = Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, etp=p.etp,
+                    sequence_parallel=p.sequence_parallel)
+    work = Workload(micro_batch_size=p.micro_batch_size, seq_length=p.seq_length,
+                    num_microbatches=p.num_microbatches, dtype=p.dtype,
+                    distributed_optimizer=p.distributed_optimizer, recompute=p.recompute,
+                    flash_attention=spec.on_gpu, fused_swiglu=spec.on_gpu)
+    return plan_memory(spec.arch, layout, work, overhead_gib=spec.overhead_gib)
 
 
-def plan_columns(plan: planner.MemoryPlan) -> dict[str, float]:
+def plan_columns(plan: MemoryPlan) -> dict[str, float]:
     b = plan.breakdown_gib()
     return {"pred_params_gib": b["params"], "pred_grads_gib": b["grads"], "pred_optimizer_gib": b["optimizer"],
             "pred_activations_gib": b["activations"], "pred_logits_gib": b["logits"],
-            "pred_alloc_gib": plan.worst.allocated / planner.GIB, "pred_total_gib": b["total"]}
+            "pred_alloc_gib": plan.worst.allocated / GIB, "pred_total_gib": b["total"]}
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -167,7 +169,7 @@ def write_points(spec: SweepSpec, out: Path) -> list[dict[str, Any]]:
 
 def run_points(out: Path, rows: list[dict[str, Any]], threads_total: int | None, timeout_s: float,
                log=print) -> None:
-    """Run every planned point in its own process tree (``bench.measure``), one after the other."""
+    """Run every planned point in its own process tree (``scaling.measure``), one after the other."""
     for row in rows:
         if row["status"] != "planned":
             continue
@@ -182,7 +184,7 @@ def run_points(out: Path, rows: list[dict[str, Any]], threads_total: int | None,
         env = dict(os.environ, OMP_NUM_THREADS=str(point.get("threads") or 1))
         with open(out / "points" / f"{pid}.log", "w") as logf:
             try:
-                proc = subprocess.run([sys.executable, "-m", "megatron_pz.bench.measure", "--point", str(point_file),
+                proc = subprocess.run([sys.executable, "-m", "megatron_pz.scaling.measure", "--point", str(point_file),
                                        "--out", str(result)], stdout=logf, stderr=subprocess.STDOUT, env=env,
                                       timeout=timeout_s)
                 rc = proc.returncode
@@ -222,17 +224,17 @@ def measured_columns(result: dict[str, Any], arch: Any, spec: dict[str, Any]) ->
     grad_sync = max(mean(r["grad_sync_s"]) for r in ranks)
     optim = max(mean(r["optimizer_s"]) for r in ranks)
     tokens = p.dp * p.num_microbatches * p.micro_batch_size * p.seq_length
-    flops_tok = planner.model_flops_per_token(arch, p.seq_length)
+    flops_tok = model_flops_per_token(arch, p.seq_length)
     achieved = flops_tok * tokens / step / p.world_size / 1e12
     device_name = ranks[0]["device"]
     peak, source = None, ""
     if spec.get("peak_tflops"):
         peak, source = spec["peak_tflops"], "given"
     elif device_name != "cpu":
-        peak, source = planner.peak_tflops(device_name, p.dtype), "datasheet"
+        peak, source = peak_tflops(device_name, p.dtype), "datasheet"
     else:
         peak, source = mean([r["matmul_gflops"] for r in ranks]) / 1e3, "measured fp32 matmul"
-    measured = max(r["peak_bytes"] for r in ranks) / planner.GIB
+    measured = max(r["peak_bytes"] for r in ranks) / GIB
     return {"status": "ok", "reason": "", "device": device_name, "tokens_per_step": tokens, "step_time_s": step,
             "fwd_bwd_s": step - grad_sync - optim, "grad_sync_s": grad_sync, "optimizer_s": optim,
             "tokens_per_s": tokens / step, "tokens_per_s_per_gpu": tokens / step / p.world_size,

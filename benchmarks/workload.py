@@ -72,7 +72,7 @@ def build_workload(cfg: Any, steps: int) -> Workload:
     from megatron_pz.data.prompts import template_overhead_tokens
     from megatron_pz.data.tasks import random_span_samples
     from megatron_pz.model.tokenizer import load_tokenizer
-    from megatron_pz.trainer.collect import _seed
+    from megatron_pz.trainer.collect import sample_seed
 
     hf_dir, tok_dir = hf_and_tokenizer_dirs(cfg)
     tok = load_tokenizer(tok_dir)
@@ -90,7 +90,7 @@ def build_workload(cfg: Any, steps: int) -> Workload:
         for i in range(t.paragraphs_per_step):
             p = next(corpus)
             work.paragraph_ids.append(str(p.id))
-            rng = random.Random(_seed(t.seed, step, 0, i))
+            rng = random.Random(sample_seed(t.seed, step, 0, i))
             for m in range(t.masks_per_paragraph):
                 _, group = random_span_samples(p, f"s{step}/r0/p{i}/m{m}", t.predictions_per_mask, cfg.span,
                                                cfg.random_span, cfg.prompt, rng, chat)

@@ -1,6 +1,6 @@
 """Dry-run validation of a run config for a world size, on CPU in seconds, before a job queues.
 
-    megatron-pz bench plan --config examples/qwen3_4b_pretrainzero.yaml --world-size 8 [--model qwen3-4b]
+    megatron-pz plan --config examples/qwen3_4b_pretrainzero.yaml --world-size 8 [--model qwen3-4b]
 
 Checks, in order (each prints one line; the first failure decides the verdict, later checks still run where
 they can): the config loads; the world splits into TP x PP x CP x DP and DP divides the batch; the model
@@ -15,8 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from megatron_pz import planner
 from megatron_pz.errors import UserError
+from megatron_pz.plan.archs import resolve_arch, samples_per_dp_rank, seq_length_of
+from megatron_pz.plan.layout import Layout, Workload
+from megatron_pz.plan.memory import MemoryPlan, plan_memory
 
 # An H100 80GB: nvidia-smi reports 81,559 MiB = 79.6 GiB.
 H100_GIB = 79.6
@@ -32,7 +34,7 @@ class Check:
 @dataclass
 class Report:
     checks: list[Check]
-    plan: planner.MemoryPlan | None = None
+    plan: MemoryPlan | None = None
 
     @property
     def ok(self) -> bool:
@@ -76,7 +78,6 @@ def validate(config: str, overrides: list[str], world_size: int, model: str | No
              target: str | None = None, memory_gib: float | None = None, overhead_gib: float | None = None,
              fake_groups: bool = True) -> Report:
     """Run every check; ``target`` gpu|cpu (default: gpu for 16-bit configs), ``memory_gib`` per rank."""
-    from megatron_pz.bench.archs import resolve_arch, samples_per_dp_rank, seq_length_of
     from megatron_pz.config import load_config
 
     checks: list[Check] = []
@@ -132,15 +133,15 @@ def validate(config: str, overrides: list[str], world_size: int, model: str | No
     mbs = cfg.train.micro_batch_size
     nmb = math.ceil(samples_per_dp_rank(cfg, dp) / mbs)
     rc = cfg.model.recompute_granularity
-    layout = planner.Layout(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, dp=dp,
-                            cp=p.context_parallel_size, ep=p.expert_model_parallel_size,
-                            etp=p.expert_tensor_parallel_size, sequence_parallel=p.sequence_parallel)
-    work = planner.Workload(micro_batch_size=mbs, seq_length=seq_length_of(cfg), num_microbatches=nmb,
-                            dtype=cfg.model.dtype, distributed_optimizer=cfg.optim.use_distributed_optimizer,
-                            recompute=rc, flash_attention=target == "gpu", fused_swiglu=target == "gpu")
+    layout = Layout(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, dp=dp,
+                    cp=p.context_parallel_size, ep=p.expert_model_parallel_size,
+                    etp=p.expert_tensor_parallel_size, sequence_parallel=p.sequence_parallel)
+    work = Workload(micro_batch_size=mbs, seq_length=seq_length_of(cfg), num_microbatches=nmb,
+                    dtype=cfg.model.dtype, distributed_optimizer=cfg.optim.use_distributed_optimizer,
+                    recompute=rc, flash_attention=target == "gpu", fused_swiglu=target == "gpu")
     if overhead_gib is None:
         overhead_gib = 4.0 if target == "gpu" else 0.5
-    plan = planner.plan_memory(a, layout, work, overhead_gib=overhead_gib)
+    plan = plan_memory(a, layout, work, overhead_gib=overhead_gib)
     if memory_gib is None:
         memory_gib = (gpu_memory_gib() or H100_GIB) if target == "gpu" else host_memory_gib() / world_size
     fit = plan.fits(memory_gib)

@@ -1,8 +1,10 @@
-"""``megatron-pz bench KIND ...``: one sub-subcommand per benchmark kind (compare, scaling, plan).
+"""``megatron-pz scaling ...``: the scaling-sweep command (flags -> ``SweepSpec`` -> plan, run, CSV + PNG).
 
-Plain ``megatron-pz bench`` runs ``bench compare`` with its defaults (examples/bench_cpu.yaml vs TRL).
+    megatron-pz scaling --model tiny --tp 1,2 --pp 1,2 --world-size 2 --out runs/bench/scaling
+    megatron-pz scaling --config RUN.yaml --tp 1,2,4 --world-size 8 --dry-run      # plan only
+    megatron-pz scaling --out DIR --report                                           # CSV + PNG from DIR
 
-A new kind is a function ``_register_<kind>(kinds)`` added to KINDS; it adds its parser and sets ``func``.
+The sweep itself is ``scaling.sweep``; one point's measurement is ``scaling.measure``.
 """
 from __future__ import annotations
 
@@ -13,79 +15,6 @@ from pathlib import Path
 from megatron_pz.errors import ConfigError, UserError
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks and plans: ours vs TRL (default), scaling sweeps, config checks",
-                       description=__doc__.splitlines()[0])
-    kinds = p.add_subparsers(dest="bench_kind", metavar="KIND")
-    parsers = {}
-    for reg in KINDS:
-        parsers[reg.__name__] = reg(kinds)
-    compare_parser = parsers["_register_compare"]
-    p.set_defaults(func=lambda a: _compare(compare_parser.parse_args([])))
-
-
-# ------------------------------------------------------------------------------------------- compare
-def _register_compare(kinds: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from megatron_pz.bench import compare
-
-    p = kinds.add_parser("compare", help="the same workload through megatron_pz and TRL's GRPOTrainer (the default)",
-                         description=compare.__doc__.split("\n\n")[0],
-                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=compare.__doc__)
-    p.add_argument("--config", default=compare.DEFAULT_CONFIG, help=f"run file (default {compare.DEFAULT_CONFIG})")
-    p.add_argument("--out", default="runs/bench/compare", help="output folder (bench.json, bench.md, logs)")
-    p.add_argument("--steps", type=int, default=None, help="steps per side, warm-up included (default: train.steps)")
-    p.add_argument("--warmup", type=int, default=1, help="leading steps left out of the figures")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
-    p.add_argument("--no-pretrainzero", action="store_true", help="skip the full PretrainZero run of our side")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the run file, for every side")
-    p.set_defaults(func=_compare)
-    return p
-
-
-def _compare(args: argparse.Namespace) -> int:
-    from megatron_pz.bench.compare import main_from_args
-
-    if args.warmup < 0:
-        raise ConfigError("--warmup must be >= 0")
-    return main_from_args(args)
-
-
-# ------------------------------------------------------------------------------------------- plan
-def _register_plan(kinds: argparse._SubParsersAction) -> None:
-    from megatron_pz.bench import validate
-
-    p = kinds.add_parser("plan", help="dry-run: validate a run config for a world size and predict memory per GPU",
-                         description=validate.__doc__.split("\n\n")[0],
-                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=validate.__doc__)
-    p.add_argument("--config", required=True, help="run file (YAML)")
-    p.add_argument("--world-size", type=int, required=True, help="training ranks (GPUs) the job will have")
-    p.add_argument("--model", default=None,
-                   help="architecture to plan for instead of policy.load (a preset such as qwen3-4b, an HF "
-                        "folder/config.json, or a checkpoint): for configs whose weights are not on this machine")
-    p.add_argument("--target", choices=["gpu", "cpu"], default=None,
-                   help="gpu: Transformer Engine kernels assumed (default for bf16/fp16 configs); cpu: local spec")
-    p.add_argument("--memory-gib", type=float, default=None,
-                   help="memory per rank in GiB (default on gpu: this machine's GPU, else 79.6 = an H100 80GB; "
-                        "on cpu: available host memory / world size)")
-    p.add_argument("--overhead-gib", type=float, default=None, help="fixed allowance per rank (gpu 4, cpu 0.5)")
-    p.add_argument("--no-fake-groups", action="store_true", help="skip Megatron's parallel_state on a fake world")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for `megatron-pz train`")
-    p.set_defaults(func=_plan)
-
-
-def _plan(args: argparse.Namespace) -> int:
-    from megatron_pz.bench.validate import validate
-
-    if args.world_size < 1:
-        raise ConfigError("--world-size must be >= 1")
-    report = validate(args.config, args.overrides, args.world_size, model=args.model, target=args.target,
-                      memory_gib=args.memory_gib, overhead_gib=args.overhead_gib, fake_groups=not args.no_fake_groups)
-    print(f"megatron-pz bench plan: {args.config} on {args.world_size} rank(s)")
-    print(report.text())
-    return 0 if report.ok else 1
-
-
-# ------------------------------------------------------------------------------------------- scaling
 def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x]
@@ -102,12 +31,12 @@ def _recompute(text: str) -> list[str | None]:
     return out
 
 
-def _register_scaling(kinds: argparse._SubParsersAction) -> None:
-    from megatron_pz.bench import scaling
+def register(sub: argparse._SubParsersAction) -> None:
+    from megatron_pz.scaling import sweep
 
-    p = kinds.add_parser("scaling", help="sweep TP x PP x DP (x CP x EP, micro-batch, recompute): CSV + PNG",
-                         description=scaling.__doc__.split("\n\n")[0],
-                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=scaling.__doc__)
+    p = sub.add_parser("scaling", help="sweep TP x PP x DP (x CP x EP, micro-batch, recompute): CSV + PNG",
+                       description=sweep.__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=sweep.__doc__)
     m = p.add_argument_group("model and workload (defaults from --config when given)")
     m.add_argument("--config", default=None, help="run file: model (policy.load), micro-batch, lengths, dtype, "
                                                   "recompute, layout and global batch")
@@ -150,13 +79,14 @@ def _register_scaling(kinds: argparse._SubParsersAction) -> None:
     mode.add_argument("--points-only", action="store_true",
                       help="plan and write points/*.point.json for an external launcher (slurm/scaling.sbatch)")
     mode.add_argument("--report", action="store_true", help="only rebuild scaling.csv/png from --out")
-    p.set_defaults(func=_scaling)
+    p.set_defaults(func=run)
 
 
 def _spec_from_args(args: argparse.Namespace):
     from megatron_pz import device
-    from megatron_pz.bench import archs, scaling
-    from megatron_pz.bench.validate import host_memory_gib
+    from megatron_pz.plan import archs
+    from megatron_pz.plan.dry_run import H100_GIB, host_memory_gib
+    from megatron_pz.scaling.sweep import SweepSpec
 
     on_gpu = device.cuda_available() if args.target is None else args.target == "gpu"
     if on_gpu and not device.cuda_available() and not (args.dry_run or args.points_only):
@@ -201,13 +131,11 @@ def _spec_from_args(args: argparse.Namespace):
 
         memory = torch.cuda.get_device_properties(0).total_memory / 1024 ** 3
     elif on_gpu:
-        from megatron_pz.bench.validate import H100_GIB
-
         memory = H100_GIB
     else:
         memory = host_memory_gib() / max(world or max(t * p * c * dp for t in d["tp"] for p in d["pp"]
                                                       for c in d["cp"] for dp in d["dp"]), 1)
-    return scaling.SweepSpec(
+    return SweepSpec(
         arch=arch, model=str(d["model"]), tp=d["tp"], pp=d["pp"], dp=d["dp"], cp=d["cp"], ep=d["ep"],
         micro_batch_size=d["mbs"], recompute=d["recompute"], world_size=world, global_batch=d["global_batch"],
         num_microbatches=args.num_microbatches or 4, seq_length=d["seq_length"],
@@ -218,10 +146,11 @@ def _spec_from_args(args: argparse.Namespace):
         on_gpu=on_gpu)
 
 
-def _scaling(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Plan the grid, run the planned points (unless --dry-run/--points-only), write CSV + PNG; or only --report."""
     import json
 
-    from megatron_pz.bench import plot, scaling
+    from megatron_pz.scaling import plot, sweep
 
     out = Path(args.out)
     if args.report:
@@ -231,21 +160,21 @@ def _scaling(args: argparse.Namespace) -> int:
         spec = _spec_from_args(args)
         if args.steps < 1 or args.warmup < 0:
             raise ConfigError("--steps must be >= 1 and --warmup >= 0")
-        rows = scaling.write_points(spec, out)
-        sweep = json.loads((out / "sweep.json").read_text())
-        sweep["spec"]["peak_tflops"] = args.peak_tflops
-        (out / "sweep.json").write_text(json.dumps(sweep, indent=1, default=str))
+        rows = sweep.write_points(spec, out)
+        meta = json.loads((out / "sweep.json").read_text())
+        meta["spec"]["peak_tflops"] = args.peak_tflops
+        (out / "sweep.json").write_text(json.dumps(meta, indent=1, default=str))
         _print_plan(rows, spec)
         if args.points_only:
             print(f"wrote {sum(r['status'] == 'planned' for r in rows)} point(s) to {out}/points")
             return 0
         if not args.dry_run:
             threads = None if spec.on_gpu else (args.threads or os.cpu_count())
-            scaling.run_points(out, rows, threads, args.timeout)
-    rows = scaling.collect(out)
-    scaling.write_csv(rows, out / "scaling.csv")
-    sweep = json.loads((out / "sweep.json").read_text())
-    s = sweep["spec"]
+            sweep.run_points(out, rows, threads, args.timeout)
+    rows = sweep.collect(out)
+    sweep.write_csv(rows, out / "scaling.csv")
+    meta = json.loads((out / "sweep.json").read_text())
+    s = meta["spec"]
     title = (f"{s['model']}: seq {s['seq_length']}, {s['dtype']}, "
              f"{'GPU' if s.get('on_gpu') else 'CPU (gloo)'}, memory limit {float(s['gpu_memory_gib']):.0f} GiB/rank")
     png = plot.plot_sweep(rows, out / "scaling.png", title)
@@ -271,6 +200,3 @@ def _print_results(rows: list[dict]) -> None:
                   f"{r['pred_alloc_gib']:.2f})  {mfu}")
         elif r["status"] == "failed":
             print(f"  [{r['id']}] {r['label']:<28} FAILED: {r['reason']}")
-
-
-KINDS = [_register_compare, _register_scaling, _register_plan]

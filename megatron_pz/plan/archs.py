@@ -1,4 +1,4 @@
-"""Model architectures for benchmarks and plans, without weights: presets, HF folders, checkpoints, run configs.
+"""Model architectures for plans and scaling sweeps, without weights: presets, HF folders, checkpoints, run configs.
 
 Presets are the published HF ``config.json`` values of models we plan for (written from the model cards'
 configs, not fetched: this project builds offline). Their parameter counts reproduce the cards: Qwen3-0.6B
