@@ -238,6 +238,21 @@ class RunConfig:
                               f"data-parallel size {dp} (world {world_size} / TP x PP x CP)")
         return dp
 
+    def describe(self, world_size: int) -> list[str]:
+        """The set-up in a few console lines: model, layout, batch (the output folder is the caller's line)."""
+        p, t, r = self.parallel, self.train, self.rollout
+        layout = (f"TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x "
+                  f"CP {p.context_parallel_size} x DP {self.parallel.data_parallel_size(world_size)}")
+        if p.expert_model_parallel_size > 1:
+            layout += f", EP {p.expert_model_parallel_size}"
+        return [
+            f"model    {self.policy.load} ({self.model.dtype})",
+            f"layout   {world_size} process{'es' if world_size > 1 else ''}: {layout}; rollout {r.backend}, "
+            f"{r.weight_sync} weight sync in {r.weights_dtype}",
+            f"run      {t.objective}, {t.steps} steps of {t.paragraphs_per_step} paragraphs x "
+            f"{t.masks_per_paragraph} masks x {t.predictions_per_mask} predictions",
+        ]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -10,8 +10,8 @@ Files under ``out_dir`` (see ``logs.writers``):
   * ``tensorboard/``: event files, the scalar names are the tags;
   * ``samples/step_{step:07d}.jsonl``: up to ``k`` samples per task, every time the trainer calls
     ``log_samples`` (it decides the period).
-Console: one line per logged step on stdout (``logs.console.step_line``) and, optionally, a progress bar on
-stderr.
+Console: where the run starts (fresh or resumed), one line per logged step on stdout (``logs.console.step_line``)
+and, optionally, a progress bar on stderr.
 """
 from __future__ import annotations
 
@@ -62,6 +62,10 @@ class RunLogger:
         self._samples = SampleDump(self.out_dir / "samples", start_step)
         if tensorboard:
             self._tb = TensorBoardLog(self.out_dir / "tensorboard", start_step)
+        if self.steps_done:
+            say(f"resume   after step {self.steps_done} of {total_steps} (the last checkpoint)")
+        else:
+            say(f"start    step 1 of {total_steps} (no checkpoint to resume from)")
         if progress_bar:
             self._bar = ProgressBar(total_steps, self.steps_done)
 

@@ -130,3 +130,12 @@ def test_a_moved_key_names_its_new_place(tmp_path):
         load_config(write(tmp_path / "old.yaml", "task:\n  objective: random_span\n"))
     with pytest.raises(ConfigError, match=r"'task\.pred_group_size' is now 'train\.predictions_per_mask'"):
         load_config(None, ["task.pred_group_size=8"])
+
+
+def test_describe_is_the_set_up_in_a_few_lines():
+    c = load_config("examples/quickstart_cpu.yaml", ["parallel.tensor_model_parallel_size=2"])
+    lines = c.describe(4)
+    assert len(lines) == 3 and all(len(line) < 120 for line in lines)
+    assert lines[0].startswith("model    smollm2 (fp32)")
+    assert "4 processes: TP 2 x PP 1 x CP 1 x DP 2; rollout embedded, disk weight sync in fp32" in lines[1]
+    assert lines[2] == "run      pretrainzero, 3 steps of 4 paragraphs x 4 masks x 4 predictions"

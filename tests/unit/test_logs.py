@@ -280,9 +280,12 @@ def test_run_logger_prints_one_line_per_step(tmp_path, capsys):
         log.log_step(step, {"reward/mask_gen": 0.5, "time/step": 2.0})
     log.close()
     out, err = capsys.readouterr()
-    assert out.splitlines() == ["initial weights | eval wiki_span 0.500", "step 1/2 | reward mask_gen 0.500 | 2.0s",
+    assert out.splitlines() == ["start    step 1 of 2 (no checkpoint to resume from)",
+                                "initial weights | eval wiki_span 0.500", "step 1/2 | reward mask_gen 0.500 | 2.0s",
                                 "step 2/2 | reward mask_gen 0.500 | 2.0s"]
     assert err == ""
+    RunLogger(tmp_path, total_steps=4, start_step=3, steps_done=2, tensorboard=False, progress_bar=False).close()
+    assert capsys.readouterr().out == "resume   after step 2 of 4 (the last checkpoint)\n"
 
 
 _CHATTY = """
