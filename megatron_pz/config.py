@@ -2,7 +2,8 @@
 
 A run is a named YAML file. ``base: other.yaml`` inherits another file (paths relative to the file), so a
 variant states only what it changes. ``key.sub=value`` overrides from the command line are applied last and
-parsed as YAML scalars (``train.steps=10``, ``rollout.urls=[http://a:30000]``).
+parsed as YAML scalars (``train.steps=10``, ``rollout.urls=[http://a:30000]``); a float field also takes
+``5e-5``, which YAML alone would read as a string. The YAML mechanics live in ``megatron_pz.typed_yaml``.
 
 Every section is a dataclass owned by the module that uses it (configs live near their owner); this file
 only composes them, adds the trainer-level sections, and validates the combination. Unknown keys, wrong
@@ -11,25 +12,24 @@ types and impossible combinations raise ``ConfigError`` naming the key and the f
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from megatron_pz import dtypes
 from megatron_pz.algo.advantages import AdvantageConfig
 from megatron_pz.algo.loss import LossConfig
 from megatron_pz.data.corpus import CorpusConfig
 from megatron_pz.data.prompts import PromptConfig
 from megatron_pz.data.spans import RandomSpanConfig, SpanConfig
+from megatron_pz.data.tasks import check_objective
 from megatron_pz.errors import ConfigError
 from megatron_pz.eval.runner import EvalConfig
 from megatron_pz.model.provider import ModelConfig
 from megatron_pz.parallel import ParallelConfig
 from megatron_pz.rewards.span import RewardConfig
+from megatron_pz.typed_yaml import apply_overrides, build, read_yaml
 
 
 @dataclass
@@ -51,10 +51,13 @@ class PolicyConfig:
 class TrainConfig:
     """The step loop: batch layout [PZ §4.1], lengths, steps."""
 
-    # pretrainzero (mask generation + prediction) | random_span (Random-span RLPT baseline [PZ §4.2])
+    # pretrainzero (mask generation + prediction) | random_span (Random-span RLPT baseline [PZ §4.2]);
+    # the list and what each objective builds: data.tasks.OBJECTIVES.
     objective: str = "pretrainzero"
     steps: int = 2000
-    # Global batch: paragraphs per step over all DP ranks x masks per paragraph x predictions per mask.
+    # Global batch: paragraphs per step over all DP ranks x masks per paragraph x predictions per mask. The
+    # last two are the GRPO group sizes [PZ §4.1: 8 and 8]: generator rollouts per paragraph (random spans per
+    # paragraph for random_span) and predictor rollouts per mask.
     paragraphs_per_step: int = 32
     masks_per_paragraph: int = 8
     predictions_per_mask: int = 8
@@ -66,8 +69,7 @@ class TrainConfig:
     seed: int = 1234
 
     def __post_init__(self) -> None:
-        if self.objective not in ("pretrainzero", "random_span"):
-            raise ConfigError(f"train.objective must be pretrainzero or random_span, got {self.objective!r}")
+        check_objective(self.objective, "train.objective")
         for name in ("steps", "paragraphs_per_step", "masks_per_paragraph", "predictions_per_mask",
                      "micro_batch_size", "max_response_tokens"):
             if getattr(self, name) < 1:
@@ -136,9 +138,14 @@ class RolloutConfig:
     server_tp_size: int = 1
     weight_sync_master_address: str | None = None
     weight_sync_backend: str = "nccl"
-    # Embedded server: dtype and maximum batch it runs at once.
+    # The embedded server's own compute dtype (its `serve-rollout --dtype`), and the maximum batch it runs at once.
     embedded_dtype: str = "fp32"
     embedded_max_batch_size: int = 64
+    # The dtype of the weights pushed to the rollout servers at every sync (disk, distributed or tensor).
+    # null = for backend=embedded, embedded_dtype (the engine samples with what it is given: a narrower push would
+    # round its weights); for backend=sglang, bf16 when CUDA is available, else fp32. Either spelling
+    # (bf16 / bfloat16) is accepted; the short name is kept.
+    weights_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in ("embedded", "sglang"):
@@ -147,10 +154,28 @@ class RolloutConfig:
             raise ConfigError(f"rollout.weight_sync must be disk, distributed or tensor, got {self.weight_sync!r}")
         if self.backend == "embedded" and self.weight_sync != "disk":
             raise ConfigError("rollout.backend=embedded supports only rollout.weight_sync=disk")
-        if self.embedded_dtype not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"rollout.embedded_dtype must be fp32, bf16 or fp16, got {self.embedded_dtype!r}")
+        self.embedded_dtype = _dtype_field("rollout.embedded_dtype", self.embedded_dtype)
+        if self.weights_dtype is None:
+            self.weights_dtype = self.embedded_dtype if self.backend == "embedded" else _default_push_dtype()
+        self.weights_dtype = _dtype_field("rollout.weights_dtype", self.weights_dtype)
         if not 0 < self.top_p <= 1 or self.temperature < 0:
             raise ConfigError(f"rollout: need temperature >= 0 and 0 < top_p <= 1 (got {self.temperature}, {self.top_p})")
+
+
+def _dtype_field(key: str, value: str) -> str:
+    """The short name (fp32/bf16/fp16) of a dtype field, validated by the one dtype table."""
+    try:
+        return dtypes.short_name(value)
+    except ValueError:
+        raise ConfigError(f"{key} must be {', '.join(dtypes.SHORT_NAMES[:-1])} or {dtypes.SHORT_NAMES[-1]} "
+                          f"(or {', '.join(dtypes.long_name(d) for d in dtypes.SHORT_NAMES)}), got {value!r}") from None
+
+
+def _default_push_dtype() -> str:
+    """bf16 to SGLang servers on GPU (what they serve in); fp32 on CPU, where bf16 matmuls are slow."""
+    from megatron_pz.device import cuda_available
+
+    return "bf16" if cuda_available() else "fp32"
 
 
 @dataclass
@@ -213,109 +238,37 @@ class RunConfig:
                               f"data-parallel size {dp} (world {world_size} / TP x PP x CP)")
         return dp
 
+    def describe(self, world_size: int) -> list[str]:
+        """The set-up in a few console lines: model, layout, batch (the output folder is the caller's line)."""
+        p, t, r = self.parallel, self.train, self.rollout
+        layout = (f"TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x "
+                  f"CP {p.context_parallel_size} x DP {self.parallel.data_parallel_size(world_size)}")
+        if p.expert_model_parallel_size > 1:
+            layout += f", EP {p.expert_model_parallel_size}"
+        return [
+            f"model    {self.policy.load} ({self.model.dtype})",
+            f"layout   {world_size} process{'es' if world_size > 1 else ''}: {layout}; rollout {r.backend}, "
+            f"{r.weight_sync} weight sync in {r.weights_dtype}",
+            f"run      {t.objective}, {t.steps} steps of {t.paragraphs_per_step} paragraphs x "
+            f"{t.masks_per_paragraph} masks x {t.predictions_per_mask} predictions",
+        ]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 # ------------------------------------------------------------------ loading
-def _type_ok(value: Any, tp: Any) -> bool:
-    """Loose structural type check for YAML values (int accepted where float is expected)."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if origin is dict:
-        return isinstance(value, dict)
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    return True
+MOVED_KEYS: dict[str, str] = {
+    # data.tasks.TaskConfig named the objective and the GRPO group sizes a second time; they live in `train`.
+    "task.objective": "train.objective",
+    "task.gen_group_size": "train.masks_per_paragraph",
+    "task.pred_group_size": "train.predictions_per_mask",
+}
+"""Old config keys -> where the setting lives now (a file using an old key gets an error naming the new one)."""
 
 
-def _build(cls: type, data: dict[str, Any], where: str, source: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: '{where or 'top level'}' must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else key
-        if key not in fields:
-            guess = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" (did you mean '{guess[0]}'?)" if guess else ""
-            raise ConfigError(f"{source}: unknown key '{path}'{hint}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, path, source)
-        else:
-            if not _type_ok(value, tp):
-                raise ConfigError(f"{source}: '{path}' = {value!r} has the wrong type (expected "
-                                  f"{getattr(tp, '__name__', tp)})")
-            if typing.get_origin(tp) is float or tp is float:
-                value = float(value)
-            kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-    except TypeError as exc:
-        raise ConfigError(f"{source}: section '{where or 'top level'}': {exc}") from None
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"config inheritance loops through {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    base = data.pop("base", None)
-    if base is not None:
-        data = _merge(_read_yaml(path.parent / base, seen + (path,)), data)
-    return data
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from None
-    return key.strip().split("."), value
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Load a run file (or defaults when ``path`` is None) and apply ``key=value`` overrides."""
-    data = _read_yaml(Path(path)) if path else {}
-    for item in overrides:
-        keys, value = parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: '{k}' is not a section")
-        node[keys[-1]] = value
-    source = str(path) if path else "<defaults>"
-    return _build(RunConfig, data, "", source + (" + overrides" if overrides else ""))
+    data = apply_overrides(read_yaml(Path(path)) if path else {}, overrides)
+    source = (str(path) if path else "<defaults>") + (" + overrides" if overrides else "")
+    return build(RunConfig, data, source, MOVED_KEYS)

@@ -229,10 +229,20 @@ ROLLOUT_FAILED_EXIT = 3
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    from megatron_pz.errors import RolloutError
+    import os
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from megatron_pz.errors import RolloutError
+    from megatron_pz.logs import configure_console, say
+
     cfg = load_config(args.config, args.overrides)
+    # The console is for people: library chatter goes to the run's log file, rank 0 prints the set-up, one line
+    # per step and the progress bar; other ranks print only errors. RANK/WORLD_SIZE: torchrun's (1 process else).
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    log_path = configure_console(cfg.output_dir, rank)
+    if rank == 0:
+        for line in cfg.describe(world_size):
+            say(line)
+        say(f"output   {cfg.output_dir} (metrics.jsonl, tensorboard/, checkpoints/; details in {log_path.name})")
     try:
         train(cfg)
     except RolloutError as exc:

@@ -1,12 +1,14 @@
 """Build ``Sample`` records for each objective: PretrainZero generation/prediction and the two baselines.
 
-Objectives (``TaskConfig.objective``):
+Objectives (``OBJECTIVES``; the run picks one with ``train.objective``, and the GRPO group sizes are
+``train.masks_per_paragraph`` and ``train.predictions_per_mask``):
   * ``"pretrainzero"``: paragraph -> ``n`` generator Samples (one GRPO group); each valid generator output ->
     ``n`` predictor Samples (one group per mask) [PZ §3.2, §4.1].
   * ``"random_span"``: Random-span RLPT: paragraph -> random whole-word span -> ``n`` predictor Samples with the
     same prediction prompt and reward [PZ §3.1, §4.2 baseline 4].
   * ``"next_token"``: RPT-style next-token reasoning at high-entropy positions, byte-prefix reward
-    [PZ §3.1 "Entropy-based Next Token Reasoning"; RPT §2].
+    [PZ §3.1 "Entropy-based Next Token Reasoning"; RPT §2]. Its builders are here; the trainer does not collect
+    it yet (it needs the policy's per-token entropies), so ``train.objective`` refuses it.
 
 Group ids: the caller names the generator group (e.g. ``f"step{step}/{paragraph.id}"``); a predictor group is
 ``f"{gen_group_id}/mask{index}"``. Everything the rewards need goes into ``Sample.metadata`` (JSON-serialisable):
@@ -26,27 +28,24 @@ from megatron_pz.data.spans import RandomSpanConfig, SpanConfig, SpanResult, app
 from megatron_pz.errors import ConfigError
 from megatron_pz.types import Sample, Task
 
-OBJECTIVES = ("pretrainzero", "random_span", "next_token")
+OBJECTIVES: dict[str, str] = {
+    "pretrainzero": "mask generation + prediction [PZ §3.2]",
+    "random_span": "Random-span RLPT baseline [PZ §4.2]",
+    "next_token": "RPT entropy next-token baseline [PZ §3.1]",
+}
+"""Every objective, one name each, with what it trains."""
+TRAINABLE_OBJECTIVES: tuple[str, ...] = ("pretrainzero", "random_span")
+"""The objectives ``trainer.collect`` builds a step for (``next_token`` waits for per-token entropies)."""
 
 
-@dataclass
-class TaskConfig:
-    """Which objective is trained and how many rollouts form a group."""
-
-    objective: str = "pretrainzero"
-    """"pretrainzero" | "random_span" (Random RLPT baseline) | "next_token" (RPT entropy-NTP baseline)."""
-    gen_group_size: int = 8
-    """Generator rollouts per paragraph = generator GRPO group size [PZ §4.1: 8]."""
-    pred_group_size: int = 8
-    """Predictor rollouts per mask (or per baseline task) = predictor GRPO group size [PZ §4.1: 8]."""
-
-    def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"TaskConfig.objective={self.objective!r}: expected one of {OBJECTIVES}")
-        for name in ("gen_group_size", "pred_group_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"TaskConfig.{name}={value!r}: expected an int >= 1")
+def check_objective(name: str, key: str = "train.objective") -> str:
+    """``name`` if the trainer can run it, else a ConfigError naming ``key`` and the choices."""
+    if name in TRAINABLE_OBJECTIVES:
+        return name
+    choices = " or ".join(TRAINABLE_OBJECTIVES)
+    if name in OBJECTIVES:
+        raise ConfigError(f"{key}={name} ({OBJECTIVES[name]}) is not trainable yet; choose {choices}")
+    raise ConfigError(f"{key} must be {choices}, got {name!r}")
 
 
 @dataclass

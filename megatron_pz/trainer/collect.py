@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from megatron_pz.algo.advantages import compute_advantages
 from megatron_pz.data.corpus import Paragraph
@@ -22,6 +22,9 @@ from megatron_pz.data.tasks import generation_samples, prediction_samples, rando
 from megatron_pz.rewards.span import assign_generator_rewards, score_samples
 from megatron_pz.rollout.protocol import SamplingParams, fill_sample
 from megatron_pz.types import Sample
+
+if TYPE_CHECKING:  # the config imports every section; collection needs only its type
+    from megatron_pz.config import RunConfig
 
 
 @dataclass
@@ -55,9 +58,9 @@ def _generate(engine: Any, samples: Sequence[Sample], n: int, params: SamplingPa
                 s.response_text = ctx.decode(s.response_ids)
 
 
-def collect_pretrainzero(paragraphs: Sequence[Paragraph], cfg: Any, engine: Any,
+def collect_pretrainzero(paragraphs: Sequence[Paragraph], cfg: RunConfig, engine: Any,
                          ctx: StepContext) -> tuple[list[Sample], dict[str, float]]:
-    """Both PretrainZero tasks for this rank's paragraphs. ``cfg`` is the RunConfig."""
+    """Both PretrainZero tasks for this rank's paragraphs."""
     t, r = cfg.train, cfg.rollout
     gen: list[Sample] = []
     for i, p in enumerate(paragraphs):
@@ -80,7 +83,7 @@ def collect_pretrainzero(paragraphs: Sequence[Paragraph], cfg: Any, engine: Any,
     return gen + pred, metrics
 
 
-def collect_random_span(paragraphs: Sequence[Paragraph], cfg: Any, engine: Any,
+def collect_random_span(paragraphs: Sequence[Paragraph], cfg: RunConfig, engine: Any,
                         ctx: StepContext) -> tuple[list[Sample], dict[str, float]]:
     """Random-span RLPT: the same prediction prompt, reward and group layout, spans drawn at random."""
     t, r = cfg.train, cfg.rollout
@@ -101,9 +104,15 @@ def collect_random_span(paragraphs: Sequence[Paragraph], cfg: Any, engine: Any,
     return pred, metrics
 
 
-def collect(paragraphs: Sequence[Paragraph], cfg: Any, engine: Any,
+COLLECTORS: dict[str, Callable[..., tuple[list[Sample], dict[str, float]]]] = {
+    "pretrainzero": collect_pretrainzero,
+    "random_span": collect_random_span,
+}
+"""One collector per trainable objective (``data.tasks.TRAINABLE_OBJECTIVES``)."""
+
+
+def collect(paragraphs: Sequence[Paragraph], cfg: RunConfig, engine: Any,
             ctx: StepContext) -> tuple[list[Sample], dict[str, float]]:
-    if cfg.train.objective == "random_span":
-        return collect_random_span(paragraphs, cfg, engine, ctx)
-    return collect_pretrainzero(paragraphs, cfg, engine, ctx)
+    """This rank's samples and rollout metrics for one step of ``cfg.train.objective``."""
+    return COLLECTORS[cfg.train.objective](paragraphs, cfg, engine, ctx)
 

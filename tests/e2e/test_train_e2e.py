@@ -53,8 +53,22 @@ def metrics(out):
 
 def test_pretrainzero_tp1_two_steps(tiny_policy, tmp_path):
     out = tmp_path / "run"
-    run(command(out, tiny_policy, "train.steps=2", "eval.interval=2", "eval.suites=[wiki_span]", "eval.limit=3",
-                "eval.max_new_tokens=6"))
+    p = run(command(out, tiny_policy, "train.steps=2", "eval.interval=2", "eval.suites=[wiki_span]", "eval.limit=3",
+                    "eval.max_new_tokens=6"))
+    # The console is for people: the set-up in a few lines and one line per step; library chatter (Megatron's
+    # parameter-name and config dumps, "Apex is not installed" warnings, our INFO details) is in train.log.
+    console = p.stdout + p.stderr
+    for chatter in ("Apex", "decoder.layers.0", "OptimizerConfig(", "UserWarning", " INFO "):
+        assert chatter not in console, chatter
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("model    ") and any(line.startswith("output   ") for line in lines)
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in steps] == ["step 1/2", "step 2/2"]
+    assert all("reward mask_gen" in line and "masks valid" in line and "trained" in line for line in steps)
+    assert len(lines) <= 10, lines
+    assert all(line.startswith("megatron-pz: ") for line in p.stderr.splitlines()), p.stderr[-2000:]
+    log = (out / "train.log").read_text()
+    assert "megatron.core" in log and "megatron_pz.rollout.launcher" in log and "step 2/2" in log
     rows = metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2]
     # periodic eval: the initial weights (its own line at step 0) and after step 2 (interval 2), not after step 1

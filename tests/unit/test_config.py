@@ -89,3 +89,53 @@ def test_prompt_plus_response_must_fit_the_context():
     validate_lengths(load_config(None, ["corpus.max_prompt_tokens=1024", "train.max_response_tokens=1024"]), arch)
     with pytest.raises(ConfigError, match=r"1536\) \+ the longest response cap \(4096\) = 5632 exceeds .* \(2048\)"):
         validate_lengths(load_config(None), arch)
+
+
+def test_scientific_notation_is_a_float_where_the_field_is_a_float(tmp_path):
+    """YAML 1.1 reads 5e-5 (no dot) as a string; a float field takes it as the number, from a file or the CLI."""
+    c = load_config(None, ["optim.lr=5e-5", "optim.min_lr=1E-6", "loss.kl=k3", "loss.kl_coef=2e-3", "optim.adam_eps=1e-8"])
+    assert (c.optim.lr, c.optim.min_lr, c.loss.kl_coef, c.optim.adam_eps) == (5e-5, 1e-6, 2e-3, 1e-8)
+    assert all(isinstance(x, float) for x in (c.optim.lr, c.optim.min_lr, c.loss.kl_coef))
+    f = load_config(write(tmp_path / "r.yaml", "optim:\n  lr: 5e-5\n  weight_decay: 0\n"))
+    assert f.optim.lr == 5e-5 and isinstance(f.optim.weight_decay, float)
+    assert load_config(None, ["optim.lr=.5e-4"]).optim.lr == 5e-5
+    for bad in ("optim.lr=nan", "optim.lr=inf", "optim.lr=5e-5x", "train.steps=1e3"):
+        with pytest.raises(ConfigError, match="has the wrong type"):
+            load_config(None, [bad])
+    assert load_config(None, ["rollout.api_key=1e5"]).rollout.api_key == "1e5"  # a str field keeps its text
+
+
+def test_rollout_weights_dtype(monkeypatch):
+    """What is pushed to the rollout servers, apart from the embedded engine's own compute dtype."""
+    from megatron_pz import device
+
+    sglang = ["rollout.backend=sglang", "rollout.weight_sync=distributed"]
+    monkeypatch.setattr(device, "cuda_available", lambda: True)
+    assert load_config(None, sglang).rollout.weights_dtype == "bf16"  # GPU default for SGLang servers
+    monkeypatch.setattr(device, "cuda_available", lambda: False)
+    assert load_config(None, sglang).rollout.weights_dtype == "fp32"
+    # embedded: the engine computes in embedded_dtype, so by default it is pushed what it computes in
+    monkeypatch.setattr(device, "cuda_available", lambda: True)
+    r = load_config(None, ["rollout.embedded_dtype=bfloat16"]).rollout
+    assert (r.embedded_dtype, r.weights_dtype) == ("bf16", "bf16")
+    assert load_config(None).rollout.weights_dtype == "fp32"
+    r = load_config(None, [*sglang, "rollout.weights_dtype=float16", "rollout.embedded_dtype=fp32"]).rollout
+    assert (r.weights_dtype, r.embedded_dtype) == ("fp16", "fp32")
+    with pytest.raises(ConfigError, match=r"rollout\.weights_dtype must be fp32, bf16 or fp16 .*'int8'"):
+        load_config(None, ["rollout.weights_dtype=int8"])
+
+
+def test_a_moved_key_names_its_new_place(tmp_path):
+    with pytest.raises(ConfigError, match=r"'task\.objective' is now 'train\.objective'"):
+        load_config(write(tmp_path / "old.yaml", "task:\n  objective: random_span\n"))
+    with pytest.raises(ConfigError, match=r"'task\.pred_group_size' is now 'train\.predictions_per_mask'"):
+        load_config(None, ["task.pred_group_size=8"])
+
+
+def test_describe_is_the_set_up_in_a_few_lines():
+    c = load_config("examples/quickstart_cpu.yaml", ["parallel.tensor_model_parallel_size=2"])
+    lines = c.describe(4)
+    assert len(lines) == 3 and all(len(line) < 120 for line in lines)
+    assert lines[0].startswith("model    smollm2 (fp32)")
+    assert "4 processes: TP 2 x PP 1 x CP 1 x DP 2; rollout embedded, disk weight sync in fp32" in lines[1]
+    assert lines[2] == "run      pretrainzero, 3 steps of 4 paragraphs x 4 masks x 4 predictions"

@@ -9,9 +9,12 @@ import pytest
 from megatron_pz.data.corpus import Paragraph
 from megatron_pz.data.prompts import PromptConfig, generation_prompt, next_token_prompt, prediction_prompt
 from megatron_pz.data.spans import RandomSpanConfig, SpanConfig
+from megatron_pz.config import load_config
 from megatron_pz.data.tasks import (
+    OBJECTIVES,
+    TRAINABLE_OBJECTIVES,
     NextTokenConfig,
-    TaskConfig,
+    check_objective,
     generation_samples,
     next_token_samples,
     prediction_samples,
@@ -168,7 +171,6 @@ def test_next_token_input_validation():
 
 
 @pytest.mark.parametrize("cls, kwargs, field", [
-    (TaskConfig, {"objective": "rpt"}, "objective"), (TaskConfig, {"gen_group_size": 0}, "gen_group_size"),
     (NextTokenConfig, {"top_entropy_frac": 0.0}, "top_entropy_frac"),
     (NextTokenConfig, {"max_target_tokens": 0}, "max_target_tokens")])
 def test_task_config_validation(cls, kwargs, field):
@@ -176,8 +178,20 @@ def test_task_config_validation(cls, kwargs, field):
         cls(**kwargs)
 
 
-def test_task_config_defaults():
-    assert (TaskConfig().objective, TaskConfig().gen_group_size, TaskConfig().pred_group_size) == ("pretrainzero", 8, 8)
+def test_one_objective_list_with_one_name_each():
+    """The objective and the GRPO group sizes are named once, in `train` (the TaskConfig duplicate is gone)."""
+    from megatron_pz.trainer.collect import COLLECTORS
+
+    assert tuple(OBJECTIVES) == ("pretrainzero", "random_span", "next_token")
+    assert tuple(COLLECTORS) == TRAINABLE_OBJECTIVES == ("pretrainzero", "random_span")
+    for name in TRAINABLE_OBJECTIVES:
+        assert check_objective(name) == name
+    with pytest.raises(ConfigError, match=r"train\.objective must be pretrainzero or random_span, got 'rpt'"):
+        check_objective("rpt")
+    with pytest.raises(ConfigError, match=r"train\.objective=next_token \(RPT .*\) is not trainable yet"):
+        load_config(None, ["train.objective=next_token"])
+    t = load_config(None).train  # defaults: the paper's group sizes [PZ §4.1]
+    assert (t.objective, t.masks_per_paragraph, t.predictions_per_mask) == ("pretrainzero", 8, 8)
 
 
 # ---------------------------------------------------------------- the preview tool

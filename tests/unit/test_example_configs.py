@@ -83,6 +83,7 @@ def test_paper_values(name):
     assert cfg.advantage.dapo_filter
     assert cfg.model.dtype == "bf16" and cfg.prompt.style == "plain"
     assert (cfg.rollout.backend, cfg.rollout.weight_sync) == ("sglang", "distributed")
+    assert cfg.rollout.weights_dtype == "bf16"  # pushes what the servers serve, not the embedded engine's fp32
     assert cfg.rollout.endpoints_file == f"{cfg.output_dir}/endpoints.txt"
     assert cfg.output_dir == f"runs/{cfg.name}"
 

@@ -1,13 +1,16 @@
 """Run logging: hand-computed sample metrics, metrics.jsonl robustness and resume, TensorBoard round trip, timer."""
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from megatron_pz import logs
+from megatron_pz.logs import console as log_console
+from megatron_pz.logs import timer as log_timer
 from megatron_pz.logs import RunLogger, StepTimer, sample_histograms, sample_scalars
 from megatron_pz.types import Sample, Status, Task
 
@@ -86,7 +89,7 @@ def test_step_timer_accumulates(monkeypatch):
                   106.0,  # summary
                   200.0,  # reset
                   201.0])  # summary
-    monkeypatch.setattr(logs, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(log_timer, "perf_counter", lambda: next(clock))
     timer = StepTimer()
     with timer("rollout"):
         pass
@@ -183,7 +186,7 @@ def test_log_samples_round_robin_and_slim_metadata(tmp_path):
 
 def test_progress_bar_eta_from_steady_rate(tmp_path, monkeypatch, capsys):
     clock = iter([0.0, 100.0, 110.0, 120.0])  # created; step 0 after a 100 s warm-up; then 10 s per step
-    monkeypatch.setattr(logs, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(log_console, "monotonic", lambda: next(clock))
     log = RunLogger(tmp_path, total_steps=10, tensorboard=False)
     for step in range(3):
         log.log_step(step, {"reward/mask_pred": 0.5, "other": 1.0})
@@ -253,3 +256,73 @@ def test_tensorboard_resume_purges_killed_steps(tmp_path):
         log.log_step(step, {"x": 10 * step})
     log.close()
     assert [(e.step, e.value) for e in _events(tmp_path).Scalars("x")] == [(0, 0), (1, 1), (2, 2), (3, 30), (4, 40)]
+
+
+# ----------------------------------------------------------------------------- the console for people
+def test_step_line_names_what_a_person_watches():
+    line = log_console.step_line(3, 100, {"reward/mask_gen": 0.4123, "reward/mask_pred": 0.27, "acc/mask_pred": 0.27,
+                                          "mask/valid_rate": 0.625, "count/mask_gen": 8.0, "train/tokens": 1234.0,
+                                          "eval/wiki_span/accuracy": 1 / 3, "time/step": 12.34, "rollout/x": 5.0,
+                                          "reward/mask_pred_bonus/extra": 1.0, "loss": None})
+    assert line == ("step 3/100 | reward mask_gen 0.412 mask_pred 0.270 | acc 0.270 | masks valid 5/8 | "
+                    "trained 1234 tok | eval wiki_span 0.333 | 12.3s")
+    assert "\n" not in line
+    assert log_console.step_line(0, 5, {"eval/wiki_span/accuracy": 0.5}, initial=True) == (
+        "initial weights | eval wiki_span 0.500")
+    assert log_console.step_line(1, 2, {"reward/random_span": 0.0, "time/step": 1.0}) == (
+        "step 1/2 | reward random_span 0.000 | 1.0s")
+
+
+def test_run_logger_prints_one_line_per_step(tmp_path, capsys):
+    log = RunLogger(tmp_path, total_steps=2, start_step=1, steps_done=0, tensorboard=False, progress_bar=False)
+    log.log_step(0, {"eval/wiki_span/accuracy": 0.5})  # the initial-weights eval
+    for step in (1, 2):
+        log.log_step(step, {"reward/mask_gen": 0.5, "time/step": 2.0})
+    log.close()
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["start    step 1 of 2 (no checkpoint to resume from)",
+                                "initial weights | eval wiki_span 0.500", "step 1/2 | reward mask_gen 0.500 | 2.0s",
+                                "step 2/2 | reward mask_gen 0.500 | 2.0s"]
+    assert err == ""
+    RunLogger(tmp_path, total_steps=4, start_step=3, steps_done=2, tensorboard=False, progress_bar=False).close()
+    assert capsys.readouterr().out == "resume   after step 2 of 4 (the last checkpoint)\n"
+
+
+_CHATTY = """
+import logging, sys, warnings
+from megatron_pz.logs import configure_console, say
+path = configure_console(sys.argv[1], int(sys.argv[2]))
+warnings.warn("Apex is not installed. Falling back to Torch Norm")
+logging.getLogger("megatron.core.optimizer").info("Setting up optimizer with config OptimizerConfig(lr=1e-06)")
+logging.getLogger("megatron.core.optimizer").warning("a library warning")
+logging.getLogger("megatron_pz.rollout.launcher").info("starting embedded server")
+logging.getLogger("megatron_pz.trainer.setup").warning("will checkpoint after the current step")
+from transformers.utils import logging as hf_logging
+hf_logging.get_logger("transformers.modeling_utils").warning("some transformers warning")
+if int(sys.argv[2]) == 0:
+    say("model  tiny")
+try:
+    raise RuntimeError("boom")
+except RuntimeError:
+    logging.getLogger("megatron.core").exception("a library error\\nwith a second line")
+print(path)
+"""
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_configure_console_keeps_chatter_in_the_log_file(tmp_path, rank):
+    """A subprocess: pytest's own warning and log capture would hide what the real entry point does."""
+    p = subprocess.run([sys.executable, "-c", _CHATTY, str(tmp_path / "run"), str(rank)], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    log_path = tmp_path / "run" / ("train.log" if rank == 0 else "train.rank1.log")
+    assert p.stdout.splitlines() == (["model  tiny"] if rank == 0 else []) + [str(log_path)]
+    log = log_path.read_text()
+    for chatter in ("Apex is not installed", "OptimizerConfig(lr=1e-06)", "a library warning",
+                    "starting embedded server", "some transformers warning", "Traceback", "RuntimeError: boom"):
+        assert chatter in log, chatter
+    err = p.stderr.splitlines()
+    ours = ["megatron-pz: warning: will checkpoint after the current step"] if rank == 0 else []
+    assert err == ours + [f"megatron-pz: error: a library error (details in {log_path})"]
+    if rank == 0:
+        assert "model  tiny" in log  # the console's lines are in the file too

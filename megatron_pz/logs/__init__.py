@@ -1,0 +1,16 @@
+"""Training-run logging: what people see on the console and what the run folder records.
+
+  * ``console``: ``configure_console`` (library chatter -> ``<output_dir>/train.log``, the console for people),
+    ``say``, the one-line-per-step format and the progress bar;
+  * ``writers``: ``metrics.jsonl``, ``data_order.jsonl``, TensorBoard events, sample dumps (resume-safe);
+  * ``run_logger``: ``RunLogger``, the rank-0 sink composing both;
+  * ``stats``: ``sample_scalars`` / ``sample_histograms``, one step's Samples -> task metrics (pure);
+  * ``timer``: ``StepTimer``, wall time per phase of a step (pure).
+"""
+from megatron_pz.logs.console import configure_console, say, step_line
+from megatron_pz.logs.run_logger import RunLogger
+from megatron_pz.logs.stats import sample_histograms, sample_scalars
+from megatron_pz.logs.timer import StepTimer
+
+__all__ = ["RunLogger", "StepTimer", "configure_console", "sample_histograms", "sample_scalars", "say",
+           "step_line"]

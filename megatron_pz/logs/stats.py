@@ -1,0 +1,78 @@
+"""One step's Samples -> the task metrics (scalars and distributions). Pure: runs on any rank, no I/O."""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from megatron_pz.types import Sample, Status, Task
+
+GENERATED = (Status.COMPLETED, Status.TRUNCATED, Status.FILTERED)
+"""Statuses of samples that went through generation (FILTERED is only set after it, by the DAPO filter)."""
+
+
+def by_task(samples: Sequence[Sample]) -> dict[str, list[Sample]]:
+    """Samples grouped by task value (``"mask_gen"``, ...), in order of first appearance."""
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        groups[Task(s.task).value].append(s)
+    return groups
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values)) / len(values)
+
+
+def sample_scalars(samples: Sequence[Sample]) -> dict[str, float]:
+    """Task metrics of one step's Samples. A key whose sample set is empty is left out (not written as 0).
+
+    Per task ``t`` (over all its samples unless said otherwise):
+      ``count/t``; ``reward/t`` (mean over samples with a reward); ``length/t_mean``, ``length/t_max``
+      (response tokens of generated samples: COMPLETED, TRUNCATED, FILTERED); ``trunc_rate/t`` (status
+      TRUNCATED, or finish_reason "length" for a truncated sample the DAPO filter later marked FILTERED);
+      ``abort_rate/t``; ``filtered_frac/t``.
+    Generator (MASK_GEN metadata set by ``data.tasks.prediction_samples``): ``mask/valid_rate`` over samples
+    that carry ``mask_valid``; ``mask/span_words_mean``, ``mask/span_chars_mean`` over valid spans.
+    Predictor: ``acc/mask_pred`` = mean MASK_PRED reward (exact match, so the accuracy).
+    """
+    out: dict[str, float] = {}
+    for t, group in by_task(samples).items():
+        n = len(group)
+        out[f"count/{t}"] = float(n)
+        rewards = [float(s.reward) for s in group if s.reward is not None]
+        if rewards:
+            out[f"reward/{t}"] = _mean(rewards)
+        lengths = [len(s.response_ids) for s in group if s.status in GENERATED]
+        if lengths:
+            out[f"length/{t}_mean"] = _mean(lengths)
+            out[f"length/{t}_max"] = float(max(lengths))
+        truncated = sum(s.status is Status.TRUNCATED or s.finish_reason == "length" for s in group)
+        out[f"trunc_rate/{t}"] = truncated / n
+        out[f"abort_rate/{t}"] = sum(s.status is Status.ABORTED for s in group) / n
+        out[f"filtered_frac/{t}"] = sum(s.status is Status.FILTERED for s in group) / n
+        if t == Task.MASK_PRED.value and rewards:
+            out["acc/mask_pred"] = out[f"reward/{t}"]
+
+    gens = [s for s in samples if s.task == Task.MASK_GEN]
+    validity = [bool(s.metadata["mask_valid"]) for s in gens if "mask_valid" in s.metadata]
+    if validity:
+        out["mask/valid_rate"] = _mean(validity)
+    spans = [s.metadata.get("span") for s in gens if s.metadata.get("mask_valid")]
+    spans = [span for span in spans if isinstance(span, str)]
+    if spans:
+        out["mask/span_words_mean"] = _mean([len(span.split()) for span in spans])
+        out["mask/span_chars_mean"] = _mean([len(span) for span in spans])
+    return out
+
+
+def sample_histograms(samples: Sequence[Sample]) -> dict[str, list[float]]:
+    """Distributions of one step: ``hist/reward_mask_gen`` (generator rewards) and ``hist/length_<task>``
+    (response tokens of generated samples). Empty distributions are left out."""
+    out: dict[str, list[float]] = {}
+    gen_rewards = [float(s.reward) for s in samples if s.task == Task.MASK_GEN and s.reward is not None]
+    if gen_rewards:
+        out["hist/reward_mask_gen"] = gen_rewards
+    for t, group in by_task(samples).items():
+        lengths = [float(len(s.response_ids)) for s in group if s.status in GENERATED]
+        if lengths:
+            out[f"hist/length_{t}"] = lengths
+    return out

@@ -1,0 +1,149 @@
+"""YAML files -> a tree of typed dataclasses: ``base:`` inheritance, ``key.sub=value`` overrides, typed checks.
+
+Generic: knows nothing of the run config (``megatron_pz.config`` composes the tree and calls ``build``). Values
+are checked against the dataclass field types loosely (lists, dicts, optionals); every error is a
+``ConfigError`` naming the key and the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_pz.errors import ConfigError
+
+# A decimal number in scientific or plain notation. YAML 1.1 reads "5e-5" (no dot) as a string, so a float
+# field accepts such strings; "nan" / "inf" stay strings and are refused.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _member_types(tp: Any) -> tuple[Any, ...]:
+    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+
+
+def as_float(value: Any, tp: Any) -> Any:
+    """``value`` as a float where the field type is ``float`` or an optional float: ints, and numeric strings
+    such as ``"5e-5"``. Anything else, and every value of a field that also admits ``str`` (or ``int``, for
+    ints), is returned unchanged for ``type_ok`` to judge."""
+    members = _member_types(tp)
+    if float not in members or str in members or isinstance(value, bool):
+        return value
+    if isinstance(value, int) and int not in members:
+        return float(value)
+    if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+def type_ok(value: Any, tp: Any) -> bool:
+    """Loose structural type check for YAML values (int accepted where float is expected)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def build(cls: type, data: dict[str, Any], source: str, moved: Mapping[str, str] = {}, where: str = "") -> Any:
+    """``cls(**data)`` with nested dataclass fields built recursively; ``moved`` maps old dotted keys to their
+    new place, so an old key's error names the new one. ``source`` names the file(s) in errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{where or 'top level'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            now = [f"'{old}' is now '{new}'" for old, new in moved.items() if old == path or old.startswith(path + ".")]
+            if now:
+                raise ConfigError(f"{source}: unknown key '{path}': " + "; ".join(now))
+            guess = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+            raise ConfigError(f"{source}: unknown key '{path}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build(tp, value or {}, source, moved, path)
+        else:
+            value = as_float(value, tp)
+            if not type_ok(value, tp):
+                raise ConfigError(f"{source}: '{path}' = {value!r} has the wrong type (expected "
+                                  f"{getattr(tp, '__name__', tp)})")
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except TypeError as exc:
+        raise ConfigError(f"{source}: section '{where or 'top level'}': {exc}") from None
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping with its ``base:`` chain merged in (paths relative to the file; loops refused)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config inheritance loops through {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(read_yaml(path.parent / base, seen + (path,)), data)
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` -> (``["a", "b"]``, value parsed as a YAML scalar or flow collection)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set each ``key.sub=value`` in ``data`` (in place; sections are created as needed) and return it."""
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{k}' is not a section")
+        node[keys[-1]] = value
+    return data
