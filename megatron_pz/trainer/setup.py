@@ -115,7 +115,7 @@ def setup(cfg: RunConfig) -> Run:
     layout = DataLayout(dp_rank=ps.get_data_parallel_rank(), dp_size=dp_size, is_data_owner=rank == data_owner_rank())
     run = Run(cfg=cfg, out=out, arch=arch, tokenizer=tokenizer, training=training, layout=layout,
               checkpointer=Checkpointer(out, cfg.checkpoint, cfg.train.steps),
-              weights=WeightPublisher(arch, torch_dtype(cfg.rollout.embedded_dtype)))
+              weights=WeightPublisher(arch, torch_dtype(cfg.rollout.weights_dtype)))
     run.chat_template = chat_template_fn(run)
     if layout.is_data_owner:
         count = lambda s: len(tokenizer.encode(s))  # noqa: E731
