@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_pz.errors import UserError
-from megatron_pz.rollout.embedded import read_safetensors_dir
+from megatron_pz.engine.weights import read_safetensors_dir
 from megatron_pz.rollout.sglang_client import parse_weight_version
 from megatron_pz.rollout.weight_sync import (
     DiskWeightSync,
