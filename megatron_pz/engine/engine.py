@@ -22,7 +22,7 @@ import torch
 from megatron_pz.engine.generation import generate_rows
 from megatron_pz.engine.model import load_model
 from megatron_pz.engine.weights import StagedUpdate, StateSpec, read_safetensors_dir, validate_state
-from megatron_pz.errors import CheckpointError, ConfigError, RolloutError
+from megatron_pz.errors import ConfigError, RolloutError
 from megatron_pz.rollout.protocol import GenerationResult, SamplingParams
 
 logger = logging.getLogger(__name__)
