@@ -27,6 +27,10 @@ setup(
         "numpy>=1.26",
         "pyyaml>=6",
         "requests>=2.31",
+        # The embedded rollout server (megatron_pz/engine/server.py) serves like SGLang: FastAPI on uvicorn.
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "pydantic>=2.5",
         "pyarrow>=14",
         "tqdm>=4.66",
     ],

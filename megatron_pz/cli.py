@@ -15,7 +15,7 @@ from megatron_pz.errors import RolloutError, UserError
 # (subcommand, module providing register(subparsers)). Order = order in --help.
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("convert", "megatron_pz.convert.cli"),
-    ("serve-rollout", "megatron_pz.rollout.serve"),
+    ("serve-rollout", "megatron_pz.engine.serve"),
     ("train", "megatron_pz.train"),
     ("eval", "megatron_pz.eval.cli"),
     ("plan", "megatron_pz.plan.cli"),

@@ -28,12 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_pz.rollout.embedded import EmbeddedEngine
+from megatron_pz.engine.engine import EmbeddedEngine
 from megatron_pz.rollout.pool import PoolConfig, RolloutPool
 from megatron_pz.rollout.protocol import SamplingParams
-from megatron_pz.rollout.server import RolloutServer, ServerConfig
+from megatron_pz.engine.server import RolloutServer, ServerConfig
 from megatron_pz.rollout.sglang_client import ClientConfig
-from megatron_pz.rollout.tiny import make_tiny_llama
+from megatron_pz.engine.tiny import make_tiny_llama
 from megatron_pz.weight_sync import DiskWeightSync
 
 WIKI = Path("/work/shared/data/wiki/valid.jsonl")

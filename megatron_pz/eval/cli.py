@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         import torch
 
-        from megatron_pz.rollout.embedded import EmbeddedEngine
+        from megatron_pz.engine.engine import EmbeddedEngine
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         engine = EmbeddedEngine(hf_dir, dtype=_DTYPES[args.dtype], device=device, max_batch_size=args.batch_size)

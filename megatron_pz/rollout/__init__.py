@@ -1,4 +1,4 @@
-"""Rollout layer: one generation/weight-update interface over SGLang servers or an embedded CPU engine.
+"""Rollout layer: one generation/weight-update interface over SGLang servers (or the embedded engine's server).
 
 Pushing the trainer's weights to the servers is ``megatron_pz.weight_sync`` (disk, CUDA IPC or NCCL broadcast).
 
@@ -9,12 +9,9 @@ Modules (each one job):
   sglang_wire.py    SGLang's request bodies and /generate response parsing (pure)
   http_transport.py HTTP to one server: keep-alive session, timeouts, retries, clear errors
   pool.py           several servers (or one sglang-router): balancing, concurrency limits, fail-over
-  embedded.py       the CPU/single-GPU engine: transformers generate + per-token logprobs + atomic weight swap
-  server.py         that engine behind SGLang's HTTP endpoints (so CI drives the production client)
-  serve.py          the ``megatron-pz serve-rollout`` subcommand
   launcher.py       start SGLang or embedded servers as subprocesses, wait for health, write the endpoints file
   process_group.py  the trainer <-> engines broadcast group (both ends of the distributed weight path)
-  tiny.py           a tiny random Llama + byte tokenizer for tests and quick benches
 
+The embedded engine, its SGLang-compatible server and ``megatron-pz serve-rollout`` are ``megatron_pz.engine``.
 Importing this package imports nothing heavy; import the submodule you need.
 """

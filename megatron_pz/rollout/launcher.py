@@ -32,6 +32,9 @@ from megatron_pz.errors import RolloutError, UserError
 
 logger = logging.getLogger(__name__)
 
+API_KEY_ENV = "MEGATRON_PZ_ROLLOUT_API_KEY"
+"""The embedded server's API key travels in this variable, never on its command line (visible in ``ps``)."""
+
 
 @dataclass
 class ServerSpec:
@@ -126,8 +129,6 @@ def start_server(spec: ServerSpec) -> LaunchedServer:
     if spec.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = spec.gpus
     if spec.kind == "embedded":
-        from megatron_pz.rollout.serve import API_KEY_ENV
-
         env.pop(API_KEY_ENV, None)
         if spec.api_key:
             env[API_KEY_ENV] = spec.api_key
@@ -253,8 +254,6 @@ def build_specs(args: argparse.Namespace) -> list[ServerSpec]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_pz.rollout.serve import API_KEY_ENV
-
     argv = list(sys.argv[1:] if argv is None else argv)
     server_args: list[str] = []
     if "--" in argv:

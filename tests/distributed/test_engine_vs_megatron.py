@@ -38,7 +38,7 @@ def _trainer_logprobs_worker(mcore_dir: str, samples_path: str, tp: int, out_pat
 @pytest.fixture(scope="module")
 def engine_samples(smollm2, tmp_path_factory):
     """8 responses (4 prompts x n=2, up to 24 tokens, T=0.8) sampled by the embedded engine."""
-    from megatron_pz.rollout.embedded import EmbeddedEngine
+    from megatron_pz.engine.engine import EmbeddedEngine
     from megatron_pz.rollout.protocol import SamplingParams, fill_sample
     from megatron_pz.types import Sample, Status, Task
 

@@ -93,7 +93,7 @@ def test_run_suite_mean_and_pass_at_k_with_a_scripted_engine():
 
 def test_evaluate_api_with_the_embedded_engine(tiny, one_thread):
     from megatron_pz.model.tokenizer import load_tokenizer
-    from megatron_pz.rollout.embedded import EmbeddedEngine
+    from megatron_pz.engine.engine import EmbeddedEngine
 
     tok = load_tokenizer(tiny)
     engine = EmbeddedEngine(tiny)

@@ -15,7 +15,7 @@ from megatron_pz.rollout.launcher import ServerSpec, launch, stop_all
 from megatron_pz.rollout.pool import PoolConfig, RolloutPool
 from megatron_pz.rollout.protocol import SamplingParams
 from megatron_pz.rollout.sglang_client import ClientConfig
-from megatron_pz.rollout.tiny import load_hf, make_tiny_llama, perturbed_state, reference_fn
+from megatron_pz.engine.tiny import load_hf, make_tiny_llama, perturbed_state, reference_fn
 from megatron_pz.weight_sync import DiskWeightSync, DistributedWeightSync, check_logprobs, check_weights
 
 NUM_GPUS = 0

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from megatron_pz.errors import CheckpointError, ConfigError, RolloutError
-from megatron_pz.rollout.embedded import EmbeddedEngine, read_safetensors_dir
+from megatron_pz.engine.engine import EmbeddedEngine
+from megatron_pz.engine.weights import read_safetensors_dir
 from megatron_pz.rollout.protocol import SamplingParams
-from megatron_pz.rollout.tiny import load_hf, perturbed_state, reference_logprobs
+from megatron_pz.engine.tiny import load_hf, perturbed_state, reference_logprobs
 from megatron_pz.types import Sample, Status, Task
 
 NUM_GPUS = 0

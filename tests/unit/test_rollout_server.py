@@ -8,12 +8,12 @@ import pytest
 import requests
 
 from megatron_pz.errors import RolloutError, UserError
-from megatron_pz.rollout.embedded import EmbeddedEngine
+from megatron_pz.engine.engine import EmbeddedEngine
 from megatron_pz.rollout.pool import RolloutPool
 from megatron_pz.rollout.protocol import RolloutEngine, SamplingParams
-from megatron_pz.rollout.server import RolloutServer, ServerConfig
+from megatron_pz.engine.server import RolloutServer, ServerConfig
 from megatron_pz.rollout.sglang_client import BadResponse, ClientConfig, SGLangClient
-from megatron_pz.rollout.tiny import load_hf, perturbed_state, reference_fn
+from megatron_pz.engine.tiny import load_hf, perturbed_state, reference_fn
 from megatron_pz.weight_sync import DiskWeightSync, check_logprobs, check_weights
 
 NUM_GPUS = 0
@@ -235,3 +235,35 @@ def test_a_bad_prompt_does_not_fail_requests_batched_with_it(served):
         client.generate([[1, 10**6]], SamplingParams(max_new_tokens=30, ignore_eos=True))
     t.join(timeout=60)
     assert all(len(r.response_ids) == 30 for g in box["good"] for r in g)
+
+
+def test_validation_errors_answer_400_naming_the_field(served):
+    server, _ = served
+    cases = [
+        ("/init_weights_update_group", {"master_address": "h", "master_port": "x", "rank_offset": 1, "world_size": 2},
+         "master_port"),
+        ("/update_weights_from_distributed", {"names": ["a"], "dtypes": ["float32"]}, "shapes"),
+        ("/generate", {"input_ids": [1, "2"]}, "input_ids"),
+        ("/generate", [1, 2], "must be an object"),
+    ]
+    for path, body, field in cases:
+        r = requests.post(server.url + path, json=body, timeout=10)
+        assert r.status_code == 400 and field in r.json()["error"]["message"], (path, r.status_code, r.text)
+
+
+def test_api_key_is_checked_before_the_body_is_read(tiny):
+    import socket
+
+    server = RolloutServer(EmbeddedEngine(tiny), ServerConfig(port=0, api_key="s3cret")).start()
+    try:
+        # Announce a 100 MB body and send one byte: the 401 comes back without the server waiting for the rest.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100000000\r\n\r\n{")
+            assert s.recv(1024).startswith(b"HTTP/1.1 401")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:  # authenticated: size cap
+            s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+                      b"Content-Length: 300000000\r\n\r\n{")
+            assert s.recv(1024).startswith(b"HTTP/1.1 413")
+    finally:
+        server.stop()

@@ -330,7 +330,7 @@ def test_generate_body_passes_sglang_json_contract():
 
 def test_embedded_server_responses_decode_with_sglang_contract():
     from megatron_pz.rollout.protocol import GenerationResult
-    from megatron_pz.rollout.server import generate_response_item
+    from megatron_pz.engine.wire import generate_response_item
 
     api, mod = _load_api_types()
     cases = [
@@ -380,14 +380,13 @@ def test_embedded_server_only_serves_sglang_routes():
 
 def _route_table() -> set[tuple[str, str]]:
     """The (method, path) pairs the embedded server serves (a server on an ephemeral port, no engine needed)."""
-    from megatron_pz.rollout.server import RolloutServer, ServerConfig
+    from megatron_pz.engine.server import RolloutServer, ServerConfig
 
     class _NoEngine:
         max_batch_size = 1
 
     server = RolloutServer(_NoEngine(), ServerConfig(port=0))  # type: ignore[arg-type]
     try:
-        return set(server._routes)
+        return server.routes()
     finally:
-        server.httpd.server_close()
-        server.batcher.stop()
+        server.close()

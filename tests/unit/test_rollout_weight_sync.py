@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_pz.errors import UserError
-from megatron_pz.rollout.embedded import read_safetensors_dir
+from megatron_pz.engine.weights import read_safetensors_dir
 from megatron_pz.rollout.sglang_wire import parse_weight_version
 from megatron_pz.weight_sync import DiskWeightSync, TensorWeightSync, iter_buckets
 from megatron_pz.weight_sync.tensor import serialize_flattened_bucket_local

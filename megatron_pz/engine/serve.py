@@ -13,14 +13,14 @@ import hashlib
 import logging
 import os
 import signal
-import threading
 from pathlib import Path
 
 from megatron_pz.errors import UserError
+from megatron_pz.io import atomic_replace
+from megatron_pz.rollout.launcher import API_KEY_ENV
 
 logger = logging.getLogger(__name__)
 
-API_KEY_ENV = "MEGATRON_PZ_ROLLOUT_API_KEY"
 _MCORE_MARKER = "latest_checkpointed_iteration.txt"
 
 
@@ -29,7 +29,8 @@ def register(subparsers) -> None:
                               description=__doc__.splitlines()[0])
     # Model
     p.add_argument("--model", required=True, help="HF model folder, or a Megatron checkpoint folder (converted)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (float32 on CPU)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16, or fp32 | bf16 | fp16 "
+                                                        "(float32 on CPU)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--weight-version", type=int, default=0, help="version of the initial weights")
     p.add_argument("--cache-dir", default=".cache/rollout",
@@ -63,23 +64,20 @@ def resolve_model(path: str, cache_dir: str) -> str:
         logger.info("using converted checkpoint %s", dst)
         return str(dst)
     try:
-        try:
-            from megatron_pz.convert import mcore_to_hf
-        except ImportError:
-            from megatron_pz.convert.api import mcore_to_hf  # not (yet) re-exported by the package
+        from megatron_pz.convert import mcore_to_hf
     except ImportError as exc:
         raise UserError(f"--model {path} is a Megatron checkpoint, but megatron_pz.convert.mcore_to_hf is not "
                         f"available ({exc}); convert it to an HF folder first and pass that") from None
     logger.info("converting Megatron checkpoint %s (iteration %s) to HF in %s", src, iteration, dst)
     tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
     mcore_to_hf(str(src), str(tmp))
-    os.replace(tmp, dst)  # atomic: a crash mid-conversion never leaves a half folder under the final name
+    atomic_replace(tmp, dst)  # a crash mid-conversion never leaves a half folder under the final name
     return str(dst)
 
 
 def main(args: argparse.Namespace) -> int:
-    from megatron_pz.rollout.embedded import EmbeddedEngine
-    from megatron_pz.rollout.server import RolloutServer, ServerConfig, is_loopback
+    from megatron_pz.engine.engine import EmbeddedEngine
+    from megatron_pz.engine.server import RolloutServer, ServerConfig, is_loopback
 
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -96,9 +94,9 @@ def main(args: argparse.Namespace) -> int:
                                                 weights_dir=args.weights_dir,
                                                 batch_window_s=args.batch_window_ms / 1000.0))
 
-    def _shutdown(signum, frame):  # SIGTERM from the launcher / Slurm: stop accepting, then exit cleanly
+    def _shutdown(signum, frame):  # SIGTERM from the launcher / Slurm / PDEATHSIG: stop accepting, exit cleanly
         logger.info("signal %d: shutting down", signum)
-        threading.Thread(target=server.httpd.shutdown, daemon=True).start()
+        server.shutdown()
 
     signal.signal(signal.SIGTERM, _shutdown)
     signal.signal(signal.SIGINT, _shutdown)
@@ -106,10 +104,6 @@ def main(args: argparse.Namespace) -> int:
     # checkpoint, and must not take the rollout server down.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     print(f"serve-rollout: listening on {server.url}", flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.httpd.server_close()
-        server.batcher.stop()
+    server.serve_forever()
     logger.info("server stopped")
     return 0

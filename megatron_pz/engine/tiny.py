@@ -53,7 +53,7 @@ def make_tiny_llama(dst: str | Path, seed: int = 0, hidden_size: int = 64, num_l
 
 def perturbed_state(src: str | Path, scale: float = 0.05, seed: int = 1) -> dict[str, torch.Tensor]:
     """The HF state of ``src`` with Gaussian noise (``scale`` x each tensor's std) added to every float tensor."""
-    from megatron_pz.rollout.embedded import read_safetensors_dir
+    from megatron_pz.engine.weights import read_safetensors_dir
 
     gen = torch.Generator().manual_seed(seed)
     state = read_safetensors_dir(src)
@@ -90,5 +90,5 @@ def reference_logprobs(model, prompt: list[int], response: list[int], temperatur
 
 def reference_fn(model):
     """``reference_logprobs`` as the ``(prompt, response, temperature) -> list[float]`` callable that
-    ``weight_sync.check_logprobs`` takes."""
+    ``rollout.weight_sync.check_logprobs`` takes."""
     return lambda prompt, response, temperature: reference_logprobs(model, prompt, response, temperature).tolist()

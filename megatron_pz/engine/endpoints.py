@@ -1,0 +1,241 @@
+"""The SGLang endpoints the embedded server answers, one method each, and the route table that names them.
+
+Bodies are what ``sglang/srt/entrypoints/http_server.py`` returns (``{"success", "message"}``...), status codes
+as the embedded server has always answered them. Beyond SGLang, for safety: ``/update_weights_from_disk`` only
+reads below ``--weights-dir`` (403 otherwise) and requires a ``weight_version`` strictly above the current one.
+
+Handlers that block on the engine (weight updates wait for the generation lock, a distributed update for the
+sender's broadcast) are plain functions, run in the server's thread pool; the others are coroutines, so a long
+``/generate`` never holds a thread and a ``/pause_generation`` always gets through.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.responses import Response
+
+from megatron_pz.engine.batcher import Batcher
+from megatron_pz.engine.wire import (
+    ContinueGenerationReqInput,
+    DestroyWeightsUpdateGroupReqInput,
+    GenerateReqInput,
+    GetWeightsByNameReqInput,
+    HTTPError,
+    InitWeightsUpdateGroupReqInput,
+    PauseGenerationReqInput,
+    ReleaseMemoryOccupationReqInput,
+    ResumeMemoryOccupationReqInput,
+    UpdateWeightFromDiskReqInput,
+    UpdateWeightsFromDistributedReqInput,
+    UpdateWeightsFromTensorReqInput,
+    generate_response_item,
+    parse_sampling_params,
+    parse_version,
+)
+from megatron_pz.errors import RolloutError, UserError
+
+
+def reply(status: int, payload: Any) -> Response:
+    """``bytes`` as text/plain, ``str`` as UTF-8 text, anything else as JSON (``json.dumps``: NaN/Inf allowed)."""
+    if isinstance(payload, bytes):
+        return Response(payload, status, media_type="text/plain")
+    if isinstance(payload, str):
+        return Response(payload.encode(), status, media_type="text/plain; charset=utf-8")
+    return Response(json.dumps(payload).encode(), status, media_type="application/json")
+
+
+def error_reply(status: int, message: str) -> Response:
+    return reply(status, {"error": {"message": message}})
+
+
+@dataclass(frozen=True)
+class Route:
+    methods: tuple[str, ...]
+    path: str
+    handler: Callable[..., Any]
+
+
+class Endpoints:
+    """Handlers over one engine and its batcher; ``routes()`` lists (methods, path, handler)."""
+
+    def __init__(self, engine: Any, batcher: Batcher, weights_dir: str | None):
+        """``engine``: an ``EmbeddedEngine``; ``weights_dir``: resolved folder disk updates may read, or None."""
+        self.engine = engine
+        self.batcher = batcher
+        self.weights_dir = weights_dir
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(("GET",), "/health", self.health), Route(("GET",), "/health_generate", self.health),
+            Route(("GET",), "/ready", self.health),
+            Route(("POST", "PUT"), "/generate", self.generate),
+            Route(("GET", "POST"), "/flush_cache", self.flush_cache),
+            Route(("GET",), "/get_model_info", self.model_info), Route(("GET",), "/model_info", self.model_info),
+            Route(("GET",), "/get_server_info", self.server_info), Route(("GET",), "/server_info", self.server_info),
+            Route(("POST",), "/update_weights_from_disk", self.update_from_disk),
+            Route(("POST",), "/update_weights_from_tensor", self.update_from_tensor),
+            Route(("POST",), "/init_weights_update_group", self.init_group),
+            Route(("POST",), "/update_weights_from_distributed", self.update_from_distributed),
+            Route(("POST",), "/destroy_weights_update_group", self.destroy_group),
+            Route(("GET", "POST"), "/get_weights_by_name", self.get_weights_by_name),
+            Route(("POST",), "/pause_generation", self.pause), Route(("POST",), "/continue_generation", self.resume),
+            Route(("GET", "POST"), "/release_memory_occupation", self.release_memory),
+            Route(("GET", "POST"), "/resume_memory_occupation", self.resume_memory),
+        ]
+
+    # ---------------------------------------------------------------- generation
+
+    async def health(self) -> Response:
+        ok = self.engine.health() and self.batcher.alive()
+        return reply(200 if ok else 503, b"")
+
+    async def generate(self, req: GenerateReqInput | None = None) -> Response:
+        req = req or GenerateReqInput()
+        if req.stream:
+            raise HTTPError(400, "stream=true is not supported by the embedded engine")
+        prompts, single = self._prompts(req)
+        raw = req.sampling_params
+        per_prompt = raw if isinstance(raw, list) else [raw] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise HTTPError(400, f"{len(per_prompt)} sampling_params for {len(prompts)} prompts")
+        params = [parse_sampling_params(p) for p in per_prompt]
+        if single and params[0].n > 1:
+            single = False  # SGLang turns a single prompt with n > 1 into a batch (io_struct._handle_parallel_sampling)
+        return_logprob = any(req.return_logprob) if isinstance(req.return_logprob, list) else bool(req.return_logprob)
+        token_text = None
+        if req.return_text_in_logprobs and self.engine.tokenizer is not None:
+            token_text = lambda tok: self.engine.tokenizer.decode([tok])  # noqa: E731
+        # Reject bad prompts here, per request: once merged by the batcher, one bad prompt would fail everyone's.
+        try:
+            for i, p in enumerate(params):
+                self.engine.check_prompts([prompts[i]], p)
+        except UserError as exc:
+            raise HTTPError(400, str(exc)) from None
+        # Equal params -> one job (merged further by the batcher); otherwise one job per prompt.
+        if all(p == params[0] for p in params):
+            futures = [(self.batcher.submit(prompts, params[0]), list(range(len(prompts))))]
+        else:
+            futures = [(self.batcher.submit([prompts[i]], params[i]), [i]) for i in range(len(prompts))]
+        items: list[dict | None] = [None] * sum(p.n for p in params)
+        offsets = [sum(p.n for p in params[:i]) for i in range(len(params))]
+        for future, indices in futures:
+            try:
+                groups = await asyncio.wrap_future(future)
+            except UserError as exc:
+                raise HTTPError(400, str(exc)) from None
+            for i, group in zip(indices, groups):
+                for j, res in enumerate(group):
+                    items[offsets[i] + j] = generate_response_item(res, len(prompts[i]), return_logprob, token_text)
+        return reply(200, items[0] if single else items)
+
+    def _prompts(self, req: GenerateReqInput) -> tuple[list[list[int]], bool]:
+        """(prompts as token ids, whether the body held a single prompt)."""
+        if req.input_ids is not None:
+            ids = req.input_ids
+            return ([ids], True) if isinstance(ids[0], int) else (ids, False)
+        if req.text is not None:
+            if self.engine.tokenizer is None:
+                raise HTTPError(400, "text input needs a tokenizer; send input_ids")
+            texts = [req.text] if isinstance(req.text, str) else req.text
+            return [self.engine.tokenizer.encode(t) for t in texts], isinstance(req.text, str)
+        raise HTTPError(400, "one of input_ids or text is required")
+
+    # ---------------------------------------------------------------- information
+
+    async def flush_cache(self) -> Response:
+        self.engine.flush_cache()
+        return reply(200, "Cache flushed.\n")
+
+    async def model_info(self) -> Response:
+        return reply(200, {"model_path": self.engine.model_path, "tokenizer_path": self.engine.model_path,
+                           "is_generation": True, "weight_version": str(self.engine.weight_version())})
+
+    async def server_info(self) -> Response:
+        return reply(200, {"engine": "megatron_pz.embedded", "model_path": self.engine.model_path,
+                           "weight_version": str(self.engine.weight_version()),
+                           "max_batch_size": self.engine.max_batch_size, "device": str(self.engine.device)})
+
+    def get_weights_by_name(self, req: GetWeightsByNameReqInput) -> Response:
+        try:
+            return reply(200, self.engine.get_weights_by_name(req.name, req.truncate_size))
+        except RolloutError as exc:
+            raise HTTPError(400, str(exc)) from None
+
+    # ---------------------------------------------------------------- weight updates
+
+    def update_from_disk(self, req: UpdateWeightFromDiskReqInput) -> Response:
+        if not req.model_path:
+            raise HTTPError(400, "model_path (string) is required")
+        if self.weights_dir is None:
+            raise HTTPError(403, "disk weight updates are disabled: this server was started without --weights-dir")
+        real = os.path.realpath(req.model_path)
+        if os.path.commonpath([real, self.weights_dir]) != self.weights_dir:
+            raise HTTPError(403, f"model_path {req.model_path!r} resolves to {real!r}, outside --weights-dir "
+                                 f"{self.weights_dir!r}")
+        version = parse_version(req.weight_version)
+        try:
+            self.engine.update_weights_from_disk(real, version)
+        except (UserError, RolloutError) as exc:
+            return reply(400, {"success": False, "message": str(exc), "num_paused_requests": 0})
+        return reply(200, {"success": True, "message": f"Succeeded to update model weights. Weight version updated "
+                                                       f"to {version}.", "num_paused_requests": 0})
+
+    def update_from_tensor(self, req: UpdateWeightsFromTensorReqInput | None = None) -> Response:
+        req = req or UpdateWeightsFromTensorReqInput()
+        try:
+            self.engine.update_weights_from_tensor(req.serialized_named_tensors, -1)
+        except RolloutError as exc:
+            return reply(400, {"success": False, "message": str(exc)})
+        return reply(200, {"success": True, "message": "Success"})
+
+    def init_group(self, req: InitWeightsUpdateGroupReqInput) -> Response:
+        try:
+            self.engine.init_weights_update_group(req.master_address, req.master_port, req.rank_offset,
+                                                  req.world_size, req.group_name, req.backend)
+        except (RolloutError, UserError, RuntimeError, ValueError) as exc:
+            return reply(400, {"success": False, "message": f"Failed to initialize custom process group: {exc}."})
+        return reply(200, {"success": True, "message": "Succeeded to initialize custom process group."})
+
+    def update_from_distributed(self, req: UpdateWeightsFromDistributedReqInput) -> Response:
+        if req.load_format is not None:
+            raise HTTPError(400, f"load_format {req.load_format!r} is not supported by the embedded engine")
+        try:
+            self.engine.update_weights_from_distributed(req.names, req.dtypes, req.shapes,
+                                                        parse_version(req.weight_version), req.group_name)
+        except (RolloutError, UserError, RuntimeError) as exc:
+            return reply(400, {"success": False, "message": str(exc)})
+        return reply(200, {"success": True, "message": "Succeeded to update parameter online."})
+
+    def destroy_group(self, req: DestroyWeightsUpdateGroupReqInput | None = None) -> Response:
+        req = req or DestroyWeightsUpdateGroupReqInput()
+        try:
+            self.engine.destroy_weights_update_group(req.group_name)
+        except RolloutError as exc:
+            return reply(400, {"success": False, "message": str(exc)})
+        return reply(200, {"success": True, "message": "Succeeded to destroy custom process group."})
+
+    # ---------------------------------------------------------------- control
+
+    async def pause(self, req: PauseGenerationReqInput | None = None) -> Response:
+        try:
+            self.engine.pause_generation((req or PauseGenerationReqInput()).mode)
+        except UserError as exc:
+            raise HTTPError(400, str(exc)) from None
+        return reply(200, {"message": "Generation paused successfully.", "status": "ok"})
+
+    async def resume(self, req: ContinueGenerationReqInput | None = None) -> Response:
+        self.engine.continue_generation()
+        return reply(200, {"message": "Generation continued successfully.", "status": "ok"})
+
+    async def release_memory(self, req: ReleaseMemoryOccupationReqInput | None = None) -> Response:
+        self.engine.release_memory_occupation((req or ReleaseMemoryOccupationReqInput()).tags)
+        return reply(200, None)  # SGLang's handler returns nothing: FastAPI answers `null`
+
+    async def resume_memory(self, req: ResumeMemoryOccupationReqInput | None = None) -> Response:
+        self.engine.resume_memory_occupation((req or ResumeMemoryOccupationReqInput()).tags)
+        return reply(200, None)

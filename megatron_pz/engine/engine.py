@@ -1,0 +1,207 @@
+"""The embedded rollout engine: batched sampling with per-token logprobs on CPU (or one GPU) via transformers.
+
+It implements the ``RolloutEngine`` protocol (``rollout/protocol.py``: generate, weight version, health, close)
+and the weight-update and control calls SGLang serves (disk / tensor / distributed updates, flush, pause,
+memory release), so ``server.py`` can put it behind SGLang's endpoints unchanged. Mechanics live next door:
+``model.py`` loads the model, ``generation.py`` runs one batch, ``weights.py`` reads and validates new states.
+
+* versioned, all-or-nothing weight updates: a new state is read and validated completely before it is copied in
+  under the generation lock, so in-flight generations finish on the old weights and are tagged with the old
+  version, and a bad checkpoint never leaves a half-updated model;
+* pause/abort: an aborted in-flight batch returns what it generated so far with finish reason "abort".
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from megatron_pz.engine.generation import generate_rows
+from megatron_pz.engine.model import load_model
+from megatron_pz.engine.weights import StagedUpdate, StateSpec, read_safetensors_dir, validate_state
+from megatron_pz.errors import ConfigError, RolloutError
+from megatron_pz.rollout.protocol import GenerationResult, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PAUSE_MODES = ("abort", "retract", "in_place")  # SGLang's PauseGenerationReqInput.mode
+
+
+class EmbeddedEngine:
+    """A transformers causal LM serving the ``RolloutEngine`` protocol in-process (also behind server.py).
+
+    Thread-safety: ``generate`` and weight swaps serialise on one lock; reading/validating new weights happens
+    outside it, so generation continues on the old weights while an update is being prepared.
+    """
+
+    def __init__(self, model_path: str | Path, dtype: str = "float32", device: str = "cpu",
+                 weight_version: int = 0, max_batch_size: int = 64, num_threads: int | None = None):
+        self.model_path = str(model_path)
+        self.device = torch.device(device)
+        self.max_batch_size = max_batch_size
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self._lm = load_model(model_path, dtype, self.device)
+        self.model = self._lm.model
+        self.tokenizer = self._lm.tokenizer
+        self.vocab_size = self._lm.vocab_size
+        self.max_positions = self._lm.max_positions
+        self.eos_token_ids = set(self._lm.eos_token_ids)  # generation reads it per call (tests may override it)
+        self.pad_token_id = self._lm.pad_token_id
+        self._spec = StateSpec.of(self.model)
+        self._lock = threading.Lock()  # held while generating or swapping weights
+        self._version = int(weight_version)
+        self._running = threading.Event()  # cleared while paused
+        self._running.set()
+        self._abort = threading.Event()  # set by pause_generation(mode="abort")
+        self._groups: dict[str, object] = {}  # weight-update process groups by name
+        self._staged = StagedUpdate(self._spec)  # distributed update in progress
+        logger.info("embedded engine: %s (%s, %s), %.1fM params, weight version %d", model_path, dtype, device,
+                    sum(p.numel() for p in self.model.parameters()) / 1e6, self._version)
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[GenerationResult]]:
+        """Sample ``params.n`` responses per prompt; see ``RolloutEngine.generate``."""
+        self.check_prompts(prompts, params)
+        # One row per (prompt, sample); rows sorted by prompt length so each chunk pads little.
+        rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+        rows.sort(key=lambda r: -len(prompts[r[0]]))
+        results: list[list[GenerationResult | None]] = [[None] * params.n for _ in prompts]
+        for start in range(0, len(rows), self.max_batch_size):
+            chunk = rows[start:start + self.max_batch_size]
+            self._running.wait()  # paused: wait for continue_generation (SGLang holds new requests the same way)
+            with self._lock:
+                out = generate_rows(self._lm, [prompts[i] for i, _ in chunk], params, self._version,
+                                    self.eos_token_ids, self._abort)
+            for (i, j), res in zip(chunk, out):
+                res.prompt_index = i
+                results[i][j] = res
+        return results  # type: ignore[return-value]
+
+    def check_prompts(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
+        """ConfigError naming the first prompt this engine cannot serve (empty, unknown ids, too long)."""
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ConfigError(f"prompt {i} is empty")
+            bad = [t for t in p if not 0 <= int(t) < self.vocab_size]
+            if bad:
+                raise ConfigError(f"prompt {i} has token ids outside [0, {self.vocab_size}): {bad[:5]}")
+            if self.max_positions and len(p) + params.max_new_tokens > self.max_positions:
+                raise ConfigError(f"prompt {i}: {len(p)} tokens + max_new_tokens {params.max_new_tokens} exceeds the "
+                                  f"model's max_position_embeddings {self.max_positions}")
+        if params.stop and self.tokenizer is None:
+            raise ConfigError(f"stop strings need a tokenizer, and {self.model_path} has none")
+
+    # ---------------------------------------------------------------- protocol
+
+    def weight_version(self) -> int:
+        return self._version
+
+    def health(self) -> bool:
+        return self.model is not None
+
+    def close(self) -> None:
+        """Nothing to release: the model lives as long as the engine object."""
+
+    # ---------------------------------------------------------------- weights
+
+    def _check_version(self, version: int) -> None:
+        if version <= self._version:
+            raise RolloutError(f"refusing weight version {version}: the engine already serves version "
+                               f"{self._version} (versions must strictly increase)")
+
+    def swap_weights(self, tensors: Mapping[str, torch.Tensor], version: int, source: str) -> None:
+        """Validate a complete state, then copy it in under the generation lock (all or nothing)."""
+        self._check_version(version)
+        state = validate_state(tensors, self._spec, source)
+        params = self.model.state_dict()
+        with self._lock:
+            self._check_version(version)  # another update may have landed meanwhile
+            for name, t in state.items():
+                params[name].copy_(t)  # shapes/dtypes were validated: this cannot fail half-way
+            self._version = version
+        logger.info("weights updated to version %d from %s", version, source)
+
+    def update_weights_from_disk(self, model_path: str, version: int) -> None:
+        self._check_version(version)  # refuse early, before reading gigabytes
+        self.swap_weights(read_safetensors_dir(model_path), version, source=str(model_path))
+
+    def update_weights_from_tensor(self, serialized_named_tensors: list[str], version: int,
+                                   load_format: str | None = "flattened_bucket") -> None:
+        raise RolloutError("update_weights_from_tensor needs CUDA IPC with a colocated SGLang server; the embedded "
+                           "engine takes /update_weights_from_disk or /update_weights_from_distributed (gloo)")
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str = "weight_update_group", backend: str = "nccl") -> None:
+        from megatron_pz.rollout.process_group import init_custom_process_group
+
+        if backend == "nccl" and self.device.type != "cuda":
+            raise RolloutError(f"backend 'nccl' needs a GPU; this embedded engine runs on {self.device} (use gloo)")
+        if group_name in self._groups:
+            raise RolloutError(f"weight update group {group_name!r} already exists")
+        # The engine is one rank: SGLang uses rank_offset + tp_rank, and our tp_rank is 0.
+        self._groups[group_name] = init_custom_process_group(backend, master_address, master_port, world_size,
+                                                             rank_offset, group_name)
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                        version: int, group_name: str = "weight_update_group") -> None:
+        """Receive one bucket; apply the update once every model tensor of ``version`` has arrived (staged)."""
+        from megatron_pz.rollout.process_group import broadcast_from_rank0
+
+        group = self._groups.get(group_name)
+        if group is None:
+            raise RolloutError(f"no weight update group {group_name!r}; call /init_weights_update_group first")
+        if not len(names) == len(dtypes) == len(shapes):
+            raise RolloutError(f"names/dtypes/shapes lengths differ: {len(names)}/{len(dtypes)}/{len(shapes)}")
+        # Receive first, whatever happens next: the sender is blocked in the broadcast until we do.
+        received = []
+        for name, dtype, shape in zip(names, dtypes, shapes):
+            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)  # SGLang's dtype names
+            broadcast_from_rank0(t, group)
+            received.append((name, t))
+        self._staged.start(version)
+        self._check_version(version)
+        complete = self._staged.add(received)
+        if complete is not None:
+            self.swap_weights(complete, version, source=f"distributed group {group_name!r}")
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
+        import torch.distributed as dist
+
+        group = self._groups.pop(group_name, None)
+        if group is None:
+            raise RolloutError(f"no weight update group {group_name!r} to destroy")
+        dist.destroy_process_group(group)
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        """First ``truncate_size`` rows of a tensor as nested lists (SGLang's ``get_weights_by_name`` shape)."""
+        state = self.model.state_dict()
+        if name not in state:
+            raise RolloutError(f"no tensor named {name!r} in the model")
+        return state[name].float().cpu().tolist()[:truncate_size]
+
+    # ---------------------------------------------------------------- control
+
+    def flush_cache(self) -> None:
+        """Nothing to flush: transformers' KV cache lives only for one generate call (no prefix cache)."""
+
+    def pause_generation(self, mode: str = "abort") -> None:
+        if mode not in PAUSE_MODES:
+            raise ConfigError(f"pause mode must be abort|retract|in_place, got {mode!r}")
+        self._running.clear()
+        if mode == "abort":
+            self._abort.set()  # the in-flight batch stops at its next token and returns finish reason "abort"
+
+    def continue_generation(self) -> None:
+        self._abort.clear()
+        self._running.set()
+
+    def release_memory_occupation(self, tags: list[str] | None = None) -> None:
+        logger.info("release_memory_occupation(%s): no-op for the embedded engine", tags)
+
+    def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
+        logger.info("resume_memory_occupation(%s): no-op for the embedded engine", tags)

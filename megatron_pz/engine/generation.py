@@ -1,0 +1,202 @@
+"""One batched ``generate`` call with per-token log-probs and SGLang stop semantics.
+
+Decoding, the KV cache and sampling are transformers' ``generate``; this module only adds what RL needs:
+
+* per-token logprobs of the *sampled* tokens, ``log softmax(logits / T)`` before top-p/top-k (see
+  ``rollout/protocol.py`` for why this is the SGLang-compatible definition), recorded by a logits processor that
+  sees the raw logits (custom processors run before generate's temperature/top-k/top-p warpers) and gathered at
+  the chosen token by a stopping criterion, so memory stays O(batch x vocab) instead of keeping every step's logits;
+* SGLang stop semantics: EOS / ``stop_token_ids`` / stop strings end a sample and the ending token is kept in
+  ``response_ids`` (SGLang returns ``output_ids`` untrimmed; only the text is trimmed, see
+  ``DetokenizerManager.trim_matched_stop`` in ``sglang/srt/managers/detokenizer_manager.py``);
+* abort: a set ``abort`` event ends the batch at its next token; rows return what they have, reason "abort";
+* one prefill per distinct prompt (a request for n samples arrives as n identical rows).
+
+Shapes: B = rows (prompts x samples) of one batch, L = padded prompt length, T = new tokens, V = vocabulary.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import torch
+
+from megatron_pz.engine.model import LoadedModel
+from megatron_pz.rollout.protocol import GenerationResult, SamplingParams
+
+
+class LogprobRecorder:
+    """Logits processor (first in generate's list, so it sees raw fp32 logits) that stashes log-probs."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.step_logprobs: torch.Tensor | None = None  # (B, V)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scaled = scores / self.temperature if self.temperature > 0 else scores
+        self.step_logprobs = torch.log_softmax(scaled, dim=-1)
+        return scores
+
+
+class StopAndGather:
+    """Stopping criterion run after each token: gathers the chosen token's logprob and applies SGLang stops.
+
+    It records, per row, the step at which the sample ended and what matched (EOS/stop token id or stop string).
+    HF's own EOS criterion only pads finished rows; the authoritative end of each sample is decided here.
+    """
+
+    def __init__(self, recorder: LogprobRecorder, prompt_len: int, batch: int, stop_ids: set[int],
+                 stop_strs: tuple[str, ...], tokenizer, abort: threading.Event | None):
+        self.recorder = recorder
+        self.prompt_len = prompt_len
+        self.stop_ids = stop_ids
+        self.stop_strs = stop_strs
+        self.tokenizer = tokenizer
+        self.abort = abort
+        self.logprobs: list[torch.Tensor] = []  # T x (B,)
+        self.end_step = [-1] * batch  # index of the last kept token, -1 while running
+        self.matched: list[int | str | None] = [None] * batch
+        self.aborted = False
+        # A stop string can only newly appear in the tail; 4 byte-level tokens can make up one character.
+        self.tail_tokens = 4 * max((len(s) for s in stop_strs), default=0) + 4
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        step = input_ids.shape[1] - self.prompt_len - 1
+        new_tokens = input_ids[:, -1]
+        self.logprobs.append(self.recorder.step_logprobs.gather(1, new_tokens[:, None]).squeeze(1))
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row, tok in enumerate(new_tokens.tolist()):
+            if self.end_step[row] >= 0:
+                done[row] = True
+                continue
+            if tok in self.stop_ids:
+                self.end_step[row], self.matched[row] = step, tok
+            elif self.stop_strs:
+                tail = input_ids[row, max(self.prompt_len, input_ids.shape[1] - self.tail_tokens):].tolist()
+                text = self.tokenizer.decode(tail, skip_special_tokens=False)
+                hit = next((s for s in self.stop_strs if s in text), None)
+                if hit is not None:
+                    self.end_step[row], self.matched[row] = step, hit
+            done[row] = self.end_step[row] >= 0
+        if self.abort is not None and self.abort.is_set():
+            self.aborted = True
+            done[:] = True
+        return done
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, L): every row's next token is at the same column."""
+    prompt_len = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), prompt_len), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), prompt_len), dtype=torch.long)
+    for r, ids in enumerate(rows):
+        input_ids[r, prompt_len - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[r, prompt_len - len(ids):] = 1
+    return input_ids, attention_mask
+
+
+@torch.no_grad()
+def generate_rows(lm: LoadedModel, rows: list[Sequence[int]], params: SamplingParams, version: int,
+                  eos_token_ids: set[int], abort: threading.Event | None) -> list[GenerationResult]:
+    """Sample one response per row (left-padded into one batch) with the model's current weights.
+
+    The caller holds the lock that keeps weights fixed for the call; every result is tagged with ``version``.
+    ``prompt_index`` is left at -1 for the caller to fill.
+    """
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+    t0 = time.perf_counter()
+    input_ids, attention_mask = left_pad(rows, lm.pad_token_id)
+    prompt_len = input_ids.shape[1]
+    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_token_ids)
+    recorder = LogprobRecorder(params.temperature)
+    stopper = StopAndGather(recorder, prompt_len, len(rows), stop_ids, params.stop, lm.tokenizer, abort)
+    # A fresh config: the model's generation_config defaults (repetition penalty, top_k=50, ...) must not
+    # leak in, both for SGLang parity and so our recorder is the first processor to see the logits.
+    gen_cfg = GenerationConfig(
+        max_new_tokens=params.max_new_tokens,
+        do_sample=not params.greedy,
+        temperature=params.temperature if not params.greedy else None,
+        top_p=params.top_p if not params.greedy else None,
+        top_k=(max(0, params.top_k)) if not params.greedy else None,
+        pad_token_id=lm.pad_token_id,
+        eos_token_id=None if params.ignore_eos else sorted(eos_token_ids) or None,
+    )
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+    input_ids, attention_mask = input_ids.to(lm.device), attention_mask.to(lm.device)
+    cache = shared_prompt_cache(lm, rows, input_ids, attention_mask)
+    cache_arg = {lm.cache_kw: cache} if cache is not None else {}
+    sequences = lm.model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, **cache_arg,
+        generation_config=gen_cfg, logits_processor=LogitsProcessorList([recorder]),
+        stopping_criteria=StoppingCriteriaList([stopper]),
+    ).cpu()
+    elapsed = time.perf_counter() - t0
+    new_tokens = sequences[:, prompt_len:]  # (B, T)
+    logprobs = torch.stack(stopper.logprobs, dim=1)[:, :new_tokens.shape[1]].float() if stopper.logprobs \
+        else torch.zeros((len(rows), 0))  # (B, T)
+    out = []
+    for r in range(len(rows)):
+        end = stopper.end_step[r]
+        if end >= 0:
+            n_keep, reason, matched = end + 1, "stop", stopper.matched[r]
+        elif stopper.aborted:
+            n_keep, reason, matched = new_tokens.shape[1], "abort", None
+        else:
+            n_keep, reason, matched = new_tokens.shape[1], "length", None
+        ids = new_tokens[r, :n_keep].tolist()
+        out.append(GenerationResult(
+            prompt_index=-1, response_ids=ids, logprobs=logprobs[r, :n_keep].tolist(), finish_reason=reason,
+            weight_version=version, text=response_text(lm.tokenizer, ids, matched, params), matched_stop=matched,
+            extra={"e2e_latency": elapsed},
+        ))
+    return out
+
+
+def shared_prompt_cache(lm: LoadedModel, rows: list[Sequence[int]], input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor):
+    """The KV cache of columns [0, L-1) for every row, computed once per *distinct* prompt.
+
+    A request for n samples of one prompt arrives as n identical rows. ``generate`` would prefill each of them:
+    n x the prompt's forward pass. Instead each distinct prompt is prefilled once, without its last token, and
+    the cache rows are copied to the rows that share it; ``generate`` then feeds only the last prompt column
+    (it skips the columns a given cache covers) and samples as before. Positions follow ``generate``'s own rule
+    for left padding (cumsum of the mask - 1). Returns None (plain ``generate``) when no prompt repeats, for
+    prompts of one token, or for models whose cache is not a plain ``DynamicCache``.
+    """
+    from transformers import DynamicCache
+
+    if input_ids.shape[1] < 2 or not lm.share_prompts:
+        return None
+    first: dict[tuple[int, ...], int] = {}
+    index = [first.setdefault(tuple(r), len(first)) for r in rows]
+    if len(first) == len(rows):
+        return None
+    rep = [0] * len(first)
+    for row, u in enumerate(index):
+        if rep[u] == 0:
+            rep[u] = row + 1
+    sel = torch.tensor([r - 1 for r in rep], device=input_ids.device)
+    ids_u, mask_u = input_ids[sel, :-1], attention_mask[sel, :-1]  # (U, L-1), U = distinct prompts
+    pos = (mask_u.long().cumsum(-1) - 1).masked_fill_(mask_u == 0, 1)
+    cache = DynamicCache(config=lm.model.config)
+    lm.model(input_ids=ids_u, attention_mask=mask_u, position_ids=pos, use_cache=True, logits_to_keep=1,
+             **{lm.cache_kw: cache})
+    cache.batch_select_indices(torch.tensor(index, device=input_ids.device))
+    return cache
+
+
+def response_text(tokenizer, ids: list[int], matched: int | str | None, params: SamplingParams) -> str | None:
+    """Decoded response, trimmed like SGLang's DetokenizerManager.trim_matched_stop (no_stop_trim=False)."""
+    if tokenizer is None:
+        return None
+    if isinstance(matched, int) and ids:
+        ids = ids[:-1]
+    text = tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+    if isinstance(matched, str):
+        pos = text.find(matched)
+        if pos >= 0:
+            text = text[:pos]
+    return text

@@ -1,0 +1,92 @@
+"""Loading the engine's transformers causal LM and tokenizer, with the sampling defaults neutralised."""
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_pz.dtypes import torch_dtype
+from megatron_pz.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Model families whose KV cache is a plain DynamicCache, so one prefill can be shared by a prompt's n samples.
+_SHARED_PREFILL_FAMILIES = ("Llama", "Qwen2", "Qwen3", "Mistral")
+# generation_config keys kept from a checkpoint: token ids only (see load_model).
+_KEPT_GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version", "use_cache")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'float32' / 'bf16' / ... -> torch.dtype (ConfigError naming the value otherwise)."""
+    try:
+        return torch_dtype(name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM in eval mode on its device, and what generation needs to know about it."""
+
+    model: Any
+    """transformers ``PreTrainedModel`` (``AutoModelForCausalLM``), gradients off."""
+    device: torch.device
+    tokenizer: Any | None
+    """None for a folder without tokenizer files: token ids still work, stop strings and text do not."""
+    vocab_size: int
+    max_positions: int | None
+    """``max_position_embeddings``; None when the config does not say."""
+    eos_token_ids: set[int]
+    pad_token_id: int
+    share_prompts: bool
+    """Prefill each distinct prompt once per batch (see ``generation.shared_prompt_cache``)."""
+    cache_kw: str
+    """Name of the forward's KV-cache argument: ``cache`` (transformers >= 5) or ``past_key_values``."""
+
+
+def load_model(model_path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu") -> LoadedModel:
+    """Load an HF folder; CheckpointError when it is not one, ConfigError for an unknown dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    torch_type = parse_dtype(dtype)
+    if not (Path(model_path) / "config.json").is_file():
+        raise CheckpointError(f"{model_path}: not an HF model folder (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    except Exception as exc:  # a folder without tokenizer files still serves token ids
+        logger.warning("no tokenizer in %s (%s): stop strings and text output are unavailable", model_path, exc)
+        tokenizer = None
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch_type)
+    device = torch.device(device)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    cfg = model.config
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = cfg.eos_token_id
+    eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))
+    pad = model.generation_config.pad_token_id
+    if pad is None and tokenizer is not None:
+        pad = tokenizer.pad_token_id
+    pad_token_id = int(pad if pad is not None else min(eos_token_ids, default=0))
+    # generate() fills every field we leave unset from model.generation_config; a checkpoint's defaults
+    # (repetition_penalty, top_k, suppress_tokens, ...) would silently change the sampling distribution and
+    # run before our logprob recorder. Keep only the special token ids.
+    dropped = {k: v for k, v in model.generation_config.to_diff_dict().items()
+               if k not in _KEPT_GENERATION_KEYS and not k.startswith(("output_", "_", "return_"))}
+    if dropped:
+        logger.info("ignoring the checkpoint's generation defaults %s (requests carry all sampling params)", dropped)
+    model.generation_config = GenerationConfig(
+        bos_token_id=model.generation_config.bos_token_id, eos_token_id=sorted(eos_token_ids) or None,
+        pad_token_id=pad_token_id)
+    return LoadedModel(
+        model=model, device=device, tokenizer=tokenizer, vocab_size=int(cfg.vocab_size),
+        max_positions=int(getattr(cfg, "max_position_embeddings", 0) or 0) or None,
+        eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
+        share_prompts=type(model).__name__.startswith(_SHARED_PREFILL_FAMILIES),
+        cache_kw="cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values",
+    )

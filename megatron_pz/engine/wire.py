@@ -1,0 +1,257 @@
+"""SGLang's wire format: pydantic request models, sampling-parameter parsing, ``/generate`` response items.
+
+Why mirror SGLang exactly: CI and laptops then exercise the very client (``rollout/sglang_client.py``) that talks to
+SGLang in production. Shapes are taken from the pinned SGLang release (0.5.23):
+
+* requests: the ``*ReqInput`` classes of ``sglang/srt/managers/io_struct.py`` (same names, same fields, same
+  defaults; the fields the embedded engine does not act on are accepted and ignored, like unknown keys);
+  sampling params: ``SamplingParams`` (``sglang/srt/sampling/sampling_params.py``); unknown sampling keys are
+  rejected like the JSON contract gate does (``sglang/api/v1/api_types.py``: "SamplingParams: unknown keys
+  rejected");
+* ``/generate`` response: one dict per sample (a list for batch input, prompt-major with ``n`` samples per prompt,
+  as ``TokenizerManager._handle_batch_request`` orders them), each ``{"text", "output_ids", "meta_info"}``;
+  ``meta_info`` as built in ``TokenizerManager._handle_batch_output`` (``sglang/srt/managers/tokenizer_manager.py``):
+  ``id, finish_reason, prompt_tokens, weight_version (str), completion_tokens, cached_tokens, e2e_latency`` and,
+  with ``return_logprob``, ``output_token_logprobs`` as ``[[logprob, token_id, text_or_null], ...]``
+  (``detokenize_logprob_tokens``). ``finish_reason`` is ``{"type": "stop", "matched": id_or_str}``,
+  ``{"type": "length", "length": n}`` or ``{"type": "abort", "message": ...}`` (``FINISH_*.to_json`` in
+  ``sglang/srt/managers/schedule_batch.py``).
+
+Where we are stricter or looser than SGLang, the field says why.
+"""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, field_validator
+
+from megatron_pz.errors import UserError
+from megatron_pz.rollout.protocol import GenerationResult, SamplingParams
+from megatron_pz.rollout.updater import PARTIAL_VERSION_SUFFIX
+
+# SGLang sampling keys we honour, and those we accept only at their neutral value (anything else: 400).
+SUPPORTED_SAMPLING = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "n", "stop", "stop_token_ids",
+                                "ignore_eos", "sampling_seed", "skip_special_tokens", "spaces_between_special_tokens"})
+NEUTRAL_SAMPLING: dict[str, Any] = {
+    "min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_new_tokens": 0,
+    "no_stop_trim": False, "logit_bias": {}, "stop_regex": None, "json_schema": None, "regex": None, "ebnf": None,
+    "structural_tag": None, "stream_interval": None, "custom_params": None, "beam_width": None, "watermark": None}
+SGLANG_TOP_K_ALL = 1 << 30  # sglang SamplingParams TOP_K_ALL
+
+
+class HTTPError(Exception):
+    """An error answered to the client as ``{"error": {"message": ...}}`` with ``status``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Request models (io_struct.py)
+# --------------------------------------------------------------------------------------------------------------
+
+class GenerateReqInput(BaseModel):
+    """``/generate``. One of ``input_ids`` / ``text``; a single prompt answers one object, a batch a list."""
+
+    text: str | list[str] | None = None
+    input_ids: Any = None
+    """A non-empty list of ints, or a list of such lists (SGLang: ``validate_optional_list_i64_1d_2d``)."""
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    return_logprob: bool | list[bool] | None = None
+    logprob_start_len: int | list[int] | None = None
+    top_logprobs_num: int | list[int] | None = None
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+    """SGLang streams server-sent events; the embedded engine answers 400 to ``stream=true``."""
+    rid: str | list[str] | None = None
+
+    @field_validator("input_ids", mode="plain")
+    @classmethod
+    def _ids(cls, value: Any) -> list[int] | list[list[int]] | None:
+        def is_id(t: Any) -> bool:
+            return isinstance(t, int) and not isinstance(t, bool)
+
+        if value is None or (isinstance(value, list) and value and all(is_id(t) for t in value)):
+            return value
+        if isinstance(value, list) and value and all(isinstance(p, list) and all(is_id(t) for t in p)
+                                                     for p in value):
+            return value
+        raise ValueError("input_ids must be a non-empty list of ints or a list of such lists")
+
+    @field_validator("sampling_params", mode="plain")
+    @classmethod
+    def _sampling(cls, value: Any) -> dict[str, Any] | list[dict[str, Any]] | None:
+        if value is None or isinstance(value, dict) or (isinstance(value, list)
+                                                        and all(isinstance(p, dict) for p in value)):
+            return value
+        raise ValueError("sampling_params must be an object, or a list of objects (one per prompt)")
+
+    @field_validator("text", mode="plain")
+    @classmethod
+    def _text(cls, value: Any) -> str | list[str] | None:
+        if value is None or isinstance(value, str) or (isinstance(value, list)
+                                                       and all(isinstance(t, str) for t in value)):
+            return value
+        raise ValueError("text must be a string or a list of strings")
+
+
+class BaseReq(BaseModel):
+    """Fields every single-request SGLang input carries (``io_struct.BaseReq``)."""
+
+    rid: str | None = None
+
+
+class UpdateWeightFromDiskReqInput(BaseReq):
+    model_path: str
+    load_format: str | None = None
+    abort_all_requests: bool = False
+    weight_version: str | int | None = None
+    """SGLang: a string; an integer is accepted as well (versions are integers here, sent as strings)."""
+    is_async: bool = False
+    torch_empty_cache: bool = False
+    keep_pause: bool = False
+    recapture_cuda_graph: bool = False
+    token_step: int = 0
+    flush_cache: bool = True
+
+
+class UpdateWeightsFromTensorReqInput(BaseReq):
+    serialized_named_tensors: list[str] = []
+    """Base64 payloads (SGLang requires the field; the embedded engine refuses every tensor update anyway)."""
+    load_format: str | None = None
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: str | int | None = None
+    selector: str = "all"
+    torch_empty_cache: bool = False
+
+
+class InitWeightsUpdateGroupReqInput(BaseReq):
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str = "weight_update_group"
+    backend: str = "nccl"
+
+
+class UpdateWeightsFromDistributedReqInput(BaseReq):
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    group_name: str = "weight_update_group"
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: str | int | None = None
+    load_format: str | None = None
+    """Only the default (one tensor per name) is supported by the embedded engine."""
+    selector: str = "all"
+    torch_empty_cache: bool = False
+
+
+class DestroyWeightsUpdateGroupReqInput(BaseReq):
+    group_name: str = "weight_update_group"
+
+
+class GetWeightsByNameReqInput(BaseReq):
+    name: str
+    truncate_size: int = 100
+
+
+class PauseGenerationReqInput(BaseReq):
+    mode: str = "abort"
+    """abort | retract | in_place (SGLang: a Literal; the engine names a bad value in its 400 message)."""
+
+
+class ContinueGenerationReqInput(BaseReq):
+    torch_empty_cache: bool = True
+
+
+class ReleaseMemoryOccupationReqInput(BaseReq):
+    tags: list[str] | None = None
+
+
+class ResumeMemoryOccupationReqInput(BaseReq):
+    tags: list[str] | None = None
+
+
+def parse_version(raw: str | int | None) -> int:
+    """The integer weight version of a request; a bucket of a multi-bucket update carries a "-partial" suffix."""
+    if isinstance(raw, str) and raw.endswith(PARTIAL_VERSION_SUFFIX):
+        raw = raw[: -len(PARTIAL_VERSION_SUFFIX)]  # staged until complete, see weights.StagedUpdate
+    try:
+        return int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise HTTPError(400, f"weight_version must be an integer string (versions strictly increase), "
+                             f"got {raw!r}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampling parameters and responses (pure functions: unit-testable, and the wire test checks their output)
+# --------------------------------------------------------------------------------------------------------------
+
+def parse_sampling_params(raw: dict | None) -> SamplingParams:
+    """SGLang's sampling_params dict -> SamplingParams; HTTPError(400) naming any unsupported key or value."""
+    raw = dict(raw or {})
+    for key, value in raw.items():
+        if key in SUPPORTED_SAMPLING:
+            continue
+        if key in NEUTRAL_SAMPLING:
+            if value is not None and value != NEUTRAL_SAMPLING[key]:
+                raise HTTPError(400, f"sampling_params.{key}={value!r} is not supported by the embedded engine")
+            continue
+        raise HTTPError(400, f"unknown sampling_params key {key!r}")
+    stop = raw.get("stop") or ()
+    top_k = raw.get("top_k")
+    try:
+        return SamplingParams(
+            n=int(raw.get("n") or 1),
+            max_new_tokens=int(raw.get("max_new_tokens") if raw.get("max_new_tokens") is not None else 128),
+            temperature=float(raw.get("temperature") if raw.get("temperature") is not None else 1.0),
+            top_p=float(raw.get("top_p") if raw.get("top_p") is not None else 1.0),
+            top_k=-1 if top_k in (None, -1, SGLANG_TOP_K_ALL) else int(top_k),
+            stop=(stop,) if isinstance(stop, str) else tuple(stop),
+            stop_token_ids=tuple(raw.get("stop_token_ids") or ()),
+            ignore_eos=bool(raw.get("ignore_eos", False)),
+            seed=raw.get("sampling_seed"),
+            skip_special_tokens=bool(raw.get("skip_special_tokens", True)),
+        )
+    except (TypeError, ValueError, UserError) as exc:
+        raise HTTPError(400, f"invalid sampling_params: {exc}") from None
+
+
+def finish_reason_json(result: GenerationResult) -> dict:
+    """SGLang's FINISH_*.to_json() (sglang/srt/managers/schedule_batch.py)."""
+    if result.finish_reason == "stop":
+        return {"type": "stop", "matched": result.matched_stop}
+    if result.finish_reason == "length":
+        return {"type": "length", "length": len(result.response_ids)}
+    return {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
+
+
+def generate_response_item(result: GenerationResult, prompt_len: int, return_logprob: bool,
+                           token_text: Callable[[int], str] | None) -> dict:
+    """One ``/generate`` output dict, shaped like SGLang's (see module docstring)."""
+    version = str(result.weight_version)
+    meta: dict[str, Any] = {
+        "id": uuid.uuid4().hex,
+        "finish_reason": finish_reason_json(result),
+        "prompt_tokens": prompt_len,
+        "weight_version": version,
+        "completion_tokens": len(result.response_ids),
+        "cached_tokens": 0,
+        "reasoning_tokens": 0,
+        "weight_versions": [{"version": version, "start": 0, "end": len(result.response_ids)}],
+        "e2e_latency": float(result.extra.get("e2e_latency", 0.0)),
+    }
+    if return_logprob:
+        meta["input_token_logprobs"] = []
+        meta["output_token_logprobs"] = [
+            [float(lp), int(tok), token_text(tok) if token_text else None]
+            for lp, tok in zip(result.logprobs, result.response_ids)
+        ]
+        meta["output_token_logprobs_length"] = len(result.response_ids)
+    return {"text": result.text or "", "output_ids": list(result.response_ids), "meta_info": meta}
