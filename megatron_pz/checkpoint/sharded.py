@@ -23,7 +23,6 @@ from megatron_pz.checkpoint.layout import (CHECKPOINT_VERSION, META, TRACKER, Ch
                                            megatron_lm_args, resolve)
 from megatron_pz.checkpoint.optimizer_state import materialise_optimizer_state, unshare_adam_steps
 from megatron_pz.checkpoint.validate import validate_files, validate_shapes
-from megatron_pz.convert import mapping
 from megatron_pz.errors import CheckpointError
 from megatron_pz.io import atomic_replace, atomic_write_text, fsync_tree
 from megatron_pz.model.arch import ModelArch
@@ -178,8 +177,8 @@ def load(path: str | os.PathLike, model_chunks: list[torch.nn.Module], arch: Mod
         rows = min(arch.vocab_size, full.shape[0])
         padded = full.new_zeros(arch.padded_vocab_size(tp_size), full.shape[1])
         padded[:rows] = full[:rows]
-        canonical = "embedding.word_embeddings.weight" if "embedding" in local_name else "output_layer.weight"
-        loaded[mkey][local_name] = mapping.shard_tp(canonical, padded, tp_rank, tp_size)
+        # Both vocab tensors are column-parallel: TP rank r holds the r-th block of rows (convert.mapping's "col").
+        loaded[mkey][local_name] = torch.chunk(padded, tp_size, dim=0)[tp_rank]
     for i, m in enumerate(model_chunks):
         mkey = "model" if len(model_chunks) == 1 else f"model{i}"
         result = unwrap(m).load_state_dict(loaded[mkey], strict=False)
