@@ -15,27 +15,39 @@ from pathlib import Path
 import torch
 
 from megatron_pz import checkpoint as ckpt
+from megatron_pz import dtypes
 from megatron_pz.convert import mapping
 from megatron_pz.convert.bridge import gather_hf_state_dict, load_hf_into_model
-from megatron_pz.convert.hf_io import HFCheckpoint, aux_files, atomic_dir, save_hf_folder
-from megatron_pz.errors import CheckpointError
+from megatron_pz.convert.hf_io import HFCheckpoint, aux_files, save_hf_folder
+from megatron_pz.errors import CheckpointError, ConfigError
+from megatron_pz.io import atomic_dir
 from megatron_pz.model.arch import ModelArch
 from megatron_pz.model.provider import ModelConfig, build_model
 from megatron_pz.parallel import ParallelConfig, destroy_distributed, init_distributed, spawn_local
 
 logger = logging.getLogger(__name__)
 
-# Tokenizer and other non-weight HF files travel inside the Megatron checkpoint root, under this folder.
-HF_AUX_DIR = "hf_tokenizer"
-RUN_HF_META_DIR = "hf_meta"
-"""A training run keeps its tokenizer and generation config in ``<output_dir>/hf_meta``, next to ``checkpoints/``."""
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
 
 def _conversion_model_config(dtype: str) -> ModelConfig:
     # Random init is wasted work (every parameter is overwritten) and slow on CPU for large models.
     return ModelConfig(dtype=dtype, transformer_impl="local",
                        transformer_overrides={"perform_initialization": False})
+
+
+def _short_dtype(name: str) -> str:
+    """fp32 / bf16 / fp16 for either spelling; ConfigError naming the choices otherwise."""
+    try:
+        return dtypes.short_name(name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _source_dtype(hf: HFCheckpoint) -> str:
+    """The dtype the HF weights are stored in; fp32 for anything outside the table (e.g. fp64)."""
+    try:
+        return dtypes.short_name(hf.first_dtype())
+    except ValueError:
+        return "fp32"
 
 
 def _running_distributed() -> bool:
@@ -55,7 +67,7 @@ def hf_to_mcore(src: str | Path, dst: str | Path, tp: int = 1, pp: int = 1, dtyp
     if missing:
         raise CheckpointError(f"HF checkpoint {src} lacks tensors {missing[:5]} "
                               f"({len(missing)} missing) for a {arch.family} model")
-    dtype = dtype or _DTYPE_NAMES.get(hf.first_dtype(), "fp32")
+    dtype = _short_dtype(dtype) if dtype else _source_dtype(hf)
     # Expert layers need ETP x EP ranks per stage (ETP = TP here); attention sees the extra ranks as DP.
     world = tp * pp * ep
     job = (str(src), str(dst), tp, pp, dtype, iteration, ep)
@@ -83,7 +95,7 @@ def _hf_to_mcore_rank(src: str, dst: str, tp: int, pp: int, dtype: str, iteratio
     model = build_model(arch, _conversion_model_config(dtype), parallel, training=False)
     load_hf_into_model(model, hf.get, arch)
     if torch.distributed.get_rank() == 0:
-        with atomic_dir(Path(dst) / HF_AUX_DIR) as tmp:
+        with atomic_dir(Path(dst) / ckpt.HF_AUX_DIR) as tmp:
             for f in aux_files(src):
                 shutil.copy2(f, tmp / f.name)
     ckpt.save(dst, iteration, model, arch, meta={"source": {"hf": str(Path(src).resolve())}})
@@ -92,7 +104,7 @@ def _hf_to_mcore_rank(src: str, dst: str, tp: int, pp: int, dtype: str, iteratio
 def hf_aux_dir(root: Path) -> Path | None:
     """The tokenizer / generation-config files that go with a checkpoint root: ``<root>/hf_tokenizer`` (written by
     ``hf_to_mcore``) or, for a training run's ``checkpoints/``, the run's ``hf_meta/``; None if neither exists."""
-    for cand in (root / HF_AUX_DIR, root.parent / RUN_HF_META_DIR):
+    for cand in (root / ckpt.HF_AUX_DIR, root.parent / ckpt.RUN_HF_META_DIR):
         if cand.is_dir():
             return cand
     return None
@@ -107,8 +119,7 @@ def mcore_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None, voca
     """
     info = ckpt.resolve(src)
     arch = ckpt.read_arch(src, vocab_size=vocab_size, allow_pickle=allow_pickle)
-    dtype = dtype or info.meta.get("saved_with", {}).get("dtype", "float32")
-    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
+    dtype = _short_dtype(dtype or info.meta.get("saved_with", {}).get("dtype", "float32"))
     if _running_distributed():
         _mcore_to_hf_rank(info, src, dst, arch, dtype, max_shard_bytes)
         torch.distributed.barrier()
@@ -125,13 +136,11 @@ def _mcore_to_hf_rank(info, src, dst, arch: ModelArch, dtype: str, max_shard_byt
     model = build_model(arch, _conversion_model_config(dtype), training=False)
     ckpt.load(src, model, arch)
     # Cast on export: some modules keep fp32 parameters in a bf16 model (the local spec's RMSNorm).
-    torch_dtype = ModelConfig(dtype=dtype).torch_dtype
-    state = gather_hf_state_dict(model, arch, dtype=torch_dtype)
+    state = gather_hf_state_dict(model, arch, dtype=dtypes.torch_dtype(dtype))
     if state is not None:  # global rank 0
         cfg = arch.to_hf_config()
         # transformers>=5 writes "dtype"; older versions "torch_dtype". Keep whichever the source used.
-        cfg["dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"] = \
-            str(torch_dtype).replace("torch.", "")
+        cfg["dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"] = dtypes.long_name(dtype)
         aux = hf_aux_dir(info.root)
         save_hf_folder(dst, state.items(), cfg, copy_from=aux_files(aux) if aux is not None else (),
                        max_shard_bytes=max_shard_bytes)

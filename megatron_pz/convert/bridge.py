@@ -124,7 +124,7 @@ def _all_gather(t: torch.Tensor, size: int, group: object) -> list[torch.Tensor]
 
 def _gather(canonical: str, local: torch.Tensor, size: int, group: object) -> torch.Tensor:
     """The full tensor from this rank's TP (or expert-TP) shard."""
-    if size == 1 or mapping._split_kind(canonical) is None:
+    if size == 1 or mapping.tp_split_kind(canonical) is None:
         return local
     return mapping.unshard_tp(canonical, _all_gather(local, size, group))
 

@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the saved Megatron checkpoint")
     p.add_argument("--ep", type=int, default=1,
                    help="expert parallel size of the saved Megatron checkpoint (MoE models only)")
+    # The short names of megatron_pz.dtypes, spelled out: importing that module here would import torch on --help.
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="parameter dtype (default: that of the source weights)")
     p.add_argument("--vocab-size", type=int, default=None,

@@ -2,20 +2,21 @@
 
 Reading is lazy (``safe_open``): a rank fetches only the tensors it needs. ``pytorch_model*.bin`` folders
 are read with ``torch.load(weights_only=True)``, never with pickle. Writing goes to a temporary sibling
-folder that is renamed into place last, so an interrupted export never leaves a half-written model.
+folder that is renamed into place last (``megatron_pz.io.atomic_dir``), so an interrupted export never leaves a
+half-written model.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
 from megatron_pz.errors import CheckpointError
+from megatron_pz.io import atomic_dir
 
 # Files of an HF folder that are not weights: copied along with conversions (tokenizer, generation config).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
@@ -112,60 +113,6 @@ def aux_files(folder: str | os.PathLike) -> list[Path]:
         if p.is_file() and p.name not in _SKIP_FILES and not p.name.endswith(_WEIGHT_SUFFIXES):
             out.append(p)
     return out
-
-
-def atomic_dir(dst: str | os.PathLike) -> "AtomicDir":
-    return AtomicDir(Path(dst))
-
-
-class AtomicDir:
-    """``with atomic_dir(dst) as tmp:`` write into ``tmp``; on success ``tmp`` replaces ``dst``."""
-
-    def __init__(self, dst: Path):
-        self.dst = dst
-        self.tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-    def __enter__(self) -> Path:
-        self.dst.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        _fsync_dir(self.tmp)
-        if self.dst.exists():
-            old = self.dst.parent / f".{self.dst.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.dst, old)
-            os.replace(self.tmp, self.dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.dst)
-        _fsync_dir(self.dst.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    for p in path.iterdir() if path.is_dir() else []:
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a small text file so that readers see either the old or the new content, never a mix."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_safetensors_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]],

@@ -109,7 +109,8 @@ def with_expert_index(canonical: str, expert: int) -> str:
     return f"decoder.layers.{m.group(1)}.mlp.experts.local_experts.{expert}.{m.group(3)}.weight"
 
 
-def _split_kind(canonical: str) -> str | None:
+def tp_split_kind(canonical: str) -> str | None:
+    """How TP splits a canonical parameter: "col" (dim 0), "row" (dim 1), "fc1" (gate and up apart), None."""
     m = _LAYER_RE.match(canonical)
     key = m.group(2) if m else canonical
     key = re.sub(r"local_experts\.\d+\.", "local_experts.*.", key)
@@ -255,7 +256,7 @@ def to_hf(canonical: str, full: torch.Tensor, arch: ModelArch) -> dict[str, torc
 
 def shard_tp(canonical: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
     """The slice of a full Megatron tensor that TP rank ``tp_rank`` of ``tp_size`` holds."""
-    kind = _split_kind(canonical)
+    kind = tp_split_kind(canonical)
     if kind is None or tp_size == 1:
         return full
     if kind == "col":
@@ -268,7 +269,7 @@ def shard_tp(canonical: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> 
 
 def unshard_tp(canonical: str, shards: list[torch.Tensor]) -> torch.Tensor:
     """Inverse of ``shard_tp``: the full tensor from all TP ranks' shards (in rank order)."""
-    kind = _split_kind(canonical)
+    kind = tp_split_kind(canonical)
     if kind is None or len(shards) == 1:
         return shards[0]
     if kind == "col":

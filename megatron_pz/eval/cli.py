@@ -16,8 +16,6 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     from megatron_pz.eval.suites import SUITES
@@ -44,38 +42,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     p.add_argument("--out", default=None, help="report folder (default: runs/eval/<model name>)")
     p.add_argument("--seed", type=int, default=0, help="picks items, span masks and the sampling seed")
-    p.add_argument("--dtype", choices=list(_DTYPES), default="fp32", help="embedded engine weights dtype")
+    # The short names of megatron_pz.dtypes, spelled out: importing that module here would import torch on --help.
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="embedded engine weights dtype")
     p.add_argument("--device", default=None, help="embedded engine device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=32, help="embedded engine: sequences per forward batch")
     p.set_defaults(func=run)
 
 
-# ------------------------------------------------------------------ --load resolution
+# ------------------------------------------------------------------ --load resolution (model.source)
 def _cache_root() -> Path:
     from megatron_pz.model.smollm2 import cache_root
 
     return cache_root() / "eval_hf"
 
 
-def _checkpoint_of(path: Path) -> Path | None:
-    """The Megatron checkpoint of ``path``: itself, or a training run's ``checkpoints/``; None if neither."""
-    from megatron_pz import checkpoint as ckpt
-
-    if ckpt.is_megatron_checkpoint(path):
-        return path
-    if ckpt.is_megatron_checkpoint(path / "checkpoints"):
-        return path / "checkpoints"
-    return None
-
-
 def convert_cached(ckpt_path: Path, dtype: str | None, tokenizer: str | None) -> Path:
     """HF export of a Megatron checkpoint, cached under ``<cache>/eval_hf/`` by path, iteration and save time."""
     from megatron_pz import checkpoint as ckpt
     from megatron_pz.errors import CheckpointError
-    from megatron_pz.eval.export import find_tokenizer_dir
+    from megatron_pz.model.source import ModelSource, tokenizer_dir
 
     info = ckpt.resolve(ckpt_path)
-    if tokenizer is None and find_tokenizer_dir(ckpt_path) is None:
+    if tokenizer is None and tokenizer_dir(ModelSource(kind="mcore", path=ckpt_path)) is None:
         raise CheckpointError(f"--load {ckpt_path}: no HF tokenizer with this checkpoint (looked for "
                               f"<root>/hf_tokenizer and the run's hf_meta/); pass --tokenizer DIR")
     stamp = (info.iter_dir / "metadata.json").stat().st_mtime_ns
@@ -103,28 +91,16 @@ def resolve_load(load: str, *, convert: bool = True, dtype: str | None = None,
                  tokenizer: str | None = None) -> tuple[Path | None, Path]:
     """(HF model folder or None when ``convert`` is False for a checkpoint, tokenizer folder)."""
     from megatron_pz.errors import CheckpointError
-    from megatron_pz.eval.export import find_tokenizer_dir
+    from megatron_pz.model.source import resolve_source, tokenizer_dir
 
-    if load == "smollm2":
-        from megatron_pz.model.smollm2 import prepare_smollm2
-
-        hf_dir, _ = prepare_smollm2()
-        return hf_dir, Path(tokenizer) if tokenizer else hf_dir
-    path = Path(load)
-    if not path.exists():
-        raise CheckpointError(f"--load {load}: no such file or directory")
-    ck = _checkpoint_of(path) if path.is_dir() else None
-    if ck is not None:
-        tok = Path(tokenizer) if tokenizer else find_tokenizer_dir(ck)
-        if tok is None:
-            raise CheckpointError(f"--load {load}: no HF tokenizer with this checkpoint (looked for "
-                                  f"<root>/hf_tokenizer and the run's hf_meta/); pass --tokenizer DIR")
-        return (convert_cached(ck, dtype, tokenizer) if convert else None), tok
-    if path.is_dir() and (path / "config.json").is_file():
-        return path, Path(tokenizer) if tokenizer else path
-    raise CheckpointError(f"--load {load}: not an HF model folder (config.json), a Megatron checkpoint "
-                          f"(latest_checkpointed_iteration.txt / metadata.json), a run dir with checkpoints/, "
-                          f"nor 'smollm2'")
+    src = resolve_source(load, what="--load")
+    tok = tokenizer_dir(src, tokenizer)
+    if tok is None:
+        raise CheckpointError(f"--load {load}: no HF tokenizer with this checkpoint (looked for "
+                              f"<root>/hf_tokenizer and the run's hf_meta/); pass --tokenizer DIR")
+    if src.hf_dir is not None:  # an HF folder, or smollm2's converted copy
+        return src.hf_dir, tok
+    return (convert_cached(src.path, dtype, tokenizer) if convert else None), tok
 
 
 def parse_data_args(values: list[str], suites: list[str]) -> dict[str, str]:
@@ -196,10 +172,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         import torch
 
+        from megatron_pz.dtypes import long_name
         from megatron_pz.engine.engine import EmbeddedEngine
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        engine = EmbeddedEngine(hf_dir, dtype=_DTYPES[args.dtype], device=device, max_batch_size=args.batch_size)
+        engine = EmbeddedEngine(hf_dir, dtype=long_name(args.dtype), device=device, max_batch_size=args.batch_size)
         model_desc = str(args.load)
 
     name = Path(str(args.load).rstrip("/")).name or "model"

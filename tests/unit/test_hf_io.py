@@ -5,8 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megatron_pz.convert.hf_io import HFCheckpoint, atomic_dir, save_hf_folder
+from megatron_pz.convert.hf_io import HFCheckpoint, save_hf_folder
 from megatron_pz.errors import CheckpointError
+from megatron_pz.io import atomic_dir
 
 
 def test_sharded_folder_reads_lazily(tmp_path):

@@ -42,3 +42,58 @@ def test_missing_tokenizer_named(tmp_path):
     (tmp_path / "bad.model").write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="cannot load SentencePiece model"):
         load_tokenizer(tmp_path / "bad.model")
+
+
+def _fake_checkpoint(root, iteration=5):
+    """The files ``checkpoint.resolve`` looks at (no tensors)."""
+    iter_dir = root / f"iter_{iteration:07d}"
+    iter_dir.mkdir(parents=True)
+    (iter_dir / "metadata.json").write_text("{}")
+    (iter_dir / ".metadata").write_bytes(b"")
+    (root / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
+    return iter_dir
+
+
+def test_model_source_resolves_each_kind_of_load_value(tmp_path):
+    from megatron_pz.model.source import resolve_source
+
+    run = tmp_path / "run"
+    iter_dir = _fake_checkpoint(run / "checkpoints")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    assert (resolve_source(run / "checkpoints").kind, resolve_source(run / "checkpoints").path) == \
+        ("mcore", run / "checkpoints")
+    assert resolve_source(iter_dir).path == iter_dir
+    assert resolve_source(run).path == run / "checkpoints"  # a training run's output folder
+    src = resolve_source(hf)
+    assert (src.kind, src.path, src.hf_dir) == ("hf", hf, hf)
+    with pytest.raises(ConfigError, match=r"policy\.load='.*missing': no such file"):
+        resolve_source(tmp_path / "missing", what="policy.load")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"--load='.*empty' is not 'smollm2', a Megatron checkpoint"):
+        resolve_source(tmp_path / "empty", what="--load")
+
+
+def test_tokenizer_dir_of_a_checkpoint_a_run_and_an_override(tmp_path):
+    from megatron_pz.model.source import ModelSource, tokenizer_dir
+
+    run = tmp_path / "run"
+    root = run / "checkpoints"
+    iter_dir = _fake_checkpoint(root)
+    src = ModelSource(kind="mcore", path=root)
+    assert tokenizer_dir(src) is None
+    (run / "hf_meta").mkdir()
+    assert tokenizer_dir(src) is None  # a folder without tokenizer files does not count
+    (run / "hf_meta" / "tokenizer.json").write_text("{}")
+    assert tokenizer_dir(src) == run / "hf_meta"
+    assert tokenizer_dir(ModelSource(kind="mcore", path=iter_dir)) == run / "hf_meta"
+    (iter_dir / "hf_tokenizer").mkdir()
+    (iter_dir / "hf_tokenizer" / "tokenizer_config.json").write_text("{}")
+    assert tokenizer_dir(src) == iter_dir / "hf_tokenizer"
+    (root / "hf_tokenizer").mkdir()
+    (root / "hf_tokenizer" / "tokenizer.model").write_bytes(b"")
+    assert tokenizer_dir(src) == root / "hf_tokenizer"  # the checkpoint's own files win
+    assert tokenizer_dir(src, override=tmp_path / "tok") == tmp_path / "tok"
+    hf = ModelSource(kind="hf", path=tmp_path / "hf", hf_dir=tmp_path / "hf")
+    assert tokenizer_dir(hf) == tmp_path / "hf"

@@ -1,0 +1,140 @@
+"""Megatron-LM's checkpoint folder layout: ``ROOT/latest_checkpointed_iteration.txt`` + ``ROOT/iter_NNNNNNN/``.
+
+Reading only: which iteration folder a path means (``resolve``), the architecture it holds (``read_arch``,
+from our ``megatron_pz.json`` or from the Megatron-LM ``args`` in ``common.pt``), and the Megatron-LM
+``args`` namespace we write so that Megatron-LM can read our checkpoints (``megatron_lm_args``).
+
+Safety: ``common.pt`` is read with ``torch.load(weights_only=True)``; Megatron-Core allow-lists the plain
+classes Megatron-LM stores there (``argparse.Namespace``, ...). A checkpoint that needs anything else is
+refused with a message naming the file, unless the caller passes ``allow_pickle=True`` for that path.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_pz.errors import CheckpointError
+from megatron_pz.model.arch import ModelArch
+
+logger = logging.getLogger(__name__)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+META = "megatron_pz.json"  # our run state + architecture, plain JSON, next to the torch_dist files
+CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint_version
+# Tokenizer and other non-weight HF files travel inside a converted checkpoint root, under this folder.
+HF_AUX_DIR = "hf_tokenizer"
+# A training run's output folder: its checkpoint root, and its tokenizer + generation config next to it.
+RUN_CHECKPOINT_DIR = "checkpoints"
+RUN_HF_META_DIR = "hf_meta"
+
+
+def iter_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+@dataclass
+class CheckpointInfo:
+    root: Path  # folder holding the tracker (== iter_dir.parent)
+    iter_dir: Path
+    iteration: int
+    meta: dict[str, Any] = field(default_factory=dict)  # megatron_pz.json, {} for Megatron-LM checkpoints
+
+
+def is_megatron_checkpoint(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / TRACKER).exists() or (p / "metadata.json").exists()
+
+
+def resolve(path: str | os.PathLike) -> CheckpointInfo:
+    """Find the iteration folder of a checkpoint root (via the tracker) or of an iteration folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path does not exist: {p}")
+    if (p / TRACKER).exists():
+        text = (p / TRACKER).read_text().strip()
+        if text == "release":
+            iter_dir, iteration = p / "release", 0
+        else:
+            try:
+                iteration = int(text)
+            except ValueError:
+                raise CheckpointError(f"{p / TRACKER} should hold an iteration number or 'release', "
+                                      f"found {text[:50]!r}") from None
+            iter_dir = p / iter_dir_name(iteration)
+        if not iter_dir.is_dir():
+            raise CheckpointError(f"{p / TRACKER} points at {iter_dir.name}, which does not exist")
+    elif (p / "metadata.json").exists():
+        iter_dir = p
+        name = p.name
+        iteration = int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else 0
+    else:
+        raise CheckpointError(f"not a Megatron checkpoint: {p} has neither {TRACKER} nor metadata.json")
+    for required in ("metadata.json", ".metadata"):
+        if not (iter_dir / required).exists():
+            raise CheckpointError(f"checkpoint {iter_dir} is incomplete: {required} is missing "
+                                  f"(interrupted save or not a torch_dist checkpoint)")
+    meta: dict[str, Any] = {}
+    if (iter_dir / META).exists():
+        try:
+            meta = json.loads((iter_dir / META).read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{iter_dir / META} is not valid JSON: {exc}") from None
+    return CheckpointInfo(root=iter_dir.parent, iter_dir=iter_dir, iteration=iteration, meta=meta)
+
+
+def load_common(iter_dir: Path, allow_pickle: bool = False) -> dict[str, Any]:
+    """The non-sharded part (common.pt) of a torch_dist checkpoint, safely."""
+    import megatron.core  # noqa: F401  (registers Megatron's safe globals for weights_only loading)
+
+    path = iter_dir / "common.pt"
+    if not path.exists():
+        return {}
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path} contains objects outside the weights_only allow-list ({exc.__class__.__name__}: "
+                f"{str(exc).splitlines()[0][:200]}). It can only be read with pickle; if you trust this "
+                f"file, pass allow_pickle=True / --allow-pickle") from None
+        logger.warning("loading %s with pickle (weights_only=False) because allow_pickle was given", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_arch(path: str | os.PathLike, vocab_size: int | None = None, allow_pickle: bool = False) -> ModelArch:
+    """The architecture of a checkpoint: from megatron_pz.json, else from Megatron-LM's saved args."""
+    info = resolve(path)
+    if "arch" in info.meta:
+        return ModelArch.from_dict(info.meta["arch"])
+    common = load_common(info.iter_dir, allow_pickle)
+    if "args" not in common:
+        raise CheckpointError(f"{info.iter_dir} has neither {META} nor Megatron-LM args in common.pt; "
+                              f"cannot tell the architecture")
+    return ModelArch.from_megatron_args(common["args"], vocab_size=vocab_size)
+
+
+def megatron_lm_args(arch: ModelArch, tp: int, pp: int, dtype: torch.dtype) -> argparse.Namespace:
+    """The subset of Megatron-LM's argparse namespace that describes the model (read by Megatron-LM)."""
+    return argparse.Namespace(
+        num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        group_query_attention=arch.num_query_groups != arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups, kv_channels=arch.head_dim,
+        padded_vocab_size=arch.padded_vocab_size(tp), make_vocab_size_divisible_by=arch.make_vocab_size_divisible_by,
+        max_position_embeddings=arch.max_position_embeddings, seq_length=arch.max_position_embeddings,
+        position_embedding_type="rope", rotary_base=arch.rope_theta,
+        use_rope_scaling=arch.rope_scaling_factor is not None, rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+        normalization="RMSNorm", norm_epsilon=arch.norm_eps, swiglu=True,
+        untie_embeddings_and_output_weights=not arch.tie_word_embeddings,
+        add_qkv_bias=arch.qkv_bias, add_bias_linear=False, qk_layernorm=arch.qk_norm,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, ckpt_format="torch_dist",
+        **arch.megatron_lm_extra_args(),  # MoE (Qwen3-MoE) and NoPE (SmolLM3) settings
+    )
