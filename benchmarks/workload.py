@@ -49,21 +49,14 @@ class Workload:
 
 def hf_and_tokenizer_dirs(cfg: Any) -> tuple[Path, Path]:
     """(HF model folder, tokenizer folder) of ``policy.load``: smollm2's converted HF copy, or an HF folder."""
+    from megatron_pz.convert.source import resolve_source, tokenizer_dir
     from megatron_pz.errors import ConfigError
 
-    load = cfg.policy.load
-    if load == "smollm2":
-        from megatron_pz.model.smollm2 import prepare_smollm2
-
-        hf_dir, _ = prepare_smollm2()
-        hf_dir = Path(hf_dir)
-    else:
-        hf_dir = Path(load)
-        if not (hf_dir / "config.json").exists():
-            raise ConfigError(f"bench compare needs policy.load = smollm2 or an HF model folder (TRL loads HF "
-                              f"weights); got {load!r}")
-    tok = Path(cfg.policy.tokenizer) if cfg.policy.tokenizer else hf_dir
-    return hf_dir, tok
+    src = resolve_source(cfg.policy.load, what="policy.load")
+    if src.hf_dir is None:
+        raise ConfigError(f"bench compare needs policy.load = smollm2 or an HF model folder (TRL loads HF "
+                          f"weights); got {cfg.policy.load!r}")
+    return src.hf_dir, tokenizer_dir(src, cfg.policy.tokenizer) or src.hf_dir
 
 
 def build_workload(cfg: Any, steps: int) -> Workload:

@@ -71,7 +71,7 @@ def tiny_llama_hf(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2():
     """(hf_dir, mcore_dir) of SmolLM2-135M-Instruct, converted once and cached (~25 s the first time)."""
-    from megatron_pz.model.smollm2 import prepare_smollm2
+    from megatron_pz.convert.smollm2 import prepare_smollm2
 
     hf_dir, mcore_dir = prepare_smollm2()
     return str(hf_dir), str(mcore_dir)

@@ -37,7 +37,7 @@ def main() -> None:
     from megatron_pz.convert.api import hf_to_mcore, mcore_to_hf
     from megatron_pz.model.forward import forward_logits
     from megatron_pz.model.provider import ModelConfig, build_model
-    from megatron_pz.model.smollm2 import prepare_smollm2
+    from megatron_pz.convert.smollm2 import prepare_smollm2
     from megatron_pz.parallel import ParallelConfig, init_distributed
 
     gpu = torch.cuda.is_available()

@@ -40,7 +40,7 @@ def tiny_policy(folder: Path) -> str:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import save_tiny_hf  # the test suite's own fixture builder
 
-    from megatron_pz.model.smollm2 import prepare_smollm2
+    from megatron_pz.convert.smollm2 import prepare_smollm2
 
     hf, _ = prepare_smollm2()
     d = save_tiny_hf(folder, "llama", vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=1024)

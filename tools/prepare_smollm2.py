@@ -7,7 +7,7 @@ Prints the two paths. Re-running is free once the cache exists. No network acces
 import argparse
 import logging
 
-from megatron_pz.model.smollm2 import prepare_smollm2
+from megatron_pz.convert.smollm2 import prepare_smollm2
 
 
 def main() -> None:

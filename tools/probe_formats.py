@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     path = args.load
     if path == "smollm2":
-        from megatron_pz.model.smollm2 import prepare_smollm2
+        from megatron_pz.convert.smollm2 import prepare_smollm2
 
         path = str(prepare_smollm2()[0])
     torch.manual_seed(args.seed)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from megatron_pz.dtypes import SHORT_NAMES
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert HF safetensors <-> Megatron torch_dist checkpoints",
@@ -17,8 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the saved Megatron checkpoint")
     p.add_argument("--ep", type=int, default=1,
                    help="expert parallel size of the saved Megatron checkpoint (MoE models only)")
-    # The short names of megatron_pz.dtypes, spelled out: importing that module here would import torch on --help.
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+    p.add_argument("--dtype", choices=SHORT_NAMES, default=None,
                    help="parameter dtype (default: that of the source weights)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="true vocabulary size when exporting a Megatron-LM checkpoint (it stores only the "

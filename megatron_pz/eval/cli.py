@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_pz.dtypes import SHORT_NAMES
+
 logger = logging.getLogger(__name__)
 
 
@@ -42,8 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     p.add_argument("--out", default=None, help="report folder (default: runs/eval/<model name>)")
     p.add_argument("--seed", type=int, default=0, help="picks items, span masks and the sampling seed")
-    # The short names of megatron_pz.dtypes, spelled out: importing that module here would import torch on --help.
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="embedded engine weights dtype")
+    p.add_argument("--dtype", choices=SHORT_NAMES, default="fp32", help="embedded engine weights dtype")
     p.add_argument("--device", default=None, help="embedded engine device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=32, help="embedded engine: sequences per forward batch")
     p.set_defaults(func=run)
@@ -51,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------ --load resolution (model.source)
 def _cache_root() -> Path:
-    from megatron_pz.model.smollm2 import cache_root
+    from megatron_pz.convert.smollm2 import cache_root
 
     return cache_root() / "eval_hf"
 
@@ -59,8 +60,8 @@ def _cache_root() -> Path:
 def convert_cached(ckpt_path: Path, dtype: str | None, tokenizer: str | None) -> Path:
     """HF export of a Megatron checkpoint, cached under ``<cache>/eval_hf/`` by path, iteration and save time."""
     from megatron_pz import checkpoint as ckpt
+    from megatron_pz.convert.source import ModelSource, tokenizer_dir
     from megatron_pz.errors import CheckpointError
-    from megatron_pz.model.source import ModelSource, tokenizer_dir
 
     info = ckpt.resolve(ckpt_path)
     if tokenizer is None and tokenizer_dir(ModelSource(kind="mcore", path=ckpt_path)) is None:
@@ -90,8 +91,8 @@ def convert_cached(ckpt_path: Path, dtype: str | None, tokenizer: str | None) ->
 def resolve_load(load: str, *, convert: bool = True, dtype: str | None = None,
                  tokenizer: str | None = None) -> tuple[Path | None, Path]:
     """(HF model folder or None when ``convert`` is False for a checkpoint, tokenizer folder)."""
+    from megatron_pz.convert.source import resolve_source, tokenizer_dir
     from megatron_pz.errors import CheckpointError
-    from megatron_pz.model.source import resolve_source, tokenizer_dir
 
     src = resolve_source(load, what="--load")
     tok = tokenizer_dir(src, tokenizer)

@@ -15,9 +15,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from megatron_pz.convert.source import ModelSource, tokenizer_dir
 from megatron_pz.dtypes import SHORT_NAMES
 from megatron_pz.errors import CheckpointError, UserError
-from megatron_pz.model.source import ModelSource, tokenizer_dir
 from megatron_pz.model.tokenizer import has_tokenizer_files
 
 

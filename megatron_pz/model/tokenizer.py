@@ -3,7 +3,7 @@
 
 ``load_tokenizer(path)`` accepts an HF model folder, a Megatron checkpoint root converted by us (its
 ``hf_tokenizer/`` folder), or a ``.model`` file. Loading never touches the network. Which folder holds the
-tokenizer of a ``load`` value (checkpoint, training run, smollm2) is ``model.source.tokenizer_dir``.
+tokenizer of a ``load`` value (checkpoint, training run, smollm2) is ``convert.source.tokenizer_dir``.
 """
 from __future__ import annotations
 

@@ -54,11 +54,12 @@ def resolve_arch(spec: str, vocab_size: int | None = None, allow_pickle: bool = 
     """A preset name, "smollm2" (its cached config, else the preset), an HF folder or config.json, or a
     Megatron checkpoint root (architecture from its metadata; no weights are read)."""
     from megatron_pz import checkpoint as ckpt
+    from megatron_pz.convert.source import SMOLLM2
 
     if spec in PRESETS:
         return preset(spec)
-    if spec == "smollm2":
-        from megatron_pz.model.smollm2 import cache_root
+    if spec == SMOLLM2:  # a dry run reads the cached conversion's config but never converts
+        from megatron_pz.convert.smollm2 import cache_root
 
         cached = cache_root() / "smollm2-135m-instruct" / "hf" / "config.json"
         return ModelArch.from_hf_config(cached) if cached.exists() else preset("smollm2-135m")

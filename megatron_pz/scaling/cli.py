@@ -12,6 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
+from megatron_pz.dtypes import SHORT_NAMES
 from megatron_pz.errors import ConfigError, UserError
 
 
@@ -44,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                  "qwen3-30b-a3b, ...), 'smollm2', HF folder, or checkpoint")
     m.add_argument("--seq-length", type=int, default=None, help="tokens per sequence (default 512)")
     m.add_argument("--prompt-length", type=int, default=None, help="prompt tokens (not in the loss; default 1/4)")
-    m.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+    m.add_argument("--dtype", choices=SHORT_NAMES, default=None,
                    help="default: bf16 on GPU, fp32 on CPU")
     m.add_argument("--global-batch", type=int, default=None, help="sequences per step, kept across layouts")
     m.add_argument("--num-microbatches", type=int, default=None, help="per DP rank (when no --global-batch; 4)")

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SUBDIR = "checkpoints"
+SUBDIR = ckpt.RUN_CHECKPOINT_DIR
 
 
 class Checkpointer:

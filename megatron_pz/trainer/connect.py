@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from megatron_pz import checkpoint as ckpt
 from megatron_pz.dtypes import long_name
 from megatron_pz.errors import ConfigError
 from megatron_pz.parallel import free_port
@@ -36,7 +37,7 @@ def start_rollout(run: Run) -> None:
     state = run.weights.export(run.chunks)  # collective
     urls: list[str] = []
     if torch.distributed.get_rank() == 0:
-        writer = DiskWeightSync(None, weights_dir, hf_config_dir=run.out / "hf_meta")
+        writer = DiskWeightSync(None, weights_dir, hf_config_dir=run.out / ckpt.RUN_HF_META_DIR)
         stale = writer.drop_versions_after(run.weight_version)
         if stale:
             logger.warning("removed weight versions %s from %s: written after the last checkpoint by a run that "
@@ -74,7 +75,7 @@ def make_weight_sync(run: Run, weights_dir: Path) -> WeightSync:
     bucket = r.bucket_mb * 1024**2
     current = run.weight_version
     if r.weight_sync == "disk":
-        return DiskWeightSync(run.engine, weights_dir, hf_config_dir=run.out / "hf_meta", shard_bytes=bucket,
+        return DiskWeightSync(run.engine, weights_dir, hf_config_dir=run.out / ckpt.RUN_HF_META_DIR, shard_bytes=bucket,
                               current_version=current)
     clients = run.engine.clients
     if r.weight_sync == "tensor":

