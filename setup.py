@@ -45,6 +45,7 @@ setup(
         "bench": ["trl==1.16.0"],
         "dev": [
             "pytest>=8",
+            "import-linter>=2.1",
             "hypothesis>=6.100",
             "gguf>=0.10",
             "accelerate>=1.0",
