@@ -81,7 +81,7 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    """Megatron optimizer and LR schedule (AdamW; INFERENCE digest §6 item 6 where the paper is silent)."""
+    """Megatron optimizer and LR schedule (AdamW; INFERENCE method §6 item 6 where the paper is silent)."""
 
     lr: float = 5e-7  # [PZ §4.1]
     min_lr: float = 0.0
@@ -108,7 +108,7 @@ class OptimConfig:
 
 @dataclass
 class RolloutConfig:
-    """Where rollouts come from and how each task samples [INFERENCE digest §6 item 3: T=1, top-p 1]."""
+    """Where rollouts come from and how each task samples [INFERENCE method §6 item 3: T=1, top-p 1]."""
 
     # embedded: start `megatron-pz serve-rollout` on this node (CPU or a single GPU without SGLang);
     # sglang: use running SGLang servers (urls, or an endpoints file written by the launcher).

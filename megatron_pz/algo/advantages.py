@@ -10,7 +10,7 @@ Only generated Samples (COMPLETED/TRUNCATED) with a reward take part; others kee
 DAPO dynamic-sampling filter [PZ §4.1, DAPO]: a group whose rewards are all exactly equal (accuracy 0.0 or 1.0
 for predictors; all-equal r_gen for generators; any single-sample group) has zero advantage everywhere; with
 ``dapo_filter`` its Samples get ``status = FILTERED`` and contribute no tokens to the loss. Filtered groups are
-not re-sampled (INFERENCE, digest §6 item 7). Invalid masks stay in their generator group with reward 0.
+not re-sampled (INFERENCE, method §6 item 7). Invalid masks stay in their generator group with reward 0.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class AdvantageConfig:
     std_normalize: bool = True
     """Divide by the group std [PZ Eq. 10]; False = mean-centred only (Dr. GRPO)."""
     eps: float = 1e-6
-    """Added to the std (guards groups with tiny spread; unknown in the paper, digest §6 item 18)."""
+    """Added to the std (guards groups with tiny spread; unknown in the paper, method §6 item 18)."""
     ddof: int = 0
     """Std degrees of freedom: 0 = population std (default), 1 = sample std."""
     dapo_filter: bool = True

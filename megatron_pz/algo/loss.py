@@ -12,7 +12,7 @@ Per valid token (``loss_mask == 1``), with r = exp(logp - old_logp):
     total = sum(loss over valid tokens) / num_global_tokens
 
 ``num_global_tokens`` is the number of valid tokens of the whole optimizer step: all micro-batches and all DP
-ranks together (INFERENCE, digest §6 item 5: token-level mean as in DAPO). Summing the gradients of the
+ranks together (INFERENCE, method §6 item 5: token-level mean as in DAPO). Summing the gradients of the
 micro-batches (and all-reducing with SUM over DP) then gives exactly the gradient of one big batch, however the
 step is split. Without TIS (no ``rollout_logprobs`` or ``tis_cap=None``) w = 1. Note: a DP wrapper that
 *averages* gradients over ranks (Megatron DDP's default) divides by the DP size on top of this, so scale the
@@ -39,9 +39,9 @@ class LossConfig:
     """Policy-loss hyper-parameters. Defaults: DAPO clip-higher, no KL [PZ §4.1], TIS cap 2."""
 
     eps_low: float = 0.2
-    """Lower clip: ratio >= 1 - eps_low (INFERENCE, digest §6 item 4: DAPO's 0.2)."""
+    """Lower clip: ratio >= 1 - eps_low (INFERENCE, method §6 item 4: DAPO's 0.2)."""
     eps_high: float = 0.28
-    """Upper clip: ratio <= 1 + eps_high (INFERENCE, digest §6 item 4: DAPO's 0.28; "clip-higher")."""
+    """Upper clip: ratio <= 1 + eps_high (INFERENCE, method §6 item 4: DAPO's 0.28; "clip-higher")."""
     kl: str | None = None
     """KL-to-reference estimator: None (off, as in the paper), "k1" (logp - ref) or "k3" (Schulman's unbiased)."""
     kl_coef: float = 0.0

@@ -13,7 +13,7 @@ Order of one epoch (fixed by ``seed`` and the epoch number alone):
 ``state_dict()`` after ``k`` paragraphs, loaded into a fresh reader with the same config, yields exactly what
 an uninterrupted reader would have yielded from paragraph ``k + 1`` on.
 
-Length filter [PZ §4.1: prompts are capped at 1536 tokens; digest §6 item 2]: with ``n = count_tokens(text)``,
+Length filter [PZ §4.1: prompts are capped at 1536 tokens; method §6 item 2]: with ``n = count_tokens(text)``,
 a paragraph is kept when ``n >= min_paragraph_tokens`` and ``n + prompt_overhead_tokens + prompt_margin_tokens
 <= max_prompt_tokens``. Pass the tokenizer's counter and ``prompts.template_overhead_tokens(...)``; without a
 counter a tokenizer-free over-estimate is used (``estimate_tokens``: UTF-8 bytes / 3).

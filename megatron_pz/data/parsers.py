@@ -1,6 +1,6 @@
 """Extract the answer of a model output: the content of the last balanced ``\\mask{...}`` or ``\\boxed{...}``.
 
-Rules (INFERENCE, digest §6 items 10 and 12: "take the content of the last ``\\boxed{}``"):
+Rules (INFERENCE, method §6 items 10 and 12: "take the content of the last ``\\boxed{}``"):
 
 * A command is the literal text ``\\<name>{`` (no space allowed before ``{``). Its content runs to the brace
   that balances that ``{``; nested ``{...}`` inside the content are allowed and kept.

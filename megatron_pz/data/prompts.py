@@ -3,8 +3,8 @@
 Templates are kept as (prefix, suffix) around one slot and filled by concatenation, never ``str.format``: the
 templates contain literal braces (``\\mask{}``) and paragraphs may contain anything.
 
-Line breaks follow the digest's blockquotes (one line per quoted line; the PDF's soft wraps inside a sentence
-are joined). Wrapping (INFERENCE, digest §6 item 11): ``style="plain"`` sends the text as is (the default, for
+Line breaks follow docs/method.md's blockquotes (one line per quoted line; the PDF's soft wraps inside a sentence
+are joined). Wrapping (INFERENCE, method §6 item 11): ``style="plain"`` sends the text as is (the default, for
 base models); ``style="chat"`` wraps it as one user turn, through the tokenizer's own chat template when one
 is passed, otherwise through a built-in ChatML rendering (the Qwen3 format).
 """

@@ -1,13 +1,13 @@
 """Span rules: validate a span against a paragraph and replace it by ``[mask]``; random spans for the baseline.
 
-Pure and seeded: no I/O, no tokenizer. The rules [PZ §3.2, §4.4; digest §2.2 and §6 items 8–9]:
+Pure and seeded: no I/O, no tokenizer. The rules [PZ §3.2, §4.4; method §2.2 and §6 items 8–9]:
 
 * The span is taken verbatim from the generator's ``\\mask{...}`` and, by default, stripped of surrounding
   whitespace (``strip_span``); an empty span is invalid (``EMPTY``), a missing one is ``MISSING``.
 * Occurrences are counted left to right without overlap, exactly like ``str.count`` / ``str.replace``
   (so ``"aa"`` occurs twice in ``"aaaa"``, not three times). The span must occur at least once
   (``NOT_FOUND``) and fewer than ``max_occurrences`` (= 8) times (``TOO_FREQUENT``) [PZ §4.4].
-* ``mode="default"`` replaces every occurrence by the mask token (INFERENCE, digest §2.2);
+* ``mode="default"`` replaces every occurrence by the mask token (INFERENCE, method §2.2);
   ``"one_mask"`` replaces one occurrence chosen by a seeded RNG [PZ §4.4 PretrainZero-OneMask];
   ``"words"`` replaces every occurrence but rejects the span unless every occurrence starts and ends at a word
   boundary (``NOT_WORDS``) [PZ §4.4 PretrainZero-Words].
@@ -57,7 +57,7 @@ class SpanConfig:
 
 @dataclass
 class RandomSpanConfig:
-    """Random-span RLPT baseline: SpanBERT-style whole-word spans (INFERENCE, digest §6 item 13)."""
+    """Random-span RLPT baseline: SpanBERT-style whole-word spans (INFERENCE, method §6 item 13)."""
 
     geometric_p: float = 0.2
     """Span length in words ~ Geometric(p), P(len = k) = p (1-p)^(k-1) [SpanBERT: p = 0.2]."""

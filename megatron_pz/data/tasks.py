@@ -50,7 +50,7 @@ def check_objective(name: str, key: str = "train.objective") -> str:
 
 @dataclass
 class NextTokenConfig:
-    """RPT next-token baseline: where to truncate a paragraph (INFERENCE, digest §6 item 14)."""
+    """RPT next-token baseline: where to truncate a paragraph (INFERENCE, method §6 item 14)."""
 
     top_entropy_frac: float = 0.2
     """Candidates are the positions in the top fraction of the sequence's entropies [PZ §3.1: "top 20%"]."""
@@ -108,7 +108,7 @@ def prediction_samples(
 
     Records the outcome on ``gen_sample.metadata`` (``span``, ``mask_reason``, ``mask_valid``,
     ``num_occurrences``, ``pred_group_id``). An invalid or missing mask gives no predictor Samples
-    (INFERENCE, digest §6 item 8); its generator reward is then 0 (``rewards.span``). ``seed`` picks the
+    (INFERENCE, method §6 item 8); its generator reward is then 0 (``rewards.span``). ``seed`` picks the
     occurrence in one_mask mode.
     """
     paragraph = gen_sample.metadata["paragraph"]

@@ -1,6 +1,6 @@
 """Span rewards: predictor exact match [PZ Eq. 8] and the adversarial generator reward [PZ Eq. 9].
 
-Normalisation of the exact match (INFERENCE, digest §6 item 10):
+Normalisation of the exact match (INFERENCE, method §6 item 10):
   * ``exact_match`` (default, "strict"): the content of the last ``\\boxed{}`` and the target are compared after
     stripping surrounding whitespace only; case, inner whitespace and punctuation must match.
   * ``exact_match_lenient``: both sides are casefolded, runs of whitespace become one space, and trailing
@@ -34,7 +34,7 @@ class RewardConfig:
     zero_acc_rule: bool = True
     """[PZ Eq. 9] r_gen = 0 when the predictor accuracy is 0. False = the zero-mask-accuracy ablation (r_gen = 1)."""
     invalid_mask_reward: float = 0.0
-    """Generator reward for a missing/invalid mask (INFERENCE, digest §6 item 8: 0, and no predictor group)."""
+    """Generator reward for a missing/invalid mask (INFERENCE, method §6 item 8: 0, and no predictor group)."""
 
     def __post_init__(self) -> None:
         for name in ("pred_reward", "next_token_reward"):
@@ -120,7 +120,7 @@ def assign_generator_rewards(
 
     Needs ``tasks.prediction_samples`` to have recorded the mask outcome on each generator Sample and
     ``score_samples`` to have scored the predictor Samples. Invalid masks get ``invalid_mask_reward`` (they stay
-    in the generator group and so receive a negative advantage, INFERENCE digest §6 item 8). A valid mask whose
+    in the generator group and so receive a negative advantage, INFERENCE method §6 item 8). A valid mask whose
     predictor rollouts all failed to generate has no accuracy: its reward stays None (not trained).
     """
     acc = group_accuracies(pred_samples)
