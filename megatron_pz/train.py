@@ -5,11 +5,14 @@ The PretrainZero step loop [PZ §3.3, §4.1]. One step:
     rollout   paragraphs -> generator rollouts -> masks -> predictor rollouts -> rewards -> advantages
     train     micro-batches -> Megatron forward/backward (vocab-parallel log-probs, GRPO loss on the last
               PP stage) -> finalize_model_grads -> distributed optimizer + cosine schedule
-    sync      gather TP/PP shards into HF tensors -> rollout engine at weight version step + 1
-    save      Megatron checkpoint (model, optimizer, scheduler, corpus position, step, weight version)
+    sync      gather TP/PP shards into HF tensors -> rollout engine at weight version + 1 (weight_sync/publisher.py)
+    save      Megatron checkpoint: model, optimizer, scheduler, corpus positions, RNG, step, weight version
+              (trainer/checkpointer.py owns the list)
     evaluate  every eval.interval steps: the eval suites through the rollout engine, which now serves the
               new weights (rank 0; also once before the first step when eval.at_start)
-    log       TensorBoard, metrics.jsonl, sample texts, progress bar (rank 0)
+    log       one console line, TensorBoard, metrics.jsonl, sample texts, progress bar (rank 0)
+
+Every stage takes the typed run (trainer/run.py) built once by trainer/setup.py.
 
 The same command resumes a killed run from <output_dir>/checkpoints.
 """
