@@ -124,6 +124,11 @@ class RolloutConfig:
     max_concurrency_per_server: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
+    # Send one sampling seed per request, derived from (train.seed, step, DP rank, task, prompt): rollouts then
+    # repeat run to run at the same seed and thread count. Off by default: the embedded engine batches only
+    # requests with equal seeds (fewer merged batches on CPU), and SGLang honours seeds only with its
+    # deterministic-inference settings.
+    reproducible: bool = False
     # Separate response caps for the two tasks; null = train.max_response_tokens.
     gen_max_new_tokens: int | None = None
     pred_max_new_tokens: int | None = None

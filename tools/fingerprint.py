@@ -8,8 +8,8 @@ What it runs, all on CPU with one thread per process, at fixed seeds:
     every logged metric except wall times, plus a sha256 of the weights of the last version pushed;
   * the Megatron-vs-HF parity tests (their printed max |diff|);
   * the kill -9 resume test (pass/fail: its data order equals the uninterrupted run's).
-Rollouts are sampled by the embedded engine with one request in flight (see SMALL), which makes the sampled
-figures repeat from run to run at the same seed and thread count.
+Rollouts are sampled with one seed per request (``rollout.reproducible``), which makes the sampled figures
+repeat from run to run at the same seed and thread count.
 """
 from __future__ import annotations
 
@@ -26,10 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = ["train.paragraphs_per_step=2", "train.masks_per_paragraph=2", "train.predictions_per_mask=4",
          "rollout.gen_max_new_tokens=16", "rollout.pred_max_new_tokens=12", "corpus.max_prompt_tokens=200",
          "logging.progress_bar=false", "checkpoint.save_interval=1",
-         # One request in flight: the embedded server then samples the requests in the order the trainer sends
-         # them, from its process's default-seeded generator, so sampled figures repeat run to run (with more
-         # in flight, requests merge into batches by arrival time and the samples differ between runs).
-         "rollout.max_concurrency_per_server=1"]
+         # One sampling seed per request: without it the embedded server draws every request from one
+         # generator in whatever order the requests arrive, and the sampled figures differ run to run.
+         "rollout.reproducible=true"]
 VOLATILE = re.compile(r"^(time/|throughput/|timing/)|_s$|_per_s|per_100m")
 
 

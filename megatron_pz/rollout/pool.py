@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,8 @@ class RolloutPool:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[GenerationResult]]:
         k = max(1, self.config.prompts_per_request)
         chunks = [list(range(i, min(i + k, len(prompts)))) for i in range(0, len(prompts), k)]
-        futures = [self._executor.submit(self._dispatch, [prompts[i] for i in chunk], params) for chunk in chunks]
+        futures = [self._executor.submit(self._dispatch, [prompts[i] for i in chunk], seeded(params, chunk[0]))
+                   for chunk in chunks]
         results: list[list[GenerationResult]] = []
         for chunk, fut in zip(chunks, futures):
             for i, group in zip(chunk, fut.result()):
@@ -263,3 +264,11 @@ class RolloutPool:
                 if not s.stale:
                     s.version = version
             self._target_version = version
+
+
+def seeded(params: SamplingParams, offset: int) -> SamplingParams:
+    """``params`` for the request whose first prompt is ``offset``: a seeded batch gets one stream per request
+    (base seed + offset), so results do not depend on which request a server happens to run first."""
+    if params.seed is None or offset == 0:
+        return params
+    return replace(params, seed=(params.seed + offset) % 2**31)

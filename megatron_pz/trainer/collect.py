@@ -43,6 +43,15 @@ def sample_seed(*parts: Any) -> int:
     return zlib.crc32(repr(parts).encode())
 
 
+def sampling_seed(cfg: RunConfig, ctx: StepContext, task: str) -> int | None:
+    """The base sampling seed of one task's requests this step (``rollout.reproducible``), else None.
+
+    The pool adds each request's first prompt index, so every request gets its own stream."""
+    if not cfg.rollout.reproducible:
+        return None
+    return sample_seed(cfg.train.seed, ctx.step, ctx.dp_rank, task) % 2**31
+
+
 def _generate(engine: Any, samples: Sequence[Sample], n: int, params: SamplingParams, ctx: StepContext) -> None:
     """Generate for consecutive groups of ``n`` samples that share a prompt; fill each Sample in place."""
     prompts = [ctx.encode(samples[i].prompt_text) for i in range(0, len(samples), n)]
@@ -68,6 +77,7 @@ def collect_pretrainzero(paragraphs: Sequence[Paragraph], cfg: RunConfig, engine
                                   ctx.chat_template)
     _generate(engine, gen, t.masks_per_paragraph,
               SamplingParams(n=t.masks_per_paragraph, max_new_tokens=cfg.gen_max_new_tokens,
+                             seed=sampling_seed(cfg, ctx, "mask_gen"),
                              temperature=r.temperature, top_p=r.top_p), ctx)
     pred: list[Sample] = []
     for k, g in enumerate(gen):
@@ -76,6 +86,7 @@ def collect_pretrainzero(paragraphs: Sequence[Paragraph], cfg: RunConfig, engine
         pred += group
     _generate(engine, pred, t.predictions_per_mask,
               SamplingParams(n=t.predictions_per_mask, max_new_tokens=cfg.pred_max_new_tokens,
+                             seed=sampling_seed(cfg, ctx, "predict"),
                              temperature=r.temperature, top_p=r.top_p), ctx)
     score_samples(pred, cfg.reward)
     metrics = assign_generator_rewards(gen, pred, cfg.reward)
@@ -96,6 +107,7 @@ def collect_random_span(paragraphs: Sequence[Paragraph], cfg: RunConfig, engine:
             pred += group
     _generate(engine, pred, t.predictions_per_mask,
               SamplingParams(n=t.predictions_per_mask, max_new_tokens=cfg.pred_max_new_tokens,
+                             seed=sampling_seed(cfg, ctx, "predict"),
                              temperature=r.temperature, top_p=r.top_p), ctx)
     score_samples(pred, cfg.reward)
     rewards = [s.reward for s in pred if s.reward is not None]
