@@ -28,7 +28,7 @@ try:
 except ModuleNotFoundError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_pz.data.corpus import Paragraph, parse_record  # noqa: E402
+from megatron_pz.data.shards import Paragraph, parse_record  # noqa: E402
 from megatron_pz.errors import DataError, UserError  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def read_text_dump(path: Path, split: str) -> Iterator[Paragraph]:
 
 
 def read_jsonl_dump(path: Path, on_bad_line: str, counts: dict[str, int]) -> Iterator[Paragraph]:
-    """Validated paragraphs of a JSONL dump (``corpus.parse_record`` rules); bad lines raise or are counted."""
+    """Validated paragraphs of a JSONL dump (``shards.parse_record`` rules); bad lines raise or are counted."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():

@@ -6,14 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from megatron_pz.data.corpus import (
-    CorpusConfig,
-    CorpusReader,
-    Paragraph,
-    estimate_tokens,
-    resolve_shards,
-    sample_corpus_path,
-)
+from megatron_pz.data.corpus import CorpusConfig, CorpusReader
+from megatron_pz.data.shards import Paragraph, estimate_tokens, resolve_shards, sample_corpus_path
 from megatron_pz.errors import CheckpointError, ConfigError, DataError
 
 
