@@ -21,6 +21,7 @@ from megatron_pz import dtypes
 from megatron_pz.algo.advantages import AdvantageConfig
 from megatron_pz.algo.loss import LossConfig
 from megatron_pz.data.corpus import CorpusConfig
+from megatron_pz.data.next_token import NextTokenConfig
 from megatron_pz.data.prompts import PromptConfig
 from megatron_pz.data.spans import RandomSpanConfig, SpanConfig
 from megatron_pz.data.tasks import check_objective
@@ -51,15 +52,18 @@ class PolicyConfig:
 class TrainConfig:
     """The step loop: batch layout [PZ §4.1], lengths, steps."""
 
-    # pretrainzero (mask generation + prediction) | random_span (Random-span RLPT baseline [PZ §4.2]);
+    # pretrainzero (mask generation + prediction) | random_span (Random-span RLPT baseline [PZ §4.2]) |
+    # rpt (RPT next-token reasoning at high-entropy positions [PZ §3.1]; its knobs: the `rpt` section);
     # the list and what each objective builds: data.tasks.OBJECTIVES.
     objective: str = "pretrainzero"
     steps: int = 2000
-    # Global batch: paragraphs per step over all DP ranks x masks per paragraph x predictions per mask. The
-    # last two are the GRPO group sizes [PZ §4.1: 8 and 8]: generator rollouts per paragraph (random spans per
-    # paragraph for random_span) and predictor rollouts per mask.
+    # Global batch: paragraphs per step over all DP ranks x masks per paragraph x predictions per mask
+    # [PZ §4.1: 32 x 8 x 8].
     paragraphs_per_step: int = 32
+    # pretrainzero: generator rollouts per paragraph (the generator's GRPO group); random_span: random spans per
+    # paragraph; rpt: next-token truncation positions per paragraph (fewer when a paragraph has fewer candidates).
     masks_per_paragraph: int = 8
+    # Answers per mask, span or next-token position: the predictor's GRPO group size.
     predictions_per_mask: int = 8
     # Sequences per micro-batch on one DP rank (Megatron's micro_batch_size).
     micro_batch_size: int = 4
@@ -74,9 +78,12 @@ class TrainConfig:
                      "micro_batch_size", "max_response_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.predictions_per_mask < 2 or self.masks_per_paragraph < 2:
-            raise ConfigError("train.masks_per_paragraph and train.predictions_per_mask must be >= 2: a GRPO "
-                              "group of one sample has zero variance and is always filtered")
+        groups = ("masks_per_paragraph", "predictions_per_mask") if self.objective == "pretrainzero" \
+            else ("predictions_per_mask",)
+        for name in groups:
+            if getattr(self, name) < 2:
+                raise ConfigError(f"train.{name} must be >= 2 for train.objective={self.objective}: it is a GRPO "
+                                  "group size, and a group of one sample has zero variance and is always filtered")
 
 
 @dataclass
@@ -218,6 +225,7 @@ class RunConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     span: SpanConfig = field(default_factory=SpanConfig)
     random_span: RandomSpanConfig = field(default_factory=RandomSpanConfig)
+    rpt: NextTokenConfig = field(default_factory=NextTokenConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
@@ -250,12 +258,13 @@ class RunConfig:
                   f"CP {p.context_parallel_size} x DP {self.parallel.data_parallel_size(world_size)}")
         if p.expert_model_parallel_size > 1:
             layout += f", EP {p.expert_model_parallel_size}"
+        per_paragraph = {"random_span": "spans", "rpt": "next-token positions"}.get(t.objective, "masks")
         return [
             f"model    {self.policy.load} ({self.model.dtype})",
             f"layout   {world_size} process{'es' if world_size > 1 else ''}: {layout}; rollout {r.backend}, "
             f"{r.weight_sync} weight sync in {r.weights_dtype}",
             f"run      {t.objective}, {t.steps} steps of {t.paragraphs_per_step} paragraphs x "
-            f"{t.masks_per_paragraph} masks x {t.predictions_per_mask} predictions",
+            f"{t.masks_per_paragraph} {per_paragraph} x {t.predictions_per_mask} predictions",
         ]
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,9 +6,9 @@ Objectives (``OBJECTIVES``; the run picks one with ``train.objective``, and the 
     ``n`` predictor Samples (one group per mask) [PZ §3.2, §4.1].
   * ``"random_span"``: Random-span RLPT: paragraph -> random whole-word span -> ``n`` predictor Samples with the
     same prediction prompt and reward [PZ §3.1, §4.2 baseline 4].
-  * ``"next_token"``: RPT-style next-token reasoning at high-entropy positions, byte-prefix reward
-    [PZ §3.1 "Entropy-based Next Token Reasoning"; RPT §2]. Its builders are here; the trainer does not collect
-    it yet (it needs the policy's per-token entropies), so ``train.objective`` refuses it.
+  * ``"rpt"``: RPT next-token reasoning: paragraph -> ``masks_per_paragraph`` high-entropy truncation positions
+    -> ``n`` Samples of task ``next_token`` per position, byte-prefix reward [PZ §3.1 "Entropy-based Next Token
+    Reasoning"; RPT §2]. Its builders are in ``data/next_token.py``.
 
 Group ids: the caller names the generator group (e.g. ``f"step{step}/{paragraph.id}"``); a predictor group is
 ``f"{gen_group_id}/mask{index}"``. Everything the rewards need goes into ``Sample.metadata`` (JSON-serialisable):
@@ -16,10 +16,7 @@ Group ids: the caller names the generator group (e.g. ``f"step{step}/{paragraph.
 """
 from __future__ import annotations
 
-import math
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 from megatron_pz.data import prompts
 from megatron_pz.data.corpus import Paragraph
@@ -31,43 +28,17 @@ from megatron_pz.types import Sample, Task
 OBJECTIVES: dict[str, str] = {
     "pretrainzero": "mask generation + prediction [PZ §3.2]",
     "random_span": "Random-span RLPT baseline [PZ §4.2]",
-    "next_token": "RPT entropy next-token baseline [PZ §3.1]",
+    "rpt": "RPT entropy next-token baseline [PZ §3.1]",
 }
-"""Every objective, one name each, with what it trains."""
-TRAINABLE_OBJECTIVES: tuple[str, ...] = ("pretrainzero", "random_span")
-"""The objectives ``trainer.collect`` builds a step for (``next_token`` waits for per-token entropies)."""
+"""Every objective, one name each, with what it trains; ``trainer.collect.COLLECTORS`` has one collector each."""
 
 
 def check_objective(name: str, key: str = "train.objective") -> str:
-    """``name`` if the trainer can run it, else a ConfigError naming ``key`` and the choices."""
-    if name in TRAINABLE_OBJECTIVES:
-        return name
-    choices = " or ".join(TRAINABLE_OBJECTIVES)
+    """``name`` if it is an objective, else a ConfigError naming ``key`` and the choices."""
     if name in OBJECTIVES:
-        raise ConfigError(f"{key}={name} ({OBJECTIVES[name]}) is not trainable yet; choose {choices}")
-    raise ConfigError(f"{key} must be {choices}, got {name!r}")
-
-
-@dataclass
-class NextTokenConfig:
-    """RPT next-token baseline: where to truncate a paragraph (INFERENCE, method §6 item 14)."""
-
-    top_entropy_frac: float = 0.2
-    """Candidates are the positions in the top fraction of the sequence's entropies [PZ §3.1: "top 20%"]."""
-    positions_per_paragraph: int = 1
-    """How many truncation points (tasks) to draw per paragraph."""
-    min_context_tokens: int = 8
-    """Never truncate before this many context tokens."""
-    max_target_tokens: int = 32
-    """The stored ground-truth continuation is cut after this many tokens (the reward only needs a prefix)."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.top_entropy_frac <= 1.0:
-            raise ConfigError(f"NextTokenConfig.top_entropy_frac={self.top_entropy_frac!r}: expected 0 < f <= 1")
-        for name in ("positions_per_paragraph", "min_context_tokens", "max_target_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"NextTokenConfig.{name}={value!r}: expected an int >= 1")
+        return name
+    *first, last = OBJECTIVES
+    raise ConfigError(f"{key} must be {', '.join(first)} or {last}, got {name!r}")
 
 
 def _paragraph_meta(paragraph: Paragraph) -> dict:
@@ -193,89 +164,3 @@ def random_span_samples(
         chat_template,
         _paragraph_meta(paragraph),
     )
-
-
-# ---------------------------------------------------------------- RPT next-token baseline
-def select_entropy_positions(
-    entropies: Sequence[float],
-    cfg: NextTokenConfig,
-    rng: random.Random,
-    eligible: Sequence[bool] | None = None,
-) -> list[int]:
-    """Truncation positions among the top-``top_entropy_frac`` entropy tokens of the sequence [PZ §3.1, RPT §3.2].
-
-    ``entropies[t]`` is the entropy of the model's distribution for token ``t`` given tokens ``< t`` (so index
-    0, which has no context, is never a candidate). The top ``ceil(frac * (T - 1))`` positions of ``1..T-1`` are
-    ranked by entropy (ties: earlier position first; NaN counts as lowest); of those, positions that are
-    ``>= min_context_tokens`` and ``eligible`` (default: all) are candidates, and up to
-    ``positions_per_paragraph`` of them are drawn without replacement. Returned sorted.
-    """
-    T = len(entropies)
-    if T < 2:
-        return []
-    key = [(-e if e == e else math.inf) for e in map(float, entropies)]  # e == e is False for NaN
-    ranked = sorted(range(1, T), key=lambda t: (key[t], t))
-    top = ranked[: math.ceil(cfg.top_entropy_frac * (T - 1))]
-    candidates = [
-        t for t in top if t >= cfg.min_context_tokens and (eligible is None or eligible[t]) and key[t] != math.inf
-    ]
-    k = min(cfg.positions_per_paragraph, len(candidates))
-    return sorted(rng.sample(candidates, k))
-
-
-def next_token_samples(
-    paragraph: Paragraph,
-    token_byte_ends: Sequence[int],
-    entropies: Sequence[float],
-    group_prefix: str,
-    n: int,
-    cfg: NextTokenConfig,
-    prompt_cfg: prompts.PromptConfig,
-    rng: random.Random,
-    chat_template: prompts.ChatTemplateFn | None = None,
-) -> list[Sample]:
-    """RPT next-token-reasoning Samples: truncate at high-entropy positions, target = the continuation [RPT §2].
-
-    ``token_byte_ends[j]`` is the cumulative UTF-8 byte length of the paragraph's tokens ``0..j`` (strictly
-    increasing, last = byte length of the text); ``entropies`` has one value per token (see
-    ``select_entropy_positions``). Positions whose context would end inside a UTF-8 character are skipped.
-    One group of ``n`` Samples per chosen position, ``group_id = f"{group_prefix}/pos{t}"``. Metadata carries
-    ``target`` (continuation text, at most ``max_target_tokens`` tokens) and ``gt_token_byte_ends`` (token ends
-    within the target, for the RPT Eq. 3 reward).
-    """
-    data = paragraph.text.encode("utf-8")
-    ends = list(token_byte_ends)
-    if len(ends) != len(entropies):
-        raise ValueError(f"token_byte_ends ({len(ends)}) and entropies ({len(entropies)}) differ in length")
-    if ends and (ends[-1] != len(data) or any(b <= a for a, b in zip([0] + ends[:-1], ends, strict=True))):
-        raise ValueError("token_byte_ends must be strictly increasing and end at the text's byte length")
-
-    def starts_char(t: int) -> bool:  # the context data[:ends[t-1]] ends on a UTF-8 character boundary
-        return t >= 1 and (ends[t - 1] >= len(data) or (data[ends[t - 1]] & 0xC0) != 0x80)
-
-    eligible = [starts_char(t) for t in range(len(ends))]
-    samples: list[Sample] = []
-    for t in select_entropy_positions(entropies, cfg, rng, eligible):
-        cut = ends[t - 1]
-        last = min(len(ends), t + cfg.max_target_tokens) - 1
-        target = data[cut : ends[last]].decode("utf-8", errors="ignore")
-        gt_ends = [e - cut for e in ends[t : last + 1] if e - cut <= len(target.encode("utf-8"))]
-        context = data[:cut].decode("utf-8")
-        text = prompts.next_token_prompt(context, prompt_cfg, chat_template)
-        samples += [
-            Sample(
-                task=Task.NEXT_TOKEN,
-                group_id=f"{group_prefix}/pos{t}",
-                prompt_text=text,
-                metadata={
-                    **_paragraph_meta(paragraph),
-                    "position": t,
-                    "context": context,
-                    "target": target,
-                    "gt_token_byte_ends": gt_ends,
-                    "index": i,
-                },
-            )
-            for i in range(n)
-        ]
-    return samples

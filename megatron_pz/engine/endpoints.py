@@ -34,6 +34,7 @@ from megatron_pz.engine.wire import (
     UpdateWeightsFromDistributedReqInput,
     UpdateWeightsFromTensorReqInput,
     generate_response_item,
+    logprob_request,
     parse_sampling_params,
     parse_version,
 )
@@ -107,6 +108,7 @@ class Endpoints:
         if single and params[0].n > 1:
             single = False  # SGLang turns a single prompt with n > 1 into a batch (io_struct._handle_parallel_sampling)
         return_logprob = any(req.return_logprob) if isinstance(req.return_logprob, list) else bool(req.return_logprob)
+        with_prompt_logprobs, top_k = logprob_request(req)
         token_text = None
         if req.return_text_in_logprobs and self.engine.tokenizer is not None:
             token_text = lambda tok: self.engine.tokenizer.decode([tok])  # noqa: E731
@@ -116,6 +118,9 @@ class Endpoints:
                 self.engine.check_prompts([prompts[i]], p)
         except UserError as exc:
             raise HTTPError(400, str(exc)) from None
+        prompt_lps = [None] * len(prompts)
+        if with_prompt_logprobs:  # one forward per prompt in a worker thread: the event loop stays free
+            prompt_lps = await asyncio.to_thread(self.engine.prompt_logprobs, prompts, top_k)
         # Equal params -> one job (merged further by the batcher); otherwise one job per prompt.
         if all(p == params[0] for p in params):
             futures = [(self.batcher.submit(prompts, params[0]), list(range(len(prompts))))]
@@ -130,7 +135,8 @@ class Endpoints:
                 raise HTTPError(400, str(exc)) from None
             for i, group in zip(indices, groups):
                 for j, res in enumerate(group):
-                    items[offsets[i] + j] = generate_response_item(res, len(prompts[i]), return_logprob, token_text)
+                    items[offsets[i] + j] = generate_response_item(res, len(prompts[i]), return_logprob, token_text,
+                                                                   prompt_lps[i])
         return reply(200, items[0] if single else items)
 
     def _prompts(self, req: GenerateReqInput) -> tuple[list[list[int]], bool]:

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from megatron_pz.engine.generation import generate_rows
+from megatron_pz.engine.generation import generate_rows, prompt_logprobs
 from megatron_pz.engine.model import load_model
 from megatron_pz.engine.weights import StagedUpdate, StateSpec, read_safetensors_dir, validate_state
+from megatron_pz.engine.wire import PromptLogprobs
 from megatron_pz.errors import ConfigError, RolloutError
 from megatron_pz.rollout.protocol import GenerationResult, SamplingParams
 
@@ -81,6 +82,21 @@ class EmbeddedEngine:
                 res.prompt_index = i
                 results[i][j] = res
         return results  # type: ignore[return-value]
+
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]], top_k: int) -> list[PromptLogprobs]:
+        """Each prompt's own token log-probs and top-``top_k`` rows (one forward per prompt, nothing sampled)."""
+        self.check_prompts(prompts, SamplingParams(max_new_tokens=1))
+        out = []
+        for p in prompts:
+            self._running.wait()
+            with self._lock:
+                out.append(prompt_logprobs(self._lm, p, top_k))
+        return out
+
+    def input_top_logprobs(self, prompts: Sequence[Sequence[int]], top_k: int) -> list[list[list[float]]]:
+        """See ``RolloutEngine.input_top_logprobs``."""
+        return [[[lp for lp, _ in row] if row else [] for row in p.top or []]
+                for p in self.prompt_logprobs(prompts, top_k)]
 
     def check_prompts(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
         """ConfigError naming the first prompt this engine cannot serve (empty, unknown ids, too long)."""

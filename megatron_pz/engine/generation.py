@@ -10,7 +10,8 @@ Decoding, the KV cache and sampling are transformers' ``generate``; this module 
   ``response_ids`` (SGLang returns ``output_ids`` untrimmed; only the text is trimmed, see
   ``DetokenizerManager.trim_matched_stop`` in ``sglang/srt/managers/detokenizer_manager.py``);
 * abort: a set ``abort`` event ends the batch at its next token; rows return what they have, reason "abort";
-* one prefill per distinct prompt (a request for n samples arrives as n identical rows).
+* one prefill per distinct prompt (a request for n samples arrives as n identical rows);
+* a prompt's own log-probs (``prompt_logprobs``): SGLang's ``input_token_logprobs`` / ``input_top_logprobs``.
 
 Shapes: B = rows (prompts x samples) of one batch, L = padded prompt length, T = new tokens, V = vocabulary.
 """
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from megatron_pz.engine.model import LoadedModel
+from megatron_pz.engine.wire import PromptLogprobs
 from megatron_pz.rollout.protocol import GenerationResult, SamplingParams
 
 
@@ -153,6 +155,21 @@ def generate_rows(lm: LoadedModel, rows: list[Sequence[int]], params: SamplingPa
             extra={"e2e_latency": elapsed},
         ))
     return out
+
+
+@torch.no_grad()
+def prompt_logprobs(lm: LoadedModel, prompt: Sequence[int], top_k: int) -> PromptLogprobs:
+    """One forward over ``prompt``: each token's log-prob given the tokens before it and, for ``top_k > 0``, the
+    ``top_k`` largest log-probs of that position's distribution. Raw logits (temperature 1), in fp32; index 0 is
+    None (no context), as SGLang returns them. The caller holds the generation lock."""
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=lm.device)  # (1, L)
+    logp = torch.log_softmax(lm.model(input_ids=ids).logits[0, :-1].float(), dim=-1)  # (L-1, V)
+    token = logp.gather(1, ids[0, 1:, None]).squeeze(1).tolist()
+    top = None
+    if top_k > 0:
+        vals, idx = logp.topk(min(top_k, logp.shape[-1]), dim=-1)  # (L-1, K)
+        top = [None] + [list(zip(v, i)) for v, i in zip(vals.tolist(), idx.tolist())]
+    return PromptLogprobs(token_ids=[int(t) for t in prompt], token_logprobs=[None] + token, top=top)
 
 
 def shared_prompt_cache(lm: LoadedModel, rows: list[Sequence[int]], input_ids: torch.Tensor,

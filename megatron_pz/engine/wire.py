@@ -8,6 +8,11 @@ SGLang in production. Shapes are taken from the pinned SGLang release (0.5.23):
   sampling params: ``SamplingParams`` (``sglang/srt/sampling/sampling_params.py``); unknown sampling keys are
   rejected like the JSON contract gate does (``sglang/api/v1/api_types.py``: "SamplingParams: unknown keys
   rejected");
+* prompt log-probs: with ``return_logprob`` and ``logprob_start_len=0``, ``meta_info.input_token_logprobs`` has one
+  ``[logprob, token_id, text]`` per prompt token and, with ``top_logprobs_num=K > 0``, ``input_top_logprobs`` one
+  row of K such entries per prompt token, both ``None`` at the first token (no context), as SGLang's
+  ``SchedulerLogprobResultProcessor`` lays them out. Other ``logprob_start_len`` values are refused (400), and
+  ``output_top_logprobs`` is not computed (the rollout client never asks for it);
 * ``/generate`` response: one dict per sample (a list for batch input, prompt-major with ``n`` samples per prompt,
   as ``TokenizerManager._handle_batch_request`` orders them), each ``{"text", "output_ids", "meta_info"}``;
   ``meta_info`` as built in ``TokenizerManager._handle_batch_output`` (``sglang/srt/managers/tokenizer_manager.py``):
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, field_validator
@@ -62,7 +68,9 @@ class GenerateReqInput(BaseModel):
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
     return_logprob: bool | list[bool] | None = None
     logprob_start_len: int | list[int] | None = None
+    """-1 (default): no prompt log-probs; 0: every prompt token's (see ``PromptLogprobs``); others: 400."""
     top_logprobs_num: int | list[int] | None = None
+    """K > 0 with ``logprob_start_len=0``: the top-K log-probs at every prompt position (``input_top_logprobs``)."""
     return_text_in_logprobs: bool = False
     stream: bool = False
     """SGLang streams server-sent events; the embedded engine answers 400 to ``stream=true``."""
@@ -232,9 +240,44 @@ def finish_reason_json(result: GenerationResult) -> dict:
     return {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
 
 
+@dataclass
+class PromptLogprobs:
+    """One prompt's own log-probs (``logprob_start_len=0``): index t is token t given tokens < t (None at 0)."""
+
+    token_ids: list[int]
+    token_logprobs: list[float | None]
+    top: list[list[tuple[float, int]] | None] | None = None
+    """The top-K (log-prob, token id) of each position, descending; None when ``top_logprobs_num`` is 0."""
+
+
+def logprob_request(req: GenerateReqInput) -> tuple[bool, int]:
+    """(whether prompt log-probs are asked for, top-K per position) of a /generate request; 400 for what the
+    embedded engine does not serve (a ``logprob_start_len`` other than -1 or 0, per-prompt values that differ)."""
+    def one(value: int | list[int] | None, name: str, default: int) -> int:
+        values = set(value) if isinstance(value, list) else {value}
+        if len(values) > 1:
+            raise HTTPError(400, f"{name} must be the same for every prompt in the embedded engine, got {value}")
+        v = values.pop()
+        return default if v is None else int(v)
+
+    start = one(req.logprob_start_len, "logprob_start_len", -1)
+    if start not in (-1, 0):
+        raise HTTPError(400, f"logprob_start_len={start} is not supported by the embedded engine (only -1 or 0)")
+    top_k = one(req.top_logprobs_num, "top_logprobs_num", 0)
+    if top_k < 0:
+        raise HTTPError(400, f"top_logprobs_num must be >= 0, got {top_k}")
+    return_logprob = any(req.return_logprob) if isinstance(req.return_logprob, list) else bool(req.return_logprob)
+    return return_logprob and start == 0, top_k
+
+
+def _entry(lp: float | None, tok: int, token_text: Callable[[int], str] | None) -> list:
+    return [None if lp is None else float(lp), int(tok), token_text(tok) if token_text else None]
+
+
 def generate_response_item(result: GenerationResult, prompt_len: int, return_logprob: bool,
-                           token_text: Callable[[int], str] | None) -> dict:
-    """One ``/generate`` output dict, shaped like SGLang's (see module docstring)."""
+                           token_text: Callable[[int], str] | None, prompt: PromptLogprobs | None = None) -> dict:
+    """One ``/generate`` output dict, shaped like SGLang's (see module docstring); ``prompt``: the prompt's own
+    log-probs when the request asked for them."""
     version = str(result.weight_version)
     meta: dict[str, Any] = {
         "id": uuid.uuid4().hex,
@@ -248,10 +291,12 @@ def generate_response_item(result: GenerationResult, prompt_len: int, return_log
         "e2e_latency": float(result.extra.get("e2e_latency", 0.0)),
     }
     if return_logprob:
-        meta["input_token_logprobs"] = []
-        meta["output_token_logprobs"] = [
-            [float(lp), int(tok), token_text(tok) if token_text else None]
-            for lp, tok in zip(result.logprobs, result.response_ids)
-        ]
+        meta["input_token_logprobs"] = [] if prompt is None else [
+            _entry(lp, tok, token_text) for lp, tok in zip(prompt.token_logprobs, prompt.token_ids)]
+        if prompt is not None and prompt.top is not None:
+            meta["input_top_logprobs"] = [
+                None if row is None else [_entry(lp, tok, token_text) for lp, tok in row] for row in prompt.top]
+        meta["output_token_logprobs"] = [_entry(lp, tok, token_text)
+                                         for lp, tok in zip(result.logprobs, result.response_ids)]
         meta["output_token_logprobs_length"] = len(result.response_ids)
     return {"text": result.text or "", "output_ids": list(result.response_ids), "meta_info": meta}

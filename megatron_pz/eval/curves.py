@@ -23,8 +23,9 @@ EVAL_COLUMNS: tuple[tuple[str, str], ...] = (
     ("eval/squad_span/lenient_accuracy", "squad_span lenient"),
     ("eval/wiki_span/mean_response_tokens", "wiki_span tokens"),
 )
-# The predictor's training reward under each objective (exact-match accuracy of that step's rollouts).
-TRAIN_REWARD_KEYS = ("acc/mask_pred", "reward/random_span")
+# The predictor's training reward under each objective (exact-match accuracy of that step's rollouts; for rpt
+# the byte-prefix match of the next token).
+TRAIN_REWARD_KEYS = ("acc/mask_pred", "reward/random_span", "reward/next_token")
 
 
 def load_metrics(run_dir: str | Path) -> list[dict]:

@@ -145,7 +145,8 @@ class ProgressBar:
     """
 
     # Scalars shown after the bar when present (keep the line short).
-    postfix_keys = ("reward/mask_gen", "reward/mask_pred", "reward/random_span", "mask/valid_rate", "time/step")
+    postfix_keys = ("reward/mask_gen", "reward/mask_pred", "reward/random_span", "reward/next_token", "mask/valid_rate",
+                    "time/step")
 
     def __init__(self, total: int, done: int) -> None:
         self.total, self.start_done = total, done

@@ -83,7 +83,7 @@ def seq_length_of(cfg: Any) -> int:
 def samples_per_dp_rank(cfg: Any, dp: int) -> int:
     """Upper bound of the sequences one DP rank trains on per step (before the DAPO filter drops groups).
 
-    PretrainZero: per paragraph, M generator samples + M x K predictor samples; random-span: M x K.
+    PretrainZero: per paragraph, M generator samples + M x K predictor samples; random-span and rpt: M x K.
     """
     t = cfg.train
     per_paragraph = t.masks_per_paragraph * t.predictions_per_mask

@@ -114,21 +114,31 @@ class RolloutPool:
                 results.append(group)
         return results
 
-    def _dispatch(self, prompts: list[Sequence[int]], params: SamplingParams) -> list[list[GenerationResult]]:
+    def input_top_logprobs(self, prompts: Sequence[Sequence[int]], top_k: int) -> list[list[list[float]]]:
+        k = max(1, self.config.prompts_per_request)
+        futures = [self._executor.submit(self._dispatch, list(prompts[i:i + k]), None,
+                                         lambda c, ps: c.input_top_logprobs(ps, top_k))
+                   for i in range(0, len(prompts), k)]
+        return [rows for fut in futures for rows in fut.result()]
+
+    def _dispatch(self, prompts: list[Sequence[int]], params: SamplingParams | None,
+                  call: Callable[[SGLangClient, list[Sequence[int]]], Any] | None = None) -> list:
+        """``client.generate(prompts, params)`` (or ``call(client, prompts)``) on a live server, failing over."""
         attempts = self.config.max_dispatch_attempts or len(self._gen_servers) + 1
         tried: set[str] = set()
         errors: list[str] = []
         for _ in range(attempts):
             server = self._acquire(tried)
             try:
-                return server.client.generate(prompts, params)
+                return call(server.client, prompts) if call else server.client.generate(prompts, params)
             except ServerUnavailable as exc:
                 self._mark_dead(server, str(exc))
                 tried.add(server.url)
                 errors.append(str(exc))
             finally:
                 self._release(server)
-        raise RolloutError(f"generation of {len(prompts)} prompt(s) failed on every server tried: " + " | ".join(errors))
+        what = "generation" if call is None else "scoring"
+        raise RolloutError(f"{what} of {len(prompts)} prompt(s) failed on every server tried: " + " | ".join(errors))
 
     def _eligible(self, server: _Server, now: float) -> bool:
         return server.dead_until <= now and not server.stale

@@ -150,6 +150,13 @@ class RolloutEngine(Protocol):
         """``result[i][j]`` = j-th of ``params.n`` samples for ``prompts[i]`` (input order is preserved)."""
         ...
 
+    def input_top_logprobs(self, prompts: Sequence[Sequence[int]], top_k: int) -> list[list[list[float]]]:
+        """``result[i][t]``: the ``top_k`` largest log-probs (descending) of the model's distribution for token ``t``
+        of ``prompts[i]`` given its tokens ``< t``; ``result[i][0] == []`` (no context). One prefill per prompt,
+        nothing sampled. From the raw logits (temperature 1): SGLang's ``input_top_logprobs`` of a /generate
+        request with ``logprob_start_len=0`` and ``top_logprobs_num=top_k``."""
+        ...
+
     def weight_version(self) -> int:
         """Version of the weights that new requests are served with (integers that strictly increase)."""
         ...

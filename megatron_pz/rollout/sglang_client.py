@@ -24,9 +24,11 @@ from megatron_pz.rollout.sglang_wire import (
     generate_payload,
     get_weights_by_name_payload,
     init_weights_update_group_payload,
+    input_logprobs_payload,
     memory_occupation_payload,
     parse_generate_response,
     parse_weight_version,
+    parse_input_top_logprobs,
     pause_generation_payload,
     update_weights_from_disk_payload,
     update_weights_from_distributed_payload,
@@ -72,6 +74,13 @@ class SGLangClient:
             for r in group:
                 r.server = self.base_url
         return results
+
+    def input_top_logprobs(self, prompts: Sequence[Sequence[int]], top_k: int) -> list[list[list[float]]]:
+        if not prompts:
+            return []
+        data = self.request("POST", "/generate", input_logprobs_payload(prompts, top_k),
+                            timeout_s=self.config.generate_timeout_s)
+        return parse_input_top_logprobs(data, prompts, where=f"POST {self.base_url}/generate")
 
     def health(self) -> bool:
         return self.transport.probe("/health_generate", read_timeout_s=30.0)

@@ -66,6 +66,20 @@ def generate_payload(prompts: Sequence[Sequence[int]], params: SamplingParams,
     }
 
 
+def input_logprobs_payload(prompts: Sequence[Sequence[int]], top_k: int) -> dict:
+    """/generate body asking for the prompts' own top-``top_k`` log-probs at every position (``logprob_start_len``
+    0) and one throw-away output token (SGLang needs ``max_new_tokens >= 1``)."""
+    return {
+        "input_ids": [list(map(int, p)) for p in prompts],
+        "sampling_params": sampling_params_payload(SamplingParams(n=1, max_new_tokens=1, temperature=1.0)),
+        "return_logprob": True,
+        "logprob_start_len": 0,
+        "top_logprobs_num": int(top_k),
+        "return_text_in_logprobs": False,
+        "stream": False,
+    }
+
+
 def update_weights_from_disk_payload(model_path: str, version: int, flush_cache: bool = True,
                                      abort_all_requests: bool = False) -> dict:
     """/update_weights_from_disk body (UpdateWeightFromDiskReqInput)."""
@@ -171,3 +185,26 @@ def _parse_item(item: dict, prompt_index: int) -> GenerationResult:
         matched_stop=reason.get("matched") if kind == "stop" else None, mixed_versions=len(spans) > 1,
         extra={"e2e_latency": meta.get("e2e_latency")},
     )
+
+
+def parse_input_top_logprobs(data: Any, prompts: Sequence[Sequence[int]], where: str) -> list[list[list[float]]]:
+    """The ``input_top_logprobs`` of a response to ``input_logprobs_payload``: per prompt, one row per input
+    token, ``[[logprob, token_id, text], ...]`` (None for the first token, as SGLang's
+    ``SchedulerLogprobResultProcessor._process_input_top_logprobs`` lays it out) -> log-probs, descending."""
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or len(data) != len(prompts):
+        got = f"a list of {len(data)}" if isinstance(data, list) else type(data).__name__
+        raise BadResponse(f"{where}: expected a list of {len(prompts)} outputs, got {got}")
+    out: list[list[list[float]]] = []
+    for k, (item, prompt) in enumerate(zip(data, prompts)):
+        try:
+            rows = item["meta_info"]["input_top_logprobs"]
+            if len(rows) != len(prompt):
+                raise ValueError(f"{len(rows)} input_top_logprobs rows for a prompt of {len(prompt)} tokens")
+            out.append([sorted((float(e[0]) for e in row or []), reverse=True) for row in rows])
+            out[-1][0] = []
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise BadResponse(f"{where}: output {k} has no usable input_top_logprobs ({type(exc).__name__}: "
+                              f"{exc}): {str(item)[:200]}") from None
+    return out

@@ -5,12 +5,25 @@ PretrainZero [PZ §3.2-3.3, §4.1]:
     --generate n=predictions--> predictor Samples --exact match--> r_pred --per-mask accuracy (Eq. 9)--> r_gen
     --GRPO per group + DAPO filter--> advantages
 Random-span RLPT [PZ §4.2]: ``masks_per_paragraph`` random whole-word spans per paragraph, each a predictor group.
+RPT next-token reasoning [PZ §3.1, RPT §2]:
+    paragraphs --one prefill each, top-K log-probs of every position--> per-token entropies --top 20 %, seeded
+    draw--> ``masks_per_paragraph`` truncation positions --RPT prompt, generate n=predictions--> next_token Samples
+    --byte-prefix match (RPT Eq. 3)--> reward --GRPO + DAPO--> advantages
+
+Where RPT's entropies come from: the current policy itself, through the rollout engine, at the start of the step.
+Each paragraph is sent once as a /generate request with ``logprob_start_len=0`` and ``top_logprobs_num=K``
+(``RolloutEngine.input_top_logprobs``); the entropy of position t is that of the top-K distribution renormalised
+(``data.next_token.topk_entropy``, K = ``rpt.entropy_top_k``, RPT's 16). RPT instead filters with a fixed proxy
+model; the policy's own entropies need no second model in the trainer, follow the policy as it learns (the
+positions stay hard for the model being trained), and come from whatever serves the rollouts (SGLang servers at
+scale, the embedded engine on CPU) at the cost of one prefill per paragraph.
 
 All samples of a group come from one prompt sent once with ``n`` samples, so they share the prompt's KV cache.
 Every random choice derives from (seed, step, rank, index), so a resumed run makes the same choices.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import zlib
 from dataclasses import dataclass
@@ -18,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from megatron_pz.algo.advantages import compute_advantages
 from megatron_pz.data.corpus import Paragraph
+from megatron_pz.data.next_token import next_token_samples, token_byte_ends, topk_entropy
 from megatron_pz.data.tasks import generation_samples, prediction_samples, random_span_samples
 from megatron_pz.rewards.span import assign_generator_rewards, score_samples
 from megatron_pz.rollout.protocol import SamplingParams, fill_sample
@@ -116,11 +130,44 @@ def collect_random_span(paragraphs: Sequence[Paragraph], cfg: RunConfig, engine:
     return pred, metrics
 
 
+def collect_rpt(paragraphs: Sequence[Paragraph], cfg: RunConfig, engine: Any,
+                ctx: StepContext) -> tuple[list[Sample], dict[str, float]]:
+    """RPT next-token reasoning at the policy's own high-entropy positions (see the module docstring)."""
+    t, r, nt = cfg.train, cfg.rollout, cfg.rpt
+    tokens = [ctx.encode(p.text) for p in paragraphs]
+    scored = [i for i, ids in enumerate(tokens) if len(ids) >= 2]  # a one-token paragraph has no position to cut
+    tops = dict(zip(scored, engine.input_top_logprobs([tokens[i] for i in scored], nt.entropy_top_k)))
+    samples: list[Sample] = []
+    entropies_all: list[float] = []
+    for i in scored:
+        text = ctx.decode(tokens[i])  # the text the byte ends index (p.text itself for a lossless tokenizer)
+        entropies = [topk_entropy(row) for row in tops[i]]
+        entropies_all += [e for e in entropies if e == e]
+        rng = random.Random(sample_seed(t.seed, ctx.step, ctx.dp_rank, i))
+        samples += next_token_samples(dataclasses.replace(paragraphs[i], text=text),
+                                      token_byte_ends(text, tokens[i], ctx.decode), entropies,
+                                      f"s{ctx.step}/r{ctx.dp_rank}/p{i}", t.masks_per_paragraph,
+                                      t.predictions_per_mask, nt, cfg.prompt, rng, ctx.chat_template)
+    _generate(engine, samples, t.predictions_per_mask,
+              SamplingParams(n=t.predictions_per_mask, max_new_tokens=cfg.pred_max_new_tokens,
+                             temperature=r.temperature, top_p=r.top_p), ctx)
+    score_samples(samples, cfg.reward)
+    rewards = [s.reward for s in samples if s.reward is not None]
+    chosen = [s.metadata["entropy"] for s in samples[::t.predictions_per_mask]]
+    metrics = {"pred_acc_mean": sum(rewards) / len(rewards) if rewards else 0.0,
+               "next_token_positions": float(len(chosen)),
+               "next_token_entropy_mean": sum(chosen) / len(chosen) if chosen else 0.0,
+               "paragraph_entropy_mean": sum(entropies_all) / len(entropies_all) if entropies_all else 0.0}
+    metrics.update({f"adv/{k}": v for k, v in compute_advantages(samples, cfg.advantage).items()})
+    return samples, metrics
+
+
 COLLECTORS: dict[str, Callable[..., tuple[list[Sample], dict[str, float]]]] = {
     "pretrainzero": collect_pretrainzero,
     "random_span": collect_random_span,
+    "rpt": collect_rpt,
 }
-"""One collector per trainable objective (``data.tasks.TRAINABLE_OBJECTIVES``)."""
+"""One collector per objective (``data.tasks.OBJECTIVES``)."""
 
 
 def collect(paragraphs: Sequence[Paragraph], cfg: RunConfig, engine: Any,

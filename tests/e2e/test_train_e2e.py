@@ -4,6 +4,7 @@ A 2-layer random Llama with SmolLM2's tokenizer, the shipped Wikipedia sample an
 server; each run is a few steps of a scaled-down batch.
 """
 import json
+import math
 import os
 import signal
 import subprocess
@@ -118,6 +119,35 @@ def test_random_span_two_ranks_trains(tiny_policy, tmp_path, layout):
         # first-step on-policy check: engine (HF fp32) and trainer (Megatron fp32) log-probs agree
         assert r["train/mismatch_abs_max"] < 1e-3, r["train/mismatch_abs_max"]
     assert (out / "checkpoints" / "iter_0000002" / "metadata.json").exists()
+
+
+def test_rpt_two_steps_builds_rewards_and_trains_next_token_samples(tiny_policy, tmp_path):
+    """train.objective=rpt: the policy's own top-K entropies (served by the embedded engine) pick 2 positions per
+    paragraph, 4 answers each. The reward is a plug-in with variance (a random model never boxes the right token, so
+    the byte-prefix reward would be 0 everywhere and DAPO would filter every group), so the GRPO update really runs;
+    the byte-prefix reward on this path is tested in test_core_next_token.py."""
+    out = tmp_path / "run"
+    p = run(command(out, tiny_policy, "train.steps=2", "train.objective=rpt", "rpt.min_context_tokens=4",
+                    "reward.next_token_reward=plugin_rewards:odd_length"))
+    assert "2 paragraphs x 2 next-token positions x 4 predictions" in p.stdout
+    assert all("reward next_token" in line for line in p.stdout.splitlines() if line.startswith("step "))
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["count/next_token"] == 16  # 2 paragraphs x 2 positions x 4 predictions
+        assert r["rollout/next_token_positions"] == 4 and "reward/next_token" in r
+        # entropies of a top-16 distribution: in (0, ln 16]
+        for key in ("rollout/next_token_entropy_mean", "rollout/paragraph_entropy_mean"):
+            assert 0 < r[key] <= math.log(16) + 1e-6, (key, r[key])
+    trained = [r for r in rows if r.get("train/tokens", 0) > 0]
+    assert trained and all(r["train/grad_norm"] > 0 for r in trained)
+    assert rows[0]["onpolicy/logprob_abs_diff_max"] < 1e-3
+    dumped = [json.loads(line) for line in (out / "samples" / "step_0000001.jsonl").read_text().splitlines()]
+    rec = next(d for d in dumped if d["task"] == "next_token")
+    m = rec["metadata"]
+    assert "### Context" in rec["prompt_text"] and m["target"] and m["position"] >= 4 and m["entropy"] > 0
+    assert rec["group_id"].startswith("s0/r0/p") and f"/pos{m['position']}" in rec["group_id"]
+    assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
 
 
 def _wait_for_step(out, step, proc, timeout=300):

@@ -1,4 +1,7 @@
-"""Task builders: PretrainZero generator/predictor Samples, Random-RLPT and RPT next-token baselines, preview tool."""
+"""Task builders: PretrainZero generator/predictor Samples, the Random-RLPT baseline, the objective list, preview tool.
+
+The RPT next-token builders are tested in test_core_next_token.py.
+"""
 import random
 import subprocess
 import sys
@@ -7,22 +10,18 @@ from pathlib import Path
 import pytest
 
 from megatron_pz.data.corpus import Paragraph
-from megatron_pz.data.prompts import PromptConfig, generation_prompt, next_token_prompt, prediction_prompt
+from megatron_pz.data.prompts import PromptConfig, generation_prompt, prediction_prompt
 from megatron_pz.data.spans import RandomSpanConfig, SpanConfig
 from megatron_pz.config import load_config
+from megatron_pz.data.next_token import NextTokenConfig
 from megatron_pz.data.tasks import (
     OBJECTIVES,
-    TRAINABLE_OBJECTIVES,
-    NextTokenConfig,
     check_objective,
     generation_samples,
-    next_token_samples,
     prediction_samples,
     random_span_samples,
-    select_entropy_positions,
 )
 from megatron_pz.errors import ConfigError
-from megatron_pz.rewards.rpt import rpt_prefix
 from megatron_pz.types import Status, Task
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,71 +104,6 @@ def test_random_span_samples():
     assert empty == [] and not none.valid
 
 
-# ---------------------------------------------------------------- entropy positions
-ENT = [9.0, 0.1, 5.0, 0.2, 4.0, 0.3, 3.0, 0.4, 2.0, 0.5, 1.0]  # T = 11, predictable positions 1..10
-
-
-def positions(entropies=ENT, seed=0, eligible=None, **kw):
-    cfg = NextTokenConfig(**{"min_context_tokens": 1, "positions_per_paragraph": 10, **kw})
-    return select_entropy_positions(entropies, cfg, random.Random(seed), eligible)
-
-
-def test_top_20_percent_entropy_positions():
-    # top ceil(0.2 * 10) = 2 of positions 1..10: entropies 5.0 (pos 2) and 4.0 (pos 4); position 0 never counts
-    assert positions() == [2, 4]
-    assert positions(top_entropy_frac=0.5) == [2, 4, 6, 8, 10]
-    assert positions(min_context_tokens=3) == [4]
-    assert positions(eligible=[True] * 4 + [False] * 7) == [2]
-    assert positions(entropies=[0.0] + [1.0] * 4, top_entropy_frac=0.5) == [1, 2]  # ties: earlier first
-    nan_at_2 = list(ENT)
-    nan_at_2[2] = float("nan")
-    assert positions(entropies=nan_at_2) == [4, 6]
-    assert positions(entropies=[1.0]) == []
-
-
-def test_entropy_position_draw_is_seeded():
-    draws = {tuple(positions(seed=s, positions_per_paragraph=1)) for s in range(20)}
-    assert draws == {(2,), (4,)}
-    assert positions(seed=3, positions_per_paragraph=1) == positions(seed=3, positions_per_paragraph=1)
-
-
-# ---------------------------------------------------------------- next-token samples
-def test_next_token_samples_hand_computed():
-    para = Paragraph("p", "t", "The cat sat.")
-    ends = [3, 7, 11, 12]  # tokens "The", " cat", " sat", "."
-    cfg = NextTokenConfig(min_context_tokens=1)
-    samples = next_token_samples(para, ends, [0.0, 0.5, 3.0, 0.1], "ntp/p", 4, cfg, PLAIN, random.Random(0))
-    assert len(samples) == 4 and {s.group_id for s in samples} == {"ntp/p/pos2"}
-    m = samples[0].metadata
-    assert (m["position"], m["context"], m["target"], m["gt_token_byte_ends"]) == (2, "The cat", " sat.", [4, 5])
-    assert samples[0].prompt_text == next_token_prompt("The cat", PLAIN)
-    assert samples[0].task is Task.NEXT_TOKEN
-    assert rpt_prefix("\\boxed{ sat}", m["target"], gt_token_byte_ends=m["gt_token_byte_ends"]) == 1.0
-    assert rpt_prefix("\\boxed{ sa}", m["target"], gt_token_byte_ends=m["gt_token_byte_ends"]) == 0.0
-    short = next_token_samples(para, ends, [0.0, 0.5, 3.0, 0.1], "n", 1, NextTokenConfig(min_context_tokens=1,
-                               max_target_tokens=1), PLAIN, random.Random(0))
-    assert (short[0].metadata["target"], short[0].metadata["gt_token_byte_ends"]) == (" sat", [4])
-
-
-def test_next_token_skips_positions_inside_a_utf8_character():
-    para = Paragraph("p", "t", "aé b")  # bytes: a | c3 | a9 | ' ' b  -> a token boundary inside "é"
-    ends = [1, 2, 3, 5]
-    cfg = NextTokenConfig(min_context_tokens=1, top_entropy_frac=1.0, positions_per_paragraph=3)
-    samples = next_token_samples(para, ends, [0.0, 1.0, 9.0, 2.0], "n", 1, cfg, PLAIN, random.Random(0))
-    assert [s.metadata["position"] for s in samples] == [1, 3]
-    assert [s.metadata["context"] for s in samples] == ["a", "aé"]
-
-
-def test_next_token_input_validation():
-    para = Paragraph("p", "t", "abc")
-    with pytest.raises(ValueError, match="differ in length"):
-        next_token_samples(para, [1, 3], [0.0], "n", 1, NextTokenConfig(), PLAIN, random.Random(0))
-    with pytest.raises(ValueError, match="strictly increasing"):
-        next_token_samples(para, [2, 2, 3], [0.0] * 3, "n", 1, NextTokenConfig(), PLAIN, random.Random(0))
-    with pytest.raises(ValueError, match="strictly increasing"):
-        next_token_samples(para, [1, 2], [0.0] * 2, "n", 1, NextTokenConfig(), PLAIN, random.Random(0))
-
-
 @pytest.mark.parametrize("cls, kwargs, field", [
     (NextTokenConfig, {"top_entropy_frac": 0.0}, "top_entropy_frac"),
     (NextTokenConfig, {"max_target_tokens": 0}, "max_target_tokens")])
@@ -182,16 +116,20 @@ def test_one_objective_list_with_one_name_each():
     """The objective and the GRPO group sizes are named once, in `train` (the TaskConfig duplicate is gone)."""
     from megatron_pz.trainer.collect import COLLECTORS
 
-    assert tuple(OBJECTIVES) == ("pretrainzero", "random_span", "next_token")
-    assert tuple(COLLECTORS) == TRAINABLE_OBJECTIVES == ("pretrainzero", "random_span")
-    for name in TRAINABLE_OBJECTIVES:
+    assert tuple(OBJECTIVES) == tuple(COLLECTORS) == ("pretrainzero", "random_span", "rpt")
+    for name in OBJECTIVES:
         assert check_objective(name) == name
-    with pytest.raises(ConfigError, match=r"train\.objective must be pretrainzero or random_span, got 'rpt'"):
-        check_objective("rpt")
-    with pytest.raises(ConfigError, match=r"train\.objective=next_token \(RPT .*\) is not trainable yet"):
-        load_config(None, ["train.objective=next_token"])
+    with pytest.raises(ConfigError, match=r"train\.objective must be pretrainzero, random_span or rpt, got 'next_token'"):
+        load_config(None, ["train.objective=next_token"])  # the task's name, not an objective
     t = load_config(None).train  # defaults: the paper's group sizes [PZ §4.1]
     assert (t.objective, t.masks_per_paragraph, t.predictions_per_mask) == ("pretrainzero", 8, 8)
+    # masks_per_paragraph is a GRPO group only for pretrainzero; for rpt it counts positions, and 1 is fine
+    assert load_config(None, ["train.objective=rpt", "train.masks_per_paragraph=1"]).train.masks_per_paragraph == 1
+    with pytest.raises(ConfigError, match=r"train\.masks_per_paragraph must be >= 2 for train\.objective=pretrainzero"):
+        load_config(None, ["train.masks_per_paragraph=1"])
+    with pytest.raises(ConfigError, match=r"train\.predictions_per_mask must be >= 2 for train\.objective=rpt"):
+        load_config(None, ["train.objective=rpt", "train.predictions_per_mask=1"])
+    assert load_config(None, ["rpt.top_entropy_frac=0.5"]).rpt.top_entropy_frac == 0.5
 
 
 # ---------------------------------------------------------------- the preview tool

@@ -63,6 +63,39 @@ def test_logprobs_over_http_match_forward_pass(served, tiny):
     assert report.ok, str(report)
 
 
+def test_prompt_top_logprobs_over_http_match_forward_pass(served, tiny):
+    """SGLang's logprob_start_len=0 + top_logprobs_num: input_token_logprobs / input_top_logprobs, None at token 0;
+    the client, the pool and the engine in-process give the same top-K rows as a plain forward pass."""
+    import torch
+
+    server, client = served
+    prompts = [[5, 6, 7, 8, 9], [3, 4]]
+    model = load_hf(tiny)
+    with torch.no_grad():
+        ref = [torch.log_softmax(model(torch.tensor([p])).logits[0].float(), -1) for p in prompts]
+    raw = requests.post(f"{server.url}/generate", json={
+        "input_ids": prompts[0], "sampling_params": {"max_new_tokens": 1}, "return_logprob": True,
+        "logprob_start_len": 0, "top_logprobs_num": 3}).json()["meta_info"]
+    assert raw["input_token_logprobs"][0] == [None, 5, None] and len(raw["input_token_logprobs"]) == 5
+    assert raw["input_top_logprobs"][0] is None and [len(r) for r in raw["input_top_logprobs"][1:]] == [3] * 4
+    for t in range(1, 5):
+        assert raw["input_token_logprobs"][t][0] == pytest.approx(ref[0][t - 1, prompts[0][t]].item(), abs=1e-5)
+        vals, idx = ref[0][t - 1].topk(3)
+        assert [e[1] for e in raw["input_top_logprobs"][t]] == idx.tolist()
+    pool = RolloutPool([server.url], client_config=FAST)
+    for engine in (client, pool, server.engine):
+        rows = engine.input_top_logprobs(prompts, 4)
+        assert [len(r) for r in rows] == [5, 2] and rows[0][0] == [] and rows[1][0] == []
+        for i, p in enumerate(prompts):
+            for t in range(1, len(p)):
+                assert rows[i][t] == pytest.approx(ref[i][t - 1].topk(4).values.tolist(), abs=1e-5)
+    pool.close()
+    # the embedded engine serves logprob_start_len -1 (none) and 0 only
+    bad = requests.post(f"{server.url}/generate", json={"input_ids": prompts[0], "return_logprob": True,
+                                                        "logprob_start_len": 2})
+    assert bad.status_code == 400 and "logprob_start_len=2" in bad.json()["error"]["message"]
+
+
 def test_concurrent_requests_are_batched_and_ordered(served):
     server, _ = served
     pool = RolloutPool([server.url], client_config=FAST)

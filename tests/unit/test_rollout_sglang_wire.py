@@ -232,6 +232,10 @@ def _record_client_requests() -> list[tuple[str, str, Any]]:
 
     def fake_request(self, method, endpoint, payload=None, *, timeout_s, retries=None, expect_json=True):
         calls.append((method, endpoint, payload))
+        if endpoint == "/generate" and payload.get("logprob_start_len") == 0:  # input_top_logprobs
+            return [{"text": "", "output_ids": [9], "meta_info": {
+                "input_top_logprobs": [None] + [[[-0.1, 1, None], [-2.5, 2, None]]] * (len(p) - 1)}}
+                for p in payload["input_ids"]]
         if endpoint == "/generate":
             return [{"text": "", "output_ids": [9], "meta_info": {
                 "finish_reason": {"type": "length", "length": 1}, "weight_version": "1",
@@ -246,6 +250,7 @@ def _record_client_requests() -> list[tuple[str, str, Any]]:
     client.request = types.MethodType(fake_request, client)
     # Every public method of the client, with representative arguments.
     client.generate(prompts, params)
+    assert client.input_top_logprobs(prompts, 2) == [[[], [-0.1, -2.5], [-0.1, -2.5]], [[], [-0.1, -2.5]]]
     client.weight_version()
     client.update_weights_from_disk("/shared/weights/v00000001", 1)
     client.update_weights_from_tensor(["YmFzZTY0"], "2-partial")
@@ -323,14 +328,16 @@ def _load_api_types():
 
 def test_generate_body_passes_sglang_json_contract():
     api, _ = _load_api_types()
-    payload = next(p for _, e, p in _record_client_requests() if e == "/generate")
-    decoded = api.decode_GenerateRequest(payload)  # raises JsonContractError (an HTTP 400 in SGLang)
-    assert decoded.input_ids == payload["input_ids"]
+    payloads = [p for _, e, p in _record_client_requests() if e == "/generate"]
+    assert len(payloads) == 2 and payloads[1]["logprob_start_len"] == 0 and payloads[1]["top_logprobs_num"] == 2
+    for payload in payloads:  # a generation, then the prompts' own top-K log-probs (input_top_logprobs)
+        decoded = api.decode_GenerateRequest(payload)  # raises JsonContractError (an HTTP 400 in SGLang)
+        assert decoded.input_ids == payload["input_ids"]
 
 
 def test_embedded_server_responses_decode_with_sglang_contract():
     from megatron_pz.rollout.protocol import GenerationResult
-    from megatron_pz.engine.wire import generate_response_item
+    from megatron_pz.engine.wire import PromptLogprobs, generate_response_item
 
     api, mod = _load_api_types()
     cases = [
@@ -339,8 +346,10 @@ def test_embedded_server_responses_decode_with_sglang_contract():
         GenerationResult(0, [5, 6], [-0.1, -0.2], "length", 3, "ab"),
         GenerationResult(0, [5], [-0.1], "abort", 3, "a"),
     ]
-    for res in cases:
-        item = generate_response_item(res, prompt_len=4, return_logprob=True, token_text=lambda t: "x")
+    prompt = PromptLogprobs([7, 8], [None, -0.7], [None, [(-0.5, 8), (-1.2, 3)]])  # logprob_start_len=0, top 2
+    for res, with_prompt in [(c, False) for c in cases] + [(cases[0], True)]:
+        item = generate_response_item(res, prompt_len=4, return_logprob=True, token_text=lambda t: "x",
+                                      prompt=prompt if with_prompt else None)
         decoded = api.decode_GenerateResponse(item)
         meta = decoded.meta_info
         assert [e.token_id for e in meta.output_token_logprobs] == res.response_ids
@@ -353,6 +362,9 @@ def test_embedded_server_responses_decode_with_sglang_contract():
             set(item["meta_info"]) - set(mod.fields("GenerateMetaInfo"))
         err = _type_error(item, ast.Name("GenerateResponse"), mod, "response")
         assert err is None, err
+        if with_prompt:
+            assert [e.token_id for e in meta.input_token_logprobs] == [7, 8]
+            assert meta.input_top_logprobs[0] is None and [e.logprob for e in meta.input_top_logprobs[1]] == [-0.5, -1.2]
 
 
 def test_launcher_flags_are_sglang_server_args():
