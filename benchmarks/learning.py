@@ -27,7 +27,7 @@ from benchmarks.stats import last_k_mean, overlap, t_interval
 
 CONFIG = "examples/quickstart_cpu.yaml"
 # The task of tests/e2e/test_learning.py; advantage.dapo_filter=false because TRL trains every sample
-TASK = ["train.objective=random_span", "reward.pred_reward=brevity", "optim.lr=5e-5", "advantage.dapo_filter=false",
+TASK = ["train.objective=random_span", "reward.pred_reward=brevity", "optim.lr=1e-4", "advantage.dapo_filter=false",
         "train.paragraphs_per_step=2", "train.masks_per_paragraph=2", "train.predictions_per_mask=4",
         "train.micro_batch_size=4", "rollout.pred_max_new_tokens=32", "corpus.max_prompt_tokens=200",
         "logging.progress_bar=false", "logging.tensorboard=false", "logging.sample_interval=0",
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{s[side]['last_k_mean']:.3f}  95% CI [{lo:.3f}, {hi:.3f}] over {a.seeds} seeds")
     print(f"intervals overlap: {s.get('intervals_overlap')}")
     out = Path(a.out)
-    plot(curves, out, f"brevity reward, SmolLM2-135M, lr 5e-5, 4 prompts x 4 per step, {a.seeds} seeds")
+    plot(curves, out, f"brevity reward, SmolLM2-135M, lr 1e-4, 4 prompts x 4 per step, {a.seeds} seeds")
     command = "python -m benchmarks.learning " + " ".join(argv)
     out.with_suffix(".json").write_text(json.dumps({"command": command, "curves": curves, "summary": s}, indent=1))
     print(f"wrote {out} and {out.with_suffix('.json')}")
