@@ -23,6 +23,8 @@ RewardFn = Callable[..., float]
 _BUILTIN: dict[str, str] = {
     "exact_match": "megatron_pz.rewards.span:exact_match",
     "exact_match_lenient": "megatron_pz.rewards.span:exact_match_lenient",
+    "brevity": "megatron_pz.rewards.format:brevity",
+    "format_boxed": "megatron_pz.rewards.format:format_boxed",
     "rpt_prefix": "megatron_pz.rewards.rpt:rpt_prefix",
 }
 _REGISTERED: dict[str, RewardFn] = {}

@@ -27,7 +27,8 @@ class RewardConfig:
     """Which reward functions score which task, and the generator-reward rules."""
 
     pred_reward: str = "exact_match"
-    """Predictor / Random-RLPT reward: "exact_match" (strict), "exact_match_lenient", or a dotted path.
+    """Predictor / Random-RLPT reward: "exact_match" (strict), "exact_match_lenient", or a dotted path;
+    "format_boxed" and "brevity" (rewards/format.py) are learnability checks, not the method.
     Resolved (imported) when the config is built, so a typo fails at start-up."""
     next_token_reward: str = "rpt_prefix"
     """RPT next-token baseline reward: "rpt_prefix" [RPT Eq. 3] or a dotted path."""

@@ -7,3 +7,11 @@ by DAPO) and no gradient. This reward has variance, so the GRPO update really ru
 
 def odd_length(response: str, target: str, **info) -> float:
     return float(len(response) % 2)
+
+
+
+def neg_brevity(response: str, target: str, **info) -> float:
+    """Minus ``brevity``: the learning test's negative control (the advantage sign flipped, A(-r) = -A(r))."""
+    from megatron_pz.rewards.format import brevity
+
+    return -brevity(response, target, **info)
