@@ -44,6 +44,7 @@ class RunLogger:
         tensorboard: bool = True,
         progress_bar: bool = True,
         enabled: bool = True,
+        resumed_from: str | Path | None = None,
     ) -> None:
         self.enabled = enabled
         self.out_dir = Path(out_dir)
@@ -63,7 +64,8 @@ class RunLogger:
         if tensorboard:
             self._tb = TensorBoardLog(self.out_dir / "tensorboard", start_step)
         if self.steps_done:
-            say(f"resume   after step {self.steps_done} of {total_steps} (the last checkpoint)")
+            where = f"resumed from {resumed_from}" if resumed_from else "the last checkpoint"
+            say(f"resume   after step {self.steps_done} of {total_steps} ({where})")
         else:
             say(f"start    step 1 of {total_steps} (no checkpoint to resume from)")
         if progress_bar:

@@ -36,6 +36,7 @@ class Checkpointer:
         self.root = out / SUBDIR
         self.cfg = cfg
         self.total_steps = total_steps
+        self.resumed_from: Path | None = None  # the iteration folder ``load`` restored, for the console
 
     # ------------------------------------------------------------------ when
     def due(self, step: int, stop_requested: bool = False) -> bool:
@@ -57,6 +58,7 @@ class Checkpointer:
         """Restore the newest checkpoint into ``run`` (collective); returns the step it was saved at."""
         info, _ = ckpt.load(self.root, run.chunks, run.arch, optimizer=run.training.optimizer)
         _restore(run, info.meta)
+        self.resumed_from = info.iter_dir
         logger.info("resumed from %s at step %d (weight version %d)", info.iter_dir, run.start_step,
                     run.weight_version)
         return run.start_step

@@ -104,7 +104,7 @@ def setup(cfg: RunConfig) -> Run:
     # so lines a killed run wrote after its last checkpoint (and only those) are dropped.
     run.logger = RunLogger(out, total_steps=cfg.train.steps, start_step=run.start_step + 1, steps_done=run.start_step,
                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
-                           enabled=rank == 0)
+                           enabled=rank == 0, resumed_from=run.checkpointer.resumed_from)
     write_hf_meta(run, tok_dir)
     start_rollout(run)
     install_stop_signals(run)

@@ -286,6 +286,9 @@ def test_run_logger_prints_one_line_per_step(tmp_path, capsys):
     assert err == ""
     RunLogger(tmp_path, total_steps=4, start_step=3, steps_done=2, tensorboard=False, progress_bar=False).close()
     assert capsys.readouterr().out == "resume   after step 2 of 4 (the last checkpoint)\n"
+    RunLogger(tmp_path, total_steps=4, start_step=3, steps_done=2, tensorboard=False, progress_bar=False,
+              resumed_from=tmp_path / "checkpoints" / "iter_0000002").close()
+    assert capsys.readouterr().out == f"resume   after step 2 of 4 (resumed from {tmp_path}/checkpoints/iter_0000002)\n"
 
 
 _CHATTY = """
