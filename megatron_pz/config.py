@@ -24,7 +24,7 @@ from megatron_pz.data.corpus import CorpusConfig
 from megatron_pz.data.next_token import NextTokenConfig
 from megatron_pz.data.prompts import PromptConfig
 from megatron_pz.data.spans import RandomSpanConfig, SpanConfig
-from megatron_pz.data.tasks import check_objective
+from megatron_pz.data.tasks import SftConfig, check_objective
 from megatron_pz.errors import ConfigError
 from megatron_pz.eval.runner import EvalConfig
 from megatron_pz.model.provider import ModelConfig
@@ -53,7 +53,8 @@ class TrainConfig:
     """The step loop: batch layout [PZ §4.1], lengths, steps."""
 
     # pretrainzero (mask generation + prediction) | random_span (Random-span RLPT baseline [PZ §4.2]) |
-    # rpt (RPT next-token reasoning at high-entropy positions [PZ §3.1]; its knobs: the `rpt` section);
+    # rpt (RPT next-token reasoning at high-entropy positions [PZ §3.1]; its knobs: the `rpt` section) |
+    # sft_span (supervised warm-up on random spans, a cold start that is not in the paper; the `sft` section);
     # the list and what each objective builds: data.tasks.OBJECTIVES.
     objective: str = "pretrainzero"
     steps: int = 2000
@@ -61,9 +62,10 @@ class TrainConfig:
     # [PZ §4.1: 32 x 8 x 8].
     paragraphs_per_step: int = 32
     # pretrainzero: generator rollouts per paragraph (the generator's GRPO group); random_span: random spans per
-    # paragraph; rpt: next-token truncation positions per paragraph (fewer when a paragraph has fewer candidates).
+    # paragraph; rpt: next-token truncation positions per paragraph (fewer when a paragraph has fewer candidates);
+    # sft_span: supervised spans per paragraph.
     masks_per_paragraph: int = 8
-    # Answers per mask, span or next-token position: the predictor's GRPO group size.
+    # Answers per mask, span or next-token position: the predictor's GRPO group size (unused by sft_span).
     predictions_per_mask: int = 8
     # Sequences per micro-batch on one DP rank (Megatron's micro_batch_size).
     micro_batch_size: int = 4
@@ -78,8 +80,8 @@ class TrainConfig:
                      "micro_batch_size", "max_response_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        groups = ("masks_per_paragraph", "predictions_per_mask") if self.objective == "pretrainzero" \
-            else ("predictions_per_mask",)
+        groups = {"pretrainzero": ("masks_per_paragraph", "predictions_per_mask"),
+                  "sft_span": ()}.get(self.objective, ("predictions_per_mask",))
         for name in groups:
             if getattr(self, name) < 2:
                 raise ConfigError(f"train.{name} must be >= 2 for train.objective={self.objective}: it is a GRPO "
@@ -226,6 +228,7 @@ class RunConfig:
     span: SpanConfig = field(default_factory=SpanConfig)
     random_span: RandomSpanConfig = field(default_factory=RandomSpanConfig)
     rpt: NextTokenConfig = field(default_factory=NextTokenConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
@@ -259,12 +262,13 @@ class RunConfig:
         if p.expert_model_parallel_size > 1:
             layout += f", EP {p.expert_model_parallel_size}"
         per_paragraph = {"random_span": "spans", "rpt": "next-token positions"}.get(t.objective, "masks")
+        batch = (f"{t.masks_per_paragraph} supervised spans" if t.objective == "sft_span" else
+                 f"{t.masks_per_paragraph} {per_paragraph} x {t.predictions_per_mask} predictions")
         return [
             f"model    {self.policy.load} ({self.model.dtype})",
             f"layout   {world_size} process{'es' if world_size > 1 else ''}: {layout}; rollout {r.backend}, "
             f"{r.weight_sync} weight sync in {r.weights_dtype}",
-            f"run      {t.objective}, {t.steps} steps of {t.paragraphs_per_step} paragraphs x "
-            f"{t.masks_per_paragraph} {per_paragraph} x {t.predictions_per_mask} predictions",
+            f"run      {t.objective}, {t.steps} steps of {t.paragraphs_per_step} paragraphs x {batch}",
         ]
 
     def to_dict(self) -> dict[str, Any]:

@@ -80,7 +80,8 @@ def rollout(run: Run, step: int) -> tuple[list[Sample], dict[str, float]]:
         per_rank = run.cfg.train.paragraphs_per_step // run.dp_size
         paragraphs = [next(run.corpus) for _ in range(per_rank)]
         ctx = StepContext(encode=run.tokenizer.encode, decode=run.tokenizer.decode,
-                          chat_template=run.chat_template, step=step, dp_rank=run.dp_rank)
+                          chat_template=run.chat_template, step=step, dp_rank=run.dp_rank,
+                          eos_token_id=run.tokenizer.eos_token_id)
         samples, metrics = collect(paragraphs, run.cfg, run.engine, ctx)
         metrics = {f"rollout/{k}": v for k, v in metrics.items()}
     return share_samples(samples), metrics
@@ -104,7 +105,11 @@ def update_policy(run: Run, samples: list[Sample]) -> dict[str, float]:
     from megatron_pz.trainer.step import train_step
 
     microbatches = microbatches_for(run, samples)
-    metrics = train_step(run.training, microbatches, run.cfg.loss, run.arch.vocab_size, run.cfg.rollout.temperature)
+    # sft_span: teacher-forced cross-entropy at temperature 1 (the model's own distribution), no rollout to match.
+    supervised = run.cfg.train.objective == "sft_span"
+    temperature = 1.0 if supervised else run.cfg.rollout.temperature
+    metrics = train_step(run.training, microbatches, run.cfg.loss, run.arch.vocab_size, temperature,
+                         supervised=supervised)
     metrics["train/microbatches"] = float(len(microbatches))
     if not ps.is_pipeline_last_stage():  # loss metrics exist on the last stage only
         metrics = {k: v for k, v in metrics.items() if k in ("train/grad_norm", "train/lr", "train/update_skipped")}

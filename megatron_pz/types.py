@@ -16,6 +16,7 @@ class Task(str, enum.Enum):
     MASK_PRED = "mask_pred"  # masked paragraph -> reasoning + \boxed{span}  [PZ §3.2]
     RANDOM_SPAN = "random_span"  # Random-span RLPT baseline: prediction on a random span [PZ §4.2]
     NEXT_TOKEN = "next_token"  # RPT next-token reasoning baseline [RPT Eq. 3]
+    SFT_SPAN = "sft_span"  # supervised warm-up: a random span's answer, teacher-forced (not in the paper)
 
 
 class Status(str, enum.Enum):

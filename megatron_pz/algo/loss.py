@@ -1,4 +1,5 @@
-"""Token-level PPO-clip policy loss with clip-higher, truncated importance sampling, optional KL and entropy.
+"""Token-level PPO-clip policy loss with clip-higher, truncated importance sampling, optional KL and entropy;
+and ``sft_loss``, the teacher-forced cross-entropy of the supervised warm-up (``train.objective=sft_span``).
 
 Shapes: ``B`` sequences (padded), ``T`` response tokens. All per-token tensors are ``[B, T]``; ``advantages`` is
 ``[B]`` (one per sequence, broadcast over its tokens) or ``[B, T]``.
@@ -25,6 +26,7 @@ Padding may hold any value, even inf/NaN: inputs are zeroed outside the mask bef
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -175,4 +177,52 @@ def policy_loss(
     loss = _masked(per_token, mask).sum() / denom
     metrics["loss"] = loss.detach()
     metrics["num_tokens"] = n_local.detach().to(logp.dtype)
+    return loss, metrics
+
+
+def sft_loss(
+    logprobs: torch.Tensor,
+    loss_mask: torch.Tensor,
+    num_global_tokens: float | torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Teacher-forced cross-entropy on response tokens, normalised by the step's global token count.
+
+    The supervised warm-up (``train.objective=sft_span``; a deviation from PretrainZero, which has no SFT stage,
+    modelled on RLPT's SFT cold start [method §5.2]):
+
+        total = -sum(logprobs over valid tokens) / num_global_tokens
+
+    Normalised exactly like ``policy_loss`` (one token-level mean over all micro-batches and DP ranks), so the
+    gradient does not depend on how the step is split. With Megatron's ``calculate_per_token_loss`` pass
+    ``num_global_tokens=1`` and return the count alongside.
+
+    Args:
+        logprobs: [B, T] log pi_theta of the target tokens (requires grad).
+        loss_mask: [B, T] 1 for target tokens, 0 for prompt / padding (padding may hold inf/NaN).
+        num_global_tokens: valid tokens of the whole step, a float or a scalar tensor.
+
+    Returns:
+        ``(loss, metrics)``; metrics are detached means over this micro-batch's valid tokens: ``loss`` (the mean
+        negative log-likelihood per token), ``target_logprob`` (its negative), ``target_prob`` (mean probability
+        of the target token), ``seq_sure`` (share of sequences whose every target token has probability > 1/2,
+        so greedy decoding reproduces the target: how much of it the policy already predicts), ``num_tokens``.
+    """
+    mask = loss_mask.bool()
+    n_local = mask.sum()
+    if isinstance(num_global_tokens, torch.Tensor):
+        denom = num_global_tokens.detach().to(logprobs.dtype).clamp(min=1.0)
+    else:
+        if num_global_tokens <= 0 and bool(n_local > 0):
+            raise ValueError("num_global_tokens must count this micro-batch's valid tokens, got 0")
+        denom = float(num_global_tokens) if num_global_tokens > 0 else 1.0
+    logp = _masked(logprobs, mask)
+    loss = -logp.sum() / denom
+    count = n_local.clamp(min=1).to(logp.dtype)
+    mean_logp = (logp.detach().sum() / count).detach()
+    rows = mask.any(dim=-1)
+    sure = (_masked(logp.detach(), mask) > -math.log(2.0)) | ~mask  # every target token with p > 1/2
+    seq_sure = (sure.all(dim=-1) & rows).sum().to(logp.dtype) / rows.sum().clamp(min=1).to(logp.dtype)
+    metrics = {"loss": -mean_logp, "target_logprob": mean_logp,
+               "target_prob": (_masked(torch.exp(logp.detach()), mask).sum() / count).detach(),
+               "seq_sure": seq_sure.detach(), "num_tokens": n_local.detach().to(logp.dtype)}
     return loss, metrics

@@ -6,6 +6,10 @@ Objectives (``OBJECTIVES``; the run picks one with ``train.objective``, and the 
     ``n`` predictor Samples (one group per mask) [PZ §3.2, §4.1].
   * ``"random_span"``: Random-span RLPT: paragraph -> random whole-word span -> ``n`` predictor Samples with the
     same prediction prompt and reward [PZ §3.1, §4.2 baseline 4].
+  * ``"sft_span"``: supervised warm-up (a cold start before either RL objective; not in PretrainZero, which
+    starts SmolLM3 with Random-span RLPT instead, but RLPT's own recipe starts with SFT [method §5.2]):
+    paragraph -> ``masks_per_paragraph`` random whole-word spans -> one Sample each, the prediction prompt with
+    the answer ``\\boxed{span}`` as a teacher-forced response (``sft_span_samples``); no rollout, no reward.
   * ``"rpt"``: RPT next-token reasoning: paragraph -> ``masks_per_paragraph`` high-entropy truncation positions
     -> ``n`` Samples of task ``next_token`` per position, byte-prefix reward [PZ §3.1 "Entropy-based Next Token
     Reasoning"; RPT §2]. Its builders are in ``data/next_token.py``.
@@ -17,18 +21,20 @@ Group ids: the caller names the generator group (e.g. ``f"step{step}/{paragraph.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 from megatron_pz.data import prompts
 from megatron_pz.data.corpus import Paragraph
 from megatron_pz.data.parsers import extract_mask
 from megatron_pz.data.spans import RandomSpanConfig, SpanConfig, SpanResult, apply_span, sample_random_span
 from megatron_pz.errors import ConfigError
-from megatron_pz.types import Sample, Task
+from megatron_pz.types import Sample, Status, Task
 
 OBJECTIVES: dict[str, str] = {
     "pretrainzero": "mask generation + prediction [PZ §3.2]",
     "random_span": "Random-span RLPT baseline [PZ §4.2]",
     "rpt": "RPT entropy next-token baseline [PZ §3.1]",
+    "sft_span": "supervised warm-up on random spans (cold start; a deviation, cf. RLPT's SFT [method §5.2])",
 }
 """Every objective, one name each, with what it trains; ``trainer.collect.COLLECTORS`` has one collector each."""
 
@@ -164,3 +170,62 @@ def random_span_samples(
         chat_template,
         _paragraph_meta(paragraph),
     )
+
+
+# ---------------------------------------------------------------- supervised warm-up (sft_span)
+@dataclass
+class SftConfig:
+    """The supervised warm-up ``train.objective=sft_span`` (spans: ``random_span``; spans per paragraph:
+    ``train.masks_per_paragraph``). Not in the paper; see ``sft_span_samples``."""
+
+    generator_samples: bool = False
+    """Also teach the mask-generation format: per span, a second Sample with the generation prompt and the answer
+    ``\\mask{span}`` (after ``prompt.gen_response_prefix``). Off: the warm-up trains the predictor only."""
+
+
+def sft_answer(span: str) -> str:
+    """The teacher-forced prediction answer: the span in ``\\boxed{}``, nothing else (no reasoning)."""
+    return "\\boxed{" + span + "}"
+
+
+def sft_mask_answer(span: str, response_prefix: str = "") -> str:
+    """The teacher-forced generation answer ``\\mask{span}``, minus what the forced response prefix already wrote."""
+    return (span + "}") if response_prefix.endswith("\\mask{") else "\\mask{" + span + "}"
+
+
+def sft_span_samples(
+    paragraph: Paragraph,
+    group_id: str,
+    span_cfg: SpanConfig,
+    random_cfg: RandomSpanConfig,
+    prompt_cfg: prompts.PromptConfig,
+    rng: random.Random,
+    chat_template: prompts.ChatTemplateFn | None = None,
+    generator_samples: bool = False,
+) -> tuple[SpanResult, list[Sample]]:
+    """Supervised warm-up Samples for one random whole-word span (``train.objective=sft_span``).
+
+    The span is drawn as in ``random_span_samples`` and the prompt is the same prediction prompt, so the warm-up
+    teaches exactly the task the RL stage rewards. The response is ``sft_answer(span)``: the answer in the format
+    the exact-match reward parses, without reasoning, which a 135M model cannot yet do usefully and which would
+    make the target a text we do not have. The trainer appends EOS so the model also learns to stop. Samples are
+    COMPLETED with advantage 1 (they are trained on); they carry no rollout log-probs and no reward. With
+    ``generator_samples``, a second Sample teaches the generator format (``sft_mask_answer``).
+    """
+    result = sample_random_span(paragraph.text, span_cfg, random_cfg, rng)
+    if not result.valid:
+        return result, []
+    assert result.masked_text is not None and result.span is not None
+    meta = {**_paragraph_meta(paragraph), "target": result.span}
+    pred = Sample(task=Task.SFT_SPAN, group_id=group_id, status=Status.COMPLETED, advantage=1.0,
+                  prompt_text=prompts.prediction_prompt(result.masked_text, prompt_cfg, chat_template,
+                                                        span_cfg.mask_token),
+                  response_text=sft_answer(result.span),
+                  metadata={**meta, "role": "predict", "masked_paragraph": result.masked_text})
+    if not generator_samples:
+        return result, [pred]
+    gen = Sample(task=Task.SFT_SPAN, group_id=f"{group_id}/gen", status=Status.COMPLETED, advantage=1.0,
+                 prompt_text=prompts.generation_prompt(paragraph.text, prompt_cfg, chat_template),
+                 response_text=sft_mask_answer(result.span, prompt_cfg.gen_response_prefix),
+                 metadata={**meta, "role": "generate"})
+    return result, [pred, gen]

@@ -127,6 +127,11 @@ def step_line(step: int, total: int, values: Mapping[str, float | int | None], i
         rate = v["mask/valid_rate"]
         count = v.get("count/mask_gen")
         parts.append(f"masks valid {round(rate * count)}/{int(count)}" if count else f"masks valid {rate:.0%}")
+    if "groups_mixed/mask_pred" in v or "groups_mixed/random_span" in v:
+        t = "mask_pred" if "groups_mixed/mask_pred" in v else "random_span"
+        parts.append(f"mixed groups {int(v[f'groups_mixed/{t}'])}/{int(v[f'groups/{t}'])}")
+    if "train/target_prob" in v:  # sft_span: how much of the teacher-forced answer the policy already predicts
+        parts.append(f"nll {_fmt(v['train/loss'])} p(target) {_fmt(v['train/target_prob'])}")
     if "train/tokens" in v:
         parts.append(f"trained {int(v['train/tokens'])} tok")
     evals = [f"{k.split('/')[1]} {_fmt(x)}" for k, x in v.items() if k.startswith("eval/") and k.endswith("/accuracy")]

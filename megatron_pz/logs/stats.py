@@ -29,7 +29,9 @@ def sample_scalars(samples: Sequence[Sample]) -> dict[str, float]:
       ``count/t``; ``reward/t`` (mean over samples with a reward); ``length/t_mean``, ``length/t_max``
       (response tokens of generated samples: COMPLETED, TRUNCATED, FILTERED); ``trunc_rate/t`` (status
       TRUNCATED, or finish_reason "length" for a truncated sample the DAPO filter later marked FILTERED);
-      ``abort_rate/t``; ``filtered_frac/t``.
+      ``abort_rate/t``; ``filtered_frac/t``; ``groups/t`` (GRPO groups with a scored generated sample),
+      ``groups_mixed/t`` (of those, groups whose rewards are not all equal: the ones DAPO keeps and GRPO learns
+      from) and ``groups_mixed_frac/t`` (their share). Counts, so shares can be pooled over steps with their n.
     Generator (MASK_GEN metadata set by ``data.tasks.prediction_samples``): ``mask/valid_rate`` over samples
     that carry ``mask_valid``; ``mask/span_words_mean``, ``mask/span_chars_mean`` over valid spans.
     Predictor: ``acc/mask_pred`` = mean MASK_PRED reward (exact match, so the accuracy).
@@ -49,6 +51,15 @@ def sample_scalars(samples: Sequence[Sample]) -> dict[str, float]:
         out[f"trunc_rate/{t}"] = truncated / n
         out[f"abort_rate/{t}"] = sum(s.status is Status.ABORTED for s in group) / n
         out[f"filtered_frac/{t}"] = sum(s.status is Status.FILTERED for s in group) / n
+        scored: dict[str, list[float]] = defaultdict(list)
+        for s in group:
+            if s.reward is not None and s.status in GENERATED:
+                scored[s.group_id].append(float(s.reward))
+        if scored:
+            mixed = sum(max(r) != min(r) for r in scored.values())
+            out[f"groups/{t}"] = float(len(scored))
+            out[f"groups_mixed/{t}"] = float(mixed)
+            out[f"groups_mixed_frac/{t}"] = mixed / len(scored)
         if t == Task.MASK_PRED.value and rewards:
             out["acc/mask_pred"] = out[f"reward/{t}"]
 

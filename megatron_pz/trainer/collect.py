@@ -5,6 +5,8 @@ PretrainZero [PZ §3.2-3.3, §4.1]:
     --generate n=predictions--> predictor Samples --exact match--> r_pred --per-mask accuracy (Eq. 9)--> r_gen
     --GRPO per group + DAPO filter--> advantages
 Random-span RLPT [PZ §4.2]: ``masks_per_paragraph`` random whole-word spans per paragraph, each a predictor group.
+Supervised warm-up (sft_span; not in the paper): ``masks_per_paragraph`` random spans per paragraph, each one
+    Sample whose response is the teacher-forced answer (no generation, no reward, no advantage).
 RPT next-token reasoning [PZ §3.1, RPT §2]:
     paragraphs --one prefill each, top-K log-probs of every position--> per-token entropies --top 20 %, seeded
     draw--> ``masks_per_paragraph`` truncation positions --RPT prompt, generate n=predictions--> next_token Samples
@@ -32,10 +34,10 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from megatron_pz.algo.advantages import compute_advantages
 from megatron_pz.data.corpus import Paragraph
 from megatron_pz.data.next_token import next_token_samples, token_byte_ends, topk_entropy
-from megatron_pz.data.tasks import generation_samples, prediction_samples, random_span_samples
+from megatron_pz.data.tasks import generation_samples, prediction_samples, random_span_samples, sft_span_samples
 from megatron_pz.rewards.span import assign_generator_rewards, score_samples
 from megatron_pz.rollout.protocol import SamplingParams, fill_sample
-from megatron_pz.types import Sample
+from megatron_pz.types import Sample, Status
 
 if TYPE_CHECKING:  # the config imports every section; collection needs only its type
     from megatron_pz.config import RunConfig
@@ -50,6 +52,7 @@ class StepContext:
     chat_template: Callable[[list[dict[str, str]]], str] | None
     step: int
     dp_rank: int
+    eos_token_id: int | None = None  # appended to teacher-forced responses (sft_span) so the model learns to stop
 
 
 def sample_seed(*parts: Any) -> int:
@@ -162,10 +165,39 @@ def collect_rpt(paragraphs: Sequence[Paragraph], cfg: RunConfig, engine: Any,
     return samples, metrics
 
 
+def collect_sft_span(paragraphs: Sequence[Paragraph], cfg: RunConfig, engine: Any,
+                     ctx: StepContext) -> tuple[list[Sample], dict[str, float]]:
+    """Supervised warm-up: random spans with their answers as responses, tokenised here; the engine is not used.
+
+    The response is the answer's tokens plus EOS, cut at ``rollout.pred_max_new_tokens`` (then TRUNCATED, without
+    EOS), so the warm-up never teaches a response the RL stage could not produce."""
+    t = cfg.train
+    samples: list[Sample] = []
+    for i, p in enumerate(paragraphs):
+        rng = random.Random(sample_seed(t.seed, ctx.step, ctx.dp_rank, i))
+        for m in range(t.masks_per_paragraph):
+            _, group = sft_span_samples(p, f"s{ctx.step}/r{ctx.dp_rank}/p{i}/m{m}", cfg.span, cfg.random_span,
+                                        cfg.prompt, rng, ctx.chat_template, cfg.sft.generator_samples)
+            samples += group
+    cap = cfg.pred_max_new_tokens
+    for s in samples:
+        s.prompt_ids = ctx.encode(s.prompt_text)
+        ids = ctx.encode(s.response_text) + ([ctx.eos_token_id] if ctx.eos_token_id is not None else [])
+        s.response_ids = ids[:cap]
+        s.finish_reason = "stop" if len(ids) <= cap else "length"
+        if len(ids) > cap:
+            s.status = Status.TRUNCATED
+    spans = [s.metadata["target"] for s in samples if s.metadata.get("role") == "predict"]
+    metrics = {"sft_spans": float(len(spans)),
+               "sft_span_words_mean": sum(len(x.split()) for x in spans) / len(spans) if spans else 0.0}
+    return samples, metrics
+
+
 COLLECTORS: dict[str, Callable[..., tuple[list[Sample], dict[str, float]]]] = {
     "pretrainzero": collect_pretrainzero,
     "random_span": collect_random_span,
     "rpt": collect_rpt,
+    "sft_span": collect_sft_span,
 }
 """One collector per objective (``data.tasks.OBJECTIVES``)."""
 

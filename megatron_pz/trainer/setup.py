@@ -112,12 +112,19 @@ def setup(cfg: RunConfig) -> Run:
 
 
 def load_initial_weights(run: Run, src: ModelSource) -> None:
-    """A fresh run starts from ``policy.load``: a Megatron checkpoint (any TP/PP) or an HF folder. Collective."""
+    """A fresh run starts from ``policy.load``: a Megatron checkpoint (any TP/PP) or an HF folder. Collective.
+
+    Model weights only. When ``policy.load`` is another training run (its folder or its ``checkpoints/``, e.g. a
+    warm-up stage), its newest iteration's weights are loaded and everything else starts fresh: the optimizer
+    state (Adam moments and step count), the LR schedule, the step counter, the weight version and the corpus
+    position. Resuming with all of that is what ``<output_dir>/checkpoints`` of this run is for."""
     if src.kind == "mcore":
         ckpt.load(src.path, run.chunks, run.arch)
     else:
         load_hf_into_model(run.chunks, HFCheckpoint(src.path).get, run.arch)
     run.training.optimizer.reload_model_params()  # main (fp32) params <- the loaded model params
+    logger.info("initial weights from %s (%s); optimizer, LR schedule, step and corpus position start fresh",
+                src.path, src.kind)
 
 
 def write_hf_meta(run: Run, tok_dir: Path) -> None:

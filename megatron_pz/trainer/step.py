@@ -11,13 +11,14 @@ from typing import Any
 
 import torch
 
-from megatron_pz.algo.loss import LossConfig, policy_loss
+from megatron_pz.algo.loss import LossConfig, policy_loss, sft_loss
 from megatron_pz.trainer.batching import MicroBatch
 from megatron_pz.trainer.logprobs import scaled_logits, token_entropy, token_logprobs
 
 
 def _forward_backward(model: list[torch.nn.Module], microbatches: list[MicroBatch], loss_cfg: LossConfig,
-                      vocab_size: int, temperature: float, forward_only: bool) -> list[dict[str, Any]]:
+                      vocab_size: int, temperature: float, forward_only: bool,
+                      supervised: bool = False) -> list[dict[str, Any]]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_pz import device
@@ -43,8 +44,12 @@ def _forward_backward(model: list[torch.nn.Module], microbatches: list[MicroBatc
             logp = token_logprobs(z, labels)  # [B, R] (or [B, S])
             ent = token_entropy(z.detach(), finite=not _vocab_padded(z, vocab_size))
             # num_global_tokens=1: the loss stays a token sum; Megatron divides by the global count.
-            loss, metrics = policy_loss(logp, logp.detach(), mb.advantages, loss_mask, 1.0, loss_cfg,
-                                        rollout_logprobs=rollout, entropy=ent)
+            if supervised:  # teacher-forced targets (train.objective=sft_span): cross-entropy, no advantages
+                loss, metrics = sft_loss(logp, loss_mask, 1.0)
+                metrics["entropy"] = torch.where(loss_mask > 0, ent, 0.0).sum() / loss_mask.sum().clamp(min=1)
+            else:
+                loss, metrics = policy_loss(logp, logp.detach(), mb.advantages, loss_mask, 1.0, loss_cfg,
+                                            rollout_logprobs=rollout, entropy=ent)
             ntok = loss_mask.sum().to(torch.int)
             report = {k: float(v) for k, v in metrics.items()}
             report["_tokens"] = int(ntok)
@@ -106,8 +111,11 @@ def _combine(reports: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def train_step(state: Any, microbatches: list[MicroBatch], loss_cfg: LossConfig, vocab_size: int,
-               temperature: float) -> dict[str, float]:
+               temperature: float, supervised: bool = False) -> dict[str, float]:
     """Forward/backward over all micro-batches, then one optimizer + scheduler step. Collective.
+
+    ``supervised``: the loss is ``algo.loss.sft_loss`` (teacher-forced cross-entropy on the response tokens, for
+    ``train.objective=sft_span``) instead of the GRPO policy loss; everything else is the same step.
 
     A step in which no rank has a trainable token (DAPO filtered every group) skips forward and backward, and
     steps the optimizer at lr 0: AdamW would otherwise still apply decoupled weight decay on zero gradients
@@ -121,7 +129,8 @@ def train_step(state: Any, microbatches: list[MicroBatch], loss_cfg: LossConfig,
         m.train()
         m.zero_grad_buffer()
     state.optimizer.zero_grad()
-    reports = _forward_backward(state.model, microbatches, loss_cfg, vocab_size, temperature, forward_only=False)
+    reports = _forward_backward(state.model, microbatches, loss_cfg, vocab_size, temperature, forward_only=False,
+                                supervised=supervised)
     ok, grad_norm, _ = state.optimizer.step()
     if ok:
         state.scheduler.step(increment=1)

@@ -153,3 +153,21 @@ def _model_state_gb_per_gpu(arch: ModelArch, par, world: int) -> float:
     expert_local = experts / (ep * etp * pp)
     expert_dp = world // (ep * etp * pp)
     return (6 * (dense_local + expert_local) + 12 * dense_local / dp + 12 * expert_local / expert_dp) / 1e9
+
+
+def test_smollm2_cold_start_stages_chain_and_the_stage2_arms_differ_in_the_objective_only():
+    """docs/coldstart.md: stage 1 (sft_span) -> stage 2 loads its checkpoints; the two stage-2 arms are twins."""
+    stage1 = load_config(EXAMPLES / "smollm2_stage1_warmup.yaml")
+    rs = load_config(EXAMPLES / "smollm2_stage2_random_span.yaml")
+    pz = load_config(EXAMPLES / "smollm2_stage2_pretrainzero.yaml")
+    assert stage1.train.objective == "sft_span" and (rs.train.objective, pz.train.objective) == \
+        ("random_span", "pretrainzero")
+    assert rs.policy.load == pz.policy.load == f"{stage1.output_dir}/checkpoints"
+    assert stage1.checkpoint.save_interval == 0  # the last step is saved: the one stage 2 loads
+    # the same prediction task: prompt, span rules and one-word spans as in the warm-up
+    assert rs.prompt == stage1.prompt and rs.span == stage1.span and rs.random_span == stage1.random_span
+    # other paragraphs and span draws than the warm-up's
+    assert rs.corpus.seed != stage1.corpus.seed and rs.train.seed != stage1.train.seed
+    a, b = rs.to_dict(), pz.to_dict()
+    diff = {k for k in a if a[k] != b[k]} | {f"train.{k}" for k in a["train"] if a["train"][k] != b["train"][k]}
+    assert diff == {"name", "output_dir", "train", "train.objective"}

@@ -1,0 +1,54 @@
+"""The cold start through the real entry point on the tiny model: the supervised warm-up (train.objective=sft_span)
+trains, and a second stage started from its checkpoints gets its weights with a fresh optimizer and schedule."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train_e2e import command, metrics, run
+
+pytestmark = pytest.mark.multiproc
+FAST = ["train.paragraphs_per_step=2", "train.masks_per_paragraph=2", "random_span.geometric_p=1.0",
+        "logging.tensorboard=false", "checkpoint.save_interval=0"]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
+
+
+def test_sft_span_trains_then_stage_two_starts_from_its_checkpoint_with_a_fresh_optimizer(tiny_policy, tmp_path):
+    one, two = tmp_path / "stage1", tmp_path / "stage2"
+    p = run(command(one, tiny_policy, "train.objective=sft_span", "train.steps=3", "optim.lr=3e-3",
+                    "optim.lr_decay_style=constant", "sft.generator_samples=true", *FAST))
+    assert "sft_span, 3 steps of 2 paragraphs x 2 supervised spans" in p.stdout
+    rows = metrics(one)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["count/sft_span"] == 8 and r["train/tokens"] > 0 and r["train/update_skipped"] == 0
+        assert r["rollout/sft_spans"] == 4 and r["rollout/sft_span_words_mean"] == 1
+        assert r["train/lr"] == 3e-3 and "reward/sft_span" not in r  # no reward: nothing was generated
+    # teacher forcing learns: the answers' format tokens ("\boxed{", "}", EOS) recur every step
+    losses = [r["train/loss"] for r in rows]
+    assert losses[0] > losses[1] > losses[2] and losses[2] < losses[0] - 0.5, losses
+    assert rows[-1]["train/target_prob"] > rows[0]["train/target_prob"]
+    assert rows[-1]["weight_version"] == 3  # synced every step: eval and later stages see the new weights
+    assert (one / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+
+    # stage 2: Random-span RLPT from stage 1's checkpoints, another lr
+    run(command(two, tiny_policy, f"policy.load={one / 'checkpoints'}", "train.objective=random_span",
+                "train.steps=1", "optim.lr=1e-4", "optim.lr_decay_style=constant",
+                "reward.pred_reward=plugin_rewards:odd_length", *FAST))
+    # the weights it starts from (served as its version 0) are stage 1's last ones, bit for bit
+    first, last = weights(two / "weights" / "v00000000"), weights(one / "weights" / "v00000003")
+    assert first.keys() == last.keys() and all(torch.equal(first[k], last[k]) for k in first)
+    # fresh everything else: step count from 0, its own lr schedule, weight version 0 -> 1, corpus from the start
+    (row,) = metrics(two)
+    assert row["step"] == 1 and row["train/lr"] == 1e-4 and row["weight_version"] == 1
+    meta = json.loads((two / "checkpoints" / "iter_0000001" / "megatron_pz.json").read_text())
+    assert meta["step"] == 1 and meta["scheduler"]["num_steps"] == 1
+    log = (two / "train.log").read_text()
+    assert "optimizer, LR schedule, step and corpus position start fresh" in log
+    stage1_meta = json.loads((one / "checkpoints" / "iter_0000003" / "megatron_pz.json").read_text())
+    assert stage1_meta["scheduler"]["num_steps"] == 3  # what a resume would have continued from
