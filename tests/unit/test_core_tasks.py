@@ -116,10 +116,10 @@ def test_one_objective_list_with_one_name_each():
     """The objective and the GRPO group sizes are named once, in `train` (the TaskConfig duplicate is gone)."""
     from megatron_pz.trainer.collect import COLLECTORS
 
-    assert tuple(OBJECTIVES) == tuple(COLLECTORS) == ("pretrainzero", "random_span", "rpt")
+    assert tuple(OBJECTIVES) == tuple(COLLECTORS) == ("pretrainzero", "random_span", "rpt", "sft_span")
     for name in OBJECTIVES:
         assert check_objective(name) == name
-    with pytest.raises(ConfigError, match=r"train\.objective must be pretrainzero, random_span or rpt, got 'next_token'"):
+    with pytest.raises(ConfigError, match=r"train\.objective must be pretrainzero, random_span, rpt or sft_span, got 'next_token'"):
         load_config(None, ["train.objective=next_token"])  # the task's name, not an objective
     t = load_config(None).train  # defaults: the paper's group sizes [PZ §4.1]
     assert (t.objective, t.masks_per_paragraph, t.predictions_per_mask) == ("pretrainzero", 8, 8)

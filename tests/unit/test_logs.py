@@ -47,6 +47,9 @@ def test_sample_scalars_hand_computed():
         "trunc_rate/mask_gen": 2 / 4,  # TRUNCATED + FILTERED with finish_reason "length"
         "abort_rate/mask_gen": 1 / 4,
         "filtered_frac/mask_gen": 1 / 4,
+        "groups/mask_gen": 1.0,  # group "g": three scored generated samples (the aborted one has no reward)
+        "groups_mixed/mask_gen": 1.0,  # rewards 0.75, 0.0, 0.5 are not all equal
+        "groups_mixed_frac/mask_gen": 1.0,
         "mask/valid_rate": 2 / 3,  # over the 3 samples that carry mask_valid
         "mask/span_words_mean": (3 + 1) / 2,
         "mask/span_chars_mean": (13 + 5) / 2,
@@ -58,9 +61,22 @@ def test_sample_scalars_hand_computed():
         "trunc_rate/mask_pred": 0.0,
         "abort_rate/mask_pred": 0.0,
         "filtered_frac/mask_pred": 0.0,
+        "groups/mask_pred": 1.0,
+        "groups_mixed/mask_pred": 1.0,  # 1, 0, 1, 0
+        "groups_mixed_frac/mask_pred": 1.0,
     }
     assert got.keys() == expected.keys()  # no random_span keys: that task had no samples
     assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_mixed_groups_count_only_groups_whose_rewards_differ():
+    samples = [_s(Task.MASK_PRED, "a", 2, 1.0), _s(Task.MASK_PRED, "a", 2, 0.0),  # mixed
+               _s(Task.MASK_PRED, "b", 2, 0.0), _s(Task.MASK_PRED, "b", 2, 0.0),  # all wrong: DAPO drops it
+               _s(Task.MASK_PRED, "c", 2, 1.0), _s(Task.MASK_PRED, "c", 2, 1.0),  # all right: dropped too
+               _s(Task.MASK_PRED, "d", 0, None, Status.ABORTED, "abort")]  # never scored: not a group
+    got = sample_scalars(samples)
+    assert (got["groups/mask_pred"], got["groups_mixed/mask_pred"]) == (3.0, 1.0)
+    assert got["groups_mixed_frac/mask_pred"] == pytest.approx(1 / 3)
 
 
 def test_sample_scalars_skips_empty_sets():
