@@ -73,6 +73,20 @@ def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def global_token_denominator(num_global_tokens: float | torch.Tensor, n_local: torch.Tensor,
+                             dtype: torch.dtype) -> float | torch.Tensor:
+    """What a micro-batch's token sum is divided by: the step's global valid-token count (at least 1).
+
+    An on-device count (e.g. all-reduced) stays on device, no host sync; when it is 0 the masked sum is 0 as well.
+    A host count of 0 is an error only if this micro-batch has valid tokens (the caller miscounted).
+    """
+    if isinstance(num_global_tokens, torch.Tensor):
+        return num_global_tokens.detach().to(dtype).clamp(min=1.0)
+    if num_global_tokens <= 0 and bool(n_local > 0):
+        raise ValueError("num_global_tokens must count this micro-batch's valid tokens, got 0")
+    return float(num_global_tokens) if num_global_tokens > 0 else 1.0
+
+
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token KL(pi || ref) estimate from samples of pi: k1 = logp - ref, k3 = e^(ref-logp) - (ref-logp) - 1."""
     log_ratio = ref_logprobs - logprobs
@@ -116,13 +130,7 @@ def policy_loss(
     """
     mask = loss_mask.bool()
     n_local = mask.sum()
-    if isinstance(num_global_tokens, torch.Tensor):
-        # On-device count (e.g. all-reduced): no host sync. When it is 0 the masked sum is 0 as well.
-        denom = num_global_tokens.detach().to(logprobs.dtype).clamp(min=1.0)
-    else:
-        if num_global_tokens <= 0 and bool(n_local > 0):
-            raise ValueError("num_global_tokens must count this micro-batch's valid tokens, got 0")
-        denom = float(num_global_tokens) if num_global_tokens > 0 else 1.0
+    denom = global_token_denominator(num_global_tokens, n_local, logprobs.dtype)
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(logprobs)
 
@@ -209,12 +217,7 @@ def sft_loss(
     """
     mask = loss_mask.bool()
     n_local = mask.sum()
-    if isinstance(num_global_tokens, torch.Tensor):
-        denom = num_global_tokens.detach().to(logprobs.dtype).clamp(min=1.0)
-    else:
-        if num_global_tokens <= 0 and bool(n_local > 0):
-            raise ValueError("num_global_tokens must count this micro-batch's valid tokens, got 0")
-        denom = float(num_global_tokens) if num_global_tokens > 0 else 1.0
+    denom = global_token_denominator(num_global_tokens, n_local, logprobs.dtype)
     logp = _masked(logprobs, mask)
     loss = -logp.sum() / denom
     count = n_local.clamp(min=1).to(logp.dtype)
