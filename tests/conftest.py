@@ -77,16 +77,19 @@ def smollm2():
     return str(hf_dir), str(mcore_dir)
 
 
-@pytest.fixture(scope="session")
-def tiny_policy(smollm2, tmp_path_factory):
+def save_tiny_policy(folder, smollm2_hf_dir) -> str:
     """A 2-layer random Llama with SmolLM2's tokenizer and chat template: a policy for real entry points."""
     import shutil
 
-    d = save_tiny_hf(tmp_path_factory.mktemp("tiny_policy") / "hf", "llama", vocab_size=49152,
-                     tie_word_embeddings=True, max_position_embeddings=1024)
+    d = save_tiny_hf(folder, "llama", vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=1024)
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(Path(smollm2[0]) / f, d)
+        shutil.copy(Path(smollm2_hf_dir) / f, d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(smollm2, tmp_path_factory):
+    return save_tiny_policy(tmp_path_factory.mktemp("tiny_policy") / "hf", smollm2[0])
 
 
 @pytest.fixture(scope="module")

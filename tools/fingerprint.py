@@ -41,17 +41,11 @@ def env() -> dict[str, str]:
 
 def tiny_policy(folder: Path) -> str:
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import save_tiny_hf  # the test suite's own fixture builder
+    from conftest import save_tiny_policy  # the test suite's own tiny_policy fixture builder
 
     from megatron_pz.convert.smollm2 import prepare_smollm2
 
-    hf, _ = prepare_smollm2()
-    d = save_tiny_hf(folder, "llama", vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=1024)
-    import shutil
-
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(Path(hf) / f, d)
-    return d
+    return save_tiny_policy(folder, prepare_smollm2()[0])
 
 
 def train(out: Path, policy: str, *extra: str, nproc: int = 1) -> dict:
