@@ -212,6 +212,10 @@ class LoggingConfig:
     progress_bar: bool = True
 
 
+SPAN_OBJECTIVES = ("pretrainzero", "random_span", "sft_span")
+"""The objectives that mask spans with ``span.mask_token`` (rpt truncates text instead)."""
+
+
 @dataclass
 class RunConfig:
     """A whole training run. ``output_dir`` holds checkpoints, metrics.jsonl, TensorBoard logs, samples."""
@@ -236,6 +240,13 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        # A paragraph that already holds the mask token can never be masked (spans.MASK_TOKEN_IN_TEXT): drop it at
+        # the corpus, where it is counted (stats "dropped_substring"), not once per rollout. The corpus default
+        # names "[mask]" only, so a custom span.mask_token is added here.
+        if self.train.objective in SPAN_OBJECTIVES and self.span.mask_token not in self.corpus.drop_if_contains:
+            self.corpus.drop_if_contains = [*self.corpus.drop_if_contains, self.span.mask_token]
 
     # -------------------------------------------------------------- derived
     @property

@@ -55,28 +55,40 @@ class CorpusConfig:
     on_bad_line: str = "error"
     """Malformed record (non-JSON line, missing/empty ``text``): "error" raises DataError, "skip" counts it."""
     drop_if_contains: list[str] = field(default_factory=lambda: ["[mask]"])
-    """Drop paragraphs containing any of these strings (the mask token would make masked prompts ambiguous)."""
+    """Drop paragraphs containing any of these strings (the mask token would make masked prompts ambiguous); a run
+    with a span objective adds ``span.mask_token`` when it is missing (``config.RunConfig``)."""
 
     def __post_init__(self) -> None:
+        # Messages name the run-config key (the section is ``corpus``); bool is an int but never meant as a count.
         if isinstance(self.paths, str):
             self.paths = [self.paths]
-        if not all(isinstance(p, str) and p for p in self.paths):
-            raise ConfigError(f"CorpusConfig.paths={self.paths!r}: expected a list of non-empty strings")
+        if not isinstance(self.paths, (list, tuple)) or not all(isinstance(p, str) and p for p in self.paths):
+            raise ConfigError(f"corpus.paths={self.paths!r}: expected a list of non-empty strings")
+        if not _is_int(self.seed):
+            raise ConfigError(f"corpus.seed={self.seed!r}: expected an int")
         if self.on_bad_line not in BAD_LINE_POLICIES:
-            raise ConfigError(f"CorpusConfig.on_bad_line={self.on_bad_line!r}: expected one of {BAD_LINE_POLICIES}")
-        if self.num_epochs is not None and (not isinstance(self.num_epochs, int) or self.num_epochs < 1):
-            raise ConfigError(f"CorpusConfig.num_epochs={self.num_epochs!r}: expected None or an int >= 1")
+            raise ConfigError(f"corpus.on_bad_line={self.on_bad_line!r}: expected one of {BAD_LINE_POLICIES}")
+        if self.num_epochs is not None and (not _is_int(self.num_epochs) or self.num_epochs < 1):
+            raise ConfigError(f"corpus.num_epochs={self.num_epochs!r}: expected null or an int >= 1")
         for name in ("min_paragraph_tokens", "max_prompt_tokens", "prompt_margin_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ConfigError(f"CorpusConfig.{name}={value!r}: expected an int >= 0")
+            if not _is_int(value) or value < 0:
+                raise ConfigError(f"corpus.{name}={value!r}: expected an int >= 0")
         if self.max_prompt_tokens <= self.min_paragraph_tokens:
             raise ConfigError(
-                f"CorpusConfig.max_prompt_tokens={self.max_prompt_tokens} must exceed "
-                f"min_paragraph_tokens={self.min_paragraph_tokens}"
+                f"corpus.max_prompt_tokens={self.max_prompt_tokens} must exceed "
+                f"corpus.min_paragraph_tokens={self.min_paragraph_tokens}"
             )
-        if isinstance(self.drop_if_contains, str) or not all(isinstance(s, str) and s for s in self.drop_if_contains):
-            raise ConfigError(f"CorpusConfig.drop_if_contains={self.drop_if_contains!r}: expected a list of strings")
+        # An empty string is in every text: it would drop the whole corpus.
+        if not isinstance(self.drop_if_contains, (list, tuple)) or not all(
+            isinstance(s, str) and s for s in self.drop_if_contains
+        ):
+            raise ConfigError(f"corpus.drop_if_contains={self.drop_if_contains!r}: expected a list of non-empty "
+                              "strings")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class CorpusReader:

@@ -42,11 +42,11 @@ class NextTokenConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.top_entropy_frac <= 1.0:
-            raise ConfigError(f"NextTokenConfig.top_entropy_frac={self.top_entropy_frac!r}: expected 0 < f <= 1")
+            raise ConfigError(f"rpt.top_entropy_frac={self.top_entropy_frac!r}: expected 0 < f <= 1")
         for name in ("entropy_top_k", "min_context_tokens", "max_target_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"NextTokenConfig.{name}={value!r}: expected an int >= 1")
+                raise ConfigError(f"rpt.{name}={value!r}: expected an int >= 1")
 
 
 def topk_entropy(top_logprobs: Sequence[float]) -> float:

@@ -6,15 +6,22 @@ Pure and seeded: no I/O, no tokenizer. The rules [PZ §3.2, §4.4; method §2.2 
   whitespace (``strip_span``); an empty span is invalid (``EMPTY``), a missing one is ``MISSING``.
 * Occurrences are counted left to right without overlap, exactly like ``str.count`` / ``str.replace``
   (so ``"aa"`` occurs twice in ``"aaaa"``, not three times). The span must occur at least once
-  (``NOT_FOUND``) and fewer than ``max_occurrences`` (= 8) times (``TOO_FREQUENT``) [PZ §4.4].
+  (``NOT_FOUND``) and fewer than ``max_occurrences`` (= 8) times (``TOO_FREQUENT``) [PZ §4.4]. Counting stops
+  at ``max_occurrences``: the verdict needs no more, and a span such as ``"a"`` in ``"a " * 500_000`` would
+  otherwise cost a Python step per occurrence (so ``num_occurrences`` is at most ``max_occurrences``).
 * ``mode="default"`` replaces every occurrence by the mask token (INFERENCE, method §2.2);
   ``"one_mask"`` replaces one occurrence chosen by a seeded RNG [PZ §4.4 PretrainZero-OneMask];
   ``"words"`` replaces every occurrence but rejects the span unless every occurrence starts and ends at a word
   boundary (``NOT_WORDS``) [PZ §4.4 PretrainZero-Words].
 * A paragraph that already contains the mask token is rejected (``MASK_TOKEN_IN_TEXT``), and so is a span that
   contains it: otherwise the predictor could not tell our ``[mask]`` from the paragraph's own, and the
-  masked paragraph would not determine where the span goes back. With this rule, re-inserting the span at
-  every mask token of the masked paragraph always reproduces the paragraph (property-tested).
+  masked paragraph would not determine where the span goes back.
+* The masked paragraph must give the paragraph back: re-inserting the span at every mask token (``unmask``)
+  must reproduce it, else ``AMBIGUOUS_MASK``. For a mask token that cannot overlap itself (no proper prefix
+  that is also a suffix, like ``"[mask]"``) the rule above already guarantees this: a mask token in the masked
+  paragraph that is not one of ours would lie inside the original text or overlap one of ours. A token such
+  as ``"aa"`` can: masking ``"b"`` in ``"ab"`` gives ``"aaa"``, which unmasks to ``"ba"``; such spans are
+  refused rather than trained on an ambiguous prompt (property-tested over random paragraphs and tokens).
 
 Word characters are those of ``str.isalnum()`` plus ``_`` (Unicode-aware, like regex ``\\w``). A word boundary
 lies between two characters unless both are word characters; the text edges are boundaries.
@@ -31,6 +38,12 @@ from dataclasses import dataclass
 from megatron_pz.errors import ConfigError
 
 SPAN_MODES = ("default", "one_mask", "words")
+MAX_TRIES_LIMIT = 1024
+"""Largest ``random_span.max_tries``: a bound on the sampler's work per paragraph (each try scans it once)."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -47,12 +60,17 @@ class SpanConfig:
     """Strip whitespace around the ``\\mask{}`` content before matching (INFERENCE; the target is the stripped span)."""
 
     def __post_init__(self) -> None:
+        # Messages name the run-config key (the section is ``span``), so a YAML error points at the line to fix.
         if self.mode not in SPAN_MODES:
-            raise ConfigError(f"SpanConfig.mode={self.mode!r}: expected one of {SPAN_MODES}")
-        if not isinstance(self.max_occurrences, int) or self.max_occurrences < 2:
-            raise ConfigError(f"SpanConfig.max_occurrences={self.max_occurrences!r}: expected an int >= 2")
+            raise ConfigError(f"span.mode={self.mode!r}: expected one of {SPAN_MODES}")
+        # 1 would reject every span (a span occurs at least once); bool is an int but never meant as a count.
+        if not _is_int(self.max_occurrences) or self.max_occurrences < 2:
+            raise ConfigError(f"span.max_occurrences={self.max_occurrences!r}: expected an int >= 2 "
+                              "(a span is kept when it occurs fewer than this many times)")
         if not isinstance(self.mask_token, str) or not self.mask_token.strip():
-            raise ConfigError(f"SpanConfig.mask_token={self.mask_token!r}: expected a non-blank string")
+            raise ConfigError(f"span.mask_token={self.mask_token!r}: expected a non-blank string")
+        if not isinstance(self.strip_span, bool):
+            raise ConfigError(f"span.strip_span={self.strip_span!r}: expected true or false")
 
 
 @dataclass
@@ -64,15 +82,18 @@ class RandomSpanConfig:
     max_words: int = 10
     """Lengths are clipped to this many words [SpanBERT: 10]."""
     max_tries: int = 16
-    """Resample start/length up to this many times when a span breaks the span rules (e.g. "the" x 9)."""
+    """Resample start/length up to this many times when a span breaks the span rules (e.g. "the" x 9); at most
+    ``MAX_TRIES_LIMIT``. Each try scans the paragraph about once, so this bounds a paragraph's sampling work."""
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.geometric_p <= 1.0:
-            raise ConfigError(f"RandomSpanConfig.geometric_p={self.geometric_p!r}: expected 0 < p <= 1")
-        if not isinstance(self.max_words, int) or self.max_words < 1:
-            raise ConfigError(f"RandomSpanConfig.max_words={self.max_words!r}: expected an int >= 1")
-        if not isinstance(self.max_tries, int) or self.max_tries < 1:
-            raise ConfigError(f"RandomSpanConfig.max_tries={self.max_tries!r}: expected an int >= 1")
+        p = self.geometric_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:  # NaN fails too
+            raise ConfigError(f"random_span.geometric_p={p!r}: expected a number with 0 < p <= 1")
+        if not _is_int(self.max_words) or self.max_words < 1:
+            raise ConfigError(f"random_span.max_words={self.max_words!r}: expected an int >= 1")
+        if not _is_int(self.max_tries) or not 1 <= self.max_tries <= MAX_TRIES_LIMIT:
+            raise ConfigError(f"random_span.max_tries={self.max_tries!r}: expected an int in [1, {MAX_TRIES_LIMIT}] "
+                              "(each try scans the paragraph; a paragraph that fails this often is skipped)")
 
 
 class SpanReason(str, enum.Enum):
@@ -85,6 +106,7 @@ class SpanReason(str, enum.Enum):
     TOO_FREQUENT = "too_frequent"  # occurs >= max_occurrences times
     NOT_WORDS = "not_words"  # words mode: an occurrence cuts through a word
     MASK_TOKEN_IN_TEXT = "mask_token_in_text"  # paragraph or span already contains the mask token
+    AMBIGUOUS_MASK = "ambiguous_mask"  # masking made a mask token of its own (a self-overlapping token): no round trip
 
 
 @dataclass(frozen=True)
@@ -92,7 +114,8 @@ class SpanResult:
     """Outcome of applying a span to a paragraph.
 
     ``positions`` are the character offsets in the *original* paragraph of the occurrences that were replaced
-    (empty when invalid); ``num_occurrences`` counts all non-overlapping occurrences found.
+    (empty when invalid); ``num_occurrences`` counts the non-overlapping occurrences found, up to the config's
+    ``max_occurrences`` (counting stops there: ``TOO_FREQUENT`` reports exactly ``max_occurrences``).
     """
 
     reason: SpanReason
@@ -106,14 +129,20 @@ class SpanResult:
         return self.reason is SpanReason.VALID
 
 
-def find_occurrences(text: str, span: str) -> list[int]:
-    """Start offsets of the non-overlapping occurrences of ``span`` in ``text``, left to right (``str.count``)."""
-    if not span:
+def find_occurrences(text: str, span: str, limit: int | None = None) -> list[int]:
+    """Start offsets of the non-overlapping occurrences of ``span`` in ``text``, left to right (``str.count``).
+
+    With ``limit``, stops after the first ``limit`` occurrences: at most ``limit`` calls of ``text.find``, each
+    resuming where the previous one stopped, so the whole search reads ``text`` at most once.
+    """
+    if not span or (limit is not None and limit < 1):
         return []
     out: list[int] = []
     pos = text.find(span)
     while pos != -1:
         out.append(pos)
+        if limit is not None and len(out) >= limit:
+            break
         pos = text.find(span, pos + len(span))
     return out
 
@@ -142,7 +171,7 @@ def apply_span(paragraph: str, span: str | None, cfg: SpanConfig, seed: int = 0)
         return SpanResult(SpanReason.EMPTY, span=span)
     if cfg.mask_token in paragraph or cfg.mask_token in span:
         return SpanResult(SpanReason.MASK_TOKEN_IN_TEXT, span=span)
-    positions = find_occurrences(paragraph, span)
+    positions = find_occurrences(paragraph, span, cfg.max_occurrences)
     n = len(positions)
     if n == 0:
         return SpanResult(SpanReason.NOT_FOUND, span=span)
@@ -153,13 +182,11 @@ def apply_span(paragraph: str, span: str | None, cfg: SpanConfig, seed: int = 0)
     ):
         return SpanResult(SpanReason.NOT_WORDS, span=span, num_occurrences=n)
     chosen = positions if cfg.mode != "one_mask" else [positions[random.Random(seed).randrange(n)]]
-    return SpanResult(
-        SpanReason.VALID,
-        span=span,
-        masked_text=replace_at(paragraph, chosen, len(span), cfg.mask_token),
-        positions=tuple(chosen),
-        num_occurrences=n,
-    )
+    masked = replace_at(paragraph, chosen, len(span), cfg.mask_token)
+    # Only a self-overlapping mask token can fail here (see the module docstring); the check is one pass.
+    if unmask(masked, span, cfg.mask_token) != paragraph:
+        return SpanResult(SpanReason.AMBIGUOUS_MASK, span=span, num_occurrences=n)
+    return SpanResult(SpanReason.VALID, span=span, masked_text=masked, positions=tuple(chosen), num_occurrences=n)
 
 
 def replace_at(text: str, positions: list[int] | tuple[int, ...], length: int, replacement: str) -> str:
@@ -175,7 +202,7 @@ def replace_at(text: str, positions: list[int] | tuple[int, ...], length: int, r
 
 
 def unmask(masked_text: str, span: str, mask_token: str = "[mask]") -> str:
-    """Inverse of masking: put ``span`` back at every mask token (valid because the paragraph had none)."""
+    """Inverse of masking: put ``span`` back at every mask token (``apply_span`` only accepts masks it inverts)."""
     return masked_text.replace(mask_token, span)
 
 
@@ -197,8 +224,11 @@ def geometric_length(u: float, p: float, max_words: int) -> int:
     """
     if p >= 1.0:
         return 1
-    k = 1 + int(math.floor(math.log1p(-u) / math.log1p(-p)))
-    return max(1, min(k, max_words))
+    # Compare as floats before int(): for a tiny p (5e-324) the quotient overflows to inf.
+    x = math.log1p(-u) / math.log1p(-p)
+    if not x < max_words:  # also catches inf and NaN
+        return max(1, max_words)
+    return max(1, min(1 + int(math.floor(x)), max_words))
 
 
 def sample_random_span(
@@ -210,10 +240,17 @@ def sample_random_span(
     (occurrence limit, mask token). Because the baseline masks whole words, ``mode="default"`` is checked as
     ``"words"`` (every occurrence must be whole words: "art" is not masked inside "party"); ``"one_mask"`` and
     ``"words"`` are used as given. Retries up to ``max_tries`` times and returns the last failure (or
-    ``NOT_FOUND`` for a paragraph without words).
+    ``NOT_FOUND`` for a paragraph without words, ``MASK_TOKEN_IN_TEXT`` at once for a paragraph that contains
+    the mask token: no span could fix that).
+
+    Work is linear in the paragraph: one pass to list its words, then per try at most ``max_occurrences``
+    ``str.find`` calls that together read the paragraph once, one scan for the mask token and, for a valid
+    span, one masking and one unmasking pass. So a repetitive megabyte paragraph costs what reading it costs.
     """
     if span_cfg.mode == "default":
         span_cfg = dataclasses.replace(span_cfg, mode="words")
+    if span_cfg.mask_token in paragraph:
+        return SpanResult(SpanReason.MASK_TOKEN_IN_TEXT)
     words = word_offsets(paragraph)
     if not words:
         return SpanResult(SpanReason.NOT_FOUND)

@@ -219,7 +219,7 @@ def test_resolve_shards(tmp_path, two_shards):
      ({"paths": [""]}, "paths"), ({"drop_if_contains": "[mask]"}, "drop_if_contains")],
 )
 def test_corpus_config_validation(kwargs, field):
-    with pytest.raises(ConfigError, match=f"CorpusConfig.{field}"):
+    with pytest.raises(ConfigError, match=f"corpus.{field}"):
         CorpusConfig(**kwargs)
 
 

@@ -1,11 +1,15 @@
 """Span rules [PZ §4.4]: hand cases per reason and mode, property tests on arbitrary text, the random-span sampler."""
 import random
+import time
+from collections import Counter
 
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from megatron_pz.data.spans import (
+    MAX_TRIES_LIMIT,
+    SPAN_MODES,
     RandomSpanConfig,
     SpanConfig,
     SpanReason,
@@ -13,6 +17,7 @@ from megatron_pz.data.spans import (
     find_occurrences,
     geometric_length,
     is_word_boundary,
+    replace_at,
     sample_random_span,
     unmask,
     word_offsets,
@@ -113,10 +118,13 @@ def test_word_boundary():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"mode": "all"}, {"max_occurrences": 1}, {"max_occurrences": 8.0}, {"mask_token": " "}]
+    "kwargs", [{"mode": "all"}, {"max_occurrences": 1}, {"max_occurrences": 0}, {"max_occurrences": -8},
+               {"max_occurrences": 8.0}, {"max_occurrences": True}, {"mask_token": " "}, {"mask_token": ""},
+               {"mask_token": None}, {"strip_span": "yes"}]
 )
 def test_span_config_validation(kwargs):
-    with pytest.raises(ConfigError, match="SpanConfig." + next(iter(kwargs))):
+    # the message names the run-config key, e.g. "span.max_occurrences=1: ..."
+    with pytest.raises(ConfigError, match=r"^span\." + next(iter(kwargs)) + "="):
         SpanConfig(**kwargs)
 
 
@@ -223,12 +231,16 @@ def test_sample_random_span_never_masks_inside_words():
 def test_sample_random_span_failures():
     assert sample_random_span("... !!!", DEFAULT, RandomSpanConfig(), random.Random(0)).reason is SpanReason.NOT_FOUND
     r = sample_random_span("the " * 9, DEFAULT, RandomSpanConfig(max_words=1, max_tries=3), random.Random(0))
-    assert r.reason is SpanReason.TOO_FREQUENT and r.num_occurrences == 9
+    # 9 occurrences, but counting stops at the limit of 8: the verdict is the same
+    assert r.reason is SpanReason.TOO_FREQUENT and r.num_occurrences == 8
 
 
-@pytest.mark.parametrize("kwargs", [{"geometric_p": 0.0}, {"geometric_p": 1.5}, {"max_words": 0}, {"max_tries": 0}])
+@pytest.mark.parametrize("kwargs", [
+    {"geometric_p": 0.0}, {"geometric_p": -0.2}, {"geometric_p": 1.5}, {"geometric_p": float("nan")},
+    {"geometric_p": "0.2"}, {"geometric_p": True}, {"max_words": 0}, {"max_words": -1}, {"max_words": 2.0},
+    {"max_tries": 0}, {"max_tries": -3}, {"max_tries": MAX_TRIES_LIMIT + 1}, {"max_tries": False}])
 def test_random_span_config_validation(kwargs):
-    with pytest.raises(ConfigError, match="RandomSpanConfig." + next(iter(kwargs))):
+    with pytest.raises(ConfigError, match=r"^random_span\." + next(iter(kwargs)) + "="):
         RandomSpanConfig(**kwargs)
 
 
@@ -239,3 +251,120 @@ def test_sample_random_span_never_raises(paragraph, seed):
     r = sample_random_span(paragraph, DEFAULT, RandomSpanConfig(), random.Random(seed))
     if r.valid:
         assert unmask(r.masked_text, r.span) == paragraph
+
+
+# ---------------------------------------------------------------- bounded work on any paragraph
+class _CountingStr(str):
+    """A paragraph that counts the searches made in it, so a bound on work is asserted rather than a wall time."""
+
+    def __new__(cls, text: str) -> "_CountingStr":
+        obj = super().__new__(cls, text)
+        obj.finds = obj.contains = 0
+        return obj
+
+    def find(self, *args) -> int:
+        self.finds += 1
+        return super().find(*args)
+
+    def __contains__(self, item: object) -> bool:
+        self.contains += 1
+        return super().__contains__(item)
+
+
+def test_occurrence_count_stops_at_the_limit():
+    assert find_occurrences("a a a a", "a", limit=2) == [0, 2]
+    assert find_occurrences("a a a a", "a", limit=9) == [0, 2, 4, 6]
+    assert find_occurrences("a a a a", "a", limit=0) == []
+    big = _CountingStr("a " * 500_000)
+    r = apply_span(big, "a", DEFAULT)
+    assert r.reason is SpanReason.TOO_FREQUENT and r.num_occurrences == 8
+    assert big.finds == 8  # one find per occurrence up to the 8th, then stop; counting them all took 500_001
+    # 7 occurrences then a megabyte without one: 7 hits and one miss that reads the rest once
+    seven = _CountingStr("x " * 7 + "y" * 1_000_000)
+    r = apply_span(seven, "x", DEFAULT)
+    assert r.valid and r.num_occurrences == 7 and seven.finds == 8
+
+
+def test_random_span_sampler_work_is_bounded_on_repetitive_megabytes():
+    cfg = RandomSpanConfig()
+    for text in ("a " * 500_000, "the cat " * 100_000):
+        big = _CountingStr(text)
+        start = time.perf_counter()
+        r = sample_random_span(big, DEFAULT, cfg, random.Random(0))
+        elapsed = time.perf_counter() - start
+        # every whole-word span of up to 10 words recurs thousands of times: all 16 tries fail at the 8th find
+        assert r.reason is SpanReason.TOO_FREQUENT and r.num_occurrences == 8
+        assert big.finds == cfg.max_tries * 8
+        assert big.contains == 1 + cfg.max_tries  # the mask-token scan: once up front, once per try
+        print(f"sample_random_span on {len(text):,} chars of {text[:8]!r}...: {elapsed:.2f} s")
+
+
+def test_random_span_sampler_gives_up_at_once_on_a_paragraph_with_the_mask_token():
+    big = _CountingStr("a [mask] b " + "word " * 10_000)
+    r = sample_random_span(big, DEFAULT, RandomSpanConfig(max_tries=MAX_TRIES_LIMIT), random.Random(0))
+    assert r.reason is SpanReason.MASK_TOKEN_IN_TEXT and big.finds == 0 and big.contains == 1
+
+
+def test_geometric_length_tiny_p_clips_instead_of_overflowing():
+    # log1p(-0.5) / log1p(-5e-324) overflows to inf: the draw is clipped to max_words, not an OverflowError
+    assert geometric_length(0.5, 5e-324, 10) == 10
+    assert geometric_length(0.0, 5e-324, 10) == 1  # u = 0 is the shortest span for every p
+    assert geometric_length(0.5, 1e-300, 3) == 3
+    r = sample_random_span("one two three four", DEFAULT, RandomSpanConfig(geometric_p=5e-324, max_words=3),
+                           random.Random(0))
+    assert r.valid and len(word_offsets(r.span)) == 3
+
+
+# ---------------------------------------------------------------- the round trip: unmasking restores the paragraph
+def test_self_overlapping_mask_token_that_would_not_round_trip_is_refused():
+    # "aa" overlaps itself: masking "b" in "ab" gives "aaa", and "aaa".replace("aa", "b") is "ba", not "ab"
+    r = apply_span("ab", "b", SpanConfig(mask_token="aa"))
+    assert r.reason is SpanReason.AMBIGUOUS_MASK and r.masked_text is None and r.num_occurrences == 1
+    # same token, no "a" next to the span: "cb" -> "caa" -> "cb"
+    r = apply_span("cb", "b", SpanConfig(mask_token="aa"))
+    assert r.valid and r.masked_text == "caa" and unmask(r.masked_text, "b", "aa") == "cb"
+    # "aba": "ab c" -> "ababa", whose first "aba" is at 0, so it unmasks to " cba"
+    assert apply_span("ab c", " c", SpanConfig(mask_token="aba", strip_span=False)).reason is SpanReason.AMBIGUOUS_MASK
+    for seed in range(4):  # either occurrence in one_mask mode: "aaa ab" and "ab aaa" both fail
+        assert apply_span("ab ab", "b", SpanConfig(mode="one_mask", mask_token="aa"),
+                          seed=seed).reason is SpanReason.AMBIGUOUS_MASK
+
+
+def test_mask_token_fragments_next_to_the_span_still_round_trip():
+    # "[mask]" cannot overlap itself, so fragments of it around the span never pair up with ours
+    r = apply_span("[maskX]", "X", DEFAULT)
+    assert r.valid and r.masked_text == "[mask[mask]]" and unmask(r.masked_text, "X") == "[maskX]"
+    r = apply_span("mask] X [mas", "X", DEFAULT)
+    assert r.valid and r.masked_text == "mask] [mask] [mas" and unmask(r.masked_text, "X") == "mask] X [mas"
+
+
+def _overlaps_itself(token: str) -> bool:
+    return any(token[:k] == token[-k:] for k in range(1, len(token)))
+
+
+def test_valid_means_unmasking_restores_the_paragraph_over_random_paragraphs_and_tokens():
+    """The documented property, over seeded random paragraphs, spans, modes and mask tokens (some self-overlapping)."""
+    rng = random.Random(20261201)
+    tokens = ["[mask]", "<m>", "ab", "ba", "[a]", "aa", "aba", "a a", "]["]
+    seen: Counter[SpanReason] = Counter()
+    for _ in range(6000):
+        token = rng.choice(tokens)
+        paragraph = "".join(rng.choice("ab []m") for _ in range(rng.randrange(30)))
+        i = rng.randrange(len(paragraph) + 1)
+        span = paragraph[i : rng.randrange(i, len(paragraph) + 1)]
+        cfg = SpanConfig(mode=rng.choice(SPAN_MODES), mask_token=token, max_occurrences=rng.choice([2, 8]))
+        seed = rng.randrange(2**31)
+        r = apply_span(paragraph, span, cfg, seed=seed)
+        seen[r.reason] += 1
+        if r.valid:
+            assert unmask(r.masked_text, r.span, token) == paragraph
+            assert all(paragraph.startswith(r.span, p) for p in r.positions)
+            assert token not in paragraph
+        elif r.reason is SpanReason.AMBIGUOUS_MASK:
+            assert _overlaps_itself(token)  # the module docstring's claim: other tokens never need the check
+            # and masking as the rules say really does not come back
+            positions = find_occurrences(paragraph, r.span, cfg.max_occurrences)
+            chosen = positions if cfg.mode != "one_mask" else [positions[random.Random(seed).randrange(len(positions))]]
+            assert unmask(replace_at(paragraph, chosen, len(r.span), token), r.span, token) != paragraph
+    # both outcomes are exercised, so the assertions above are not vacuous
+    assert seen[SpanReason.VALID] > 500 and seen[SpanReason.AMBIGUOUS_MASK] > 20, seen

@@ -3,6 +3,7 @@
 The RPT next-token builders are tested in test_core_next_token.py.
 """
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,58 @@ def test_invalid_mask_builds_no_predictor_group(response, reason):
     assert gen.metadata["pred_group_id"] is None
 
 
+def test_ambiguous_mask_is_recorded_and_counted_like_the_other_reasons():
+    from megatron_pz.rewards.span import RewardConfig, assign_generator_rewards
+
+    # mask token "aa" next to an "a": "ab cb" -> "aaa caa", which would unmask to "ba cb"
+    gens = generation_samples(Paragraph("p", "t", "ab cb"), "g", 2, PLAIN)
+    gens[0].response_text, gens[1].response_text = "\\mask{b}", "\\mask{c}"
+    cfg = SpanConfig(mask_token="aa")
+    result, preds = prediction_samples(gens[0], 4, cfg, PLAIN)
+    assert result.reason.value == "ambiguous_mask" and preds == []
+    assert gens[0].metadata["mask_reason"] == "ambiguous_mask" and gens[0].metadata["mask_valid"] is False
+    result, preds = prediction_samples(gens[1], 4, cfg, PLAIN)  # "ab aab" unmasks back to "ab cb"
+    assert result.valid and result.masked_text == "ab aab" and len(preds) == 4
+    for g in gens:
+        g.status = Status.COMPLETED
+    metrics = assign_generator_rewards(gens, [], RewardConfig())
+    assert metrics["mask_reason/ambiguous_mask"] == 0.5 and metrics["mask_valid_frac"] == 0.5
+
+
+def test_random_span_skips_a_paragraph_holding_the_mask_token():
+    result, samples = random_span_samples(Paragraph("x", "", "the [mask] of it"), "x", 8, SpanConfig(),
+                                          RandomSpanConfig(), PLAIN, random.Random(0))
+    assert samples == [] and result.reason.value == "mask_token_in_text"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("span.max_occurrences=1", "span.max_occurrences"), ("span.max_occurrences=-3", "span.max_occurrences"),
+    ("span.mask_token=", "span.mask_token"), ("span.mode=all", "span.mode"),
+    ("random_span.geometric_p=0.0", "random_span.geometric_p"),
+    ("random_span.geometric_p=1.5", "random_span.geometric_p"),
+    ("random_span.geometric_p=.nan", "random_span.geometric_p"), ("random_span.max_words=0", "random_span.max_words"),
+    ("random_span.max_tries=0", "random_span.max_tries"), ("random_span.max_tries=1000000", "random_span.max_tries"),
+    ("corpus.max_prompt_tokens=16", "corpus.max_prompt_tokens"), ("corpus.prompt_margin_tokens=-1",
+                                                                   "corpus.prompt_margin_tokens"),
+    ("corpus.num_epochs=0", "corpus.num_epochs"), ("corpus.drop_if_contains=['']", "corpus.drop_if_contains"),
+    ("rpt.top_entropy_frac=1.5", "rpt.top_entropy_frac"), ("rpt.min_context_tokens=0", "rpt.min_context_tokens"),
+    ("train.masks_per_paragraph=0", "train.masks_per_paragraph"),
+])
+def test_span_and_corpus_numbers_fail_at_config_load_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(None, [override])
+
+
+def test_a_custom_mask_token_is_dropped_at_the_corpus():
+    assert load_config(None).corpus.drop_if_contains == ["[mask]"]
+    assert load_config(None, ["span.mask_token=<M>"]).corpus.drop_if_contains == ["[mask]", "<M>"]
+    named = load_config(None, ["span.mask_token=<M>", "corpus.drop_if_contains=[<M>]"])
+    assert named.corpus.drop_if_contains == ["<M>"]
+    # rpt masks nothing: its corpus filter is left as written
+    rpt = load_config(None, ["train.objective=rpt", "span.mask_token=<M>"])
+    assert rpt.corpus.drop_if_contains == ["[mask]"]
+
+
 def test_random_span_samples():
     result, samples = random_span_samples(P, "rnd/enwiki-1-000", 8, SpanConfig(), RandomSpanConfig(), PLAIN,
                                           random.Random(7))
@@ -108,7 +161,7 @@ def test_random_span_samples():
     (NextTokenConfig, {"top_entropy_frac": 0.0}, "top_entropy_frac"),
     (NextTokenConfig, {"max_target_tokens": 0}, "max_target_tokens")])
 def test_task_config_validation(cls, kwargs, field):
-    with pytest.raises(ConfigError, match=f"{cls.__name__}.{field}"):
+    with pytest.raises(ConfigError, match=f"rpt.{field}="):  # the run-config key
         cls(**kwargs)
 
 
