@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -40,6 +41,24 @@ def as_float(value: Any, tp: Any) -> Any:
     if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
         return float(value)
     return value
+
+
+def yaml_reason(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message with a caret, as one short phrase (its context's position 1-based)."""
+    reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if "'\\t'" in reason:
+        reason += " (indent with spaces, not tabs)"
+    context, mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and mark is not None:
+        reason += f" ({context} from line {mark.line + 1}, column {mark.column + 1})"
+    return reason
+
+
+def yaml_error_line(exc: yaml.YAMLError, path: str) -> str:
+    """``path:LINE:COLUMN: not valid YAML: reason``, 1-based like an editor's position."""
+    mark = getattr(exc, "problem_mark", None)
+    at = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+    return f"{at}: not valid YAML: {yaml_reason(exc)}"
 
 
 def type_ok(value: Any, tp: Any) -> bool:
@@ -87,13 +106,19 @@ def build(cls: type, data: dict[str, Any], source: str, moved: Mapping[str, str]
         else:
             value = as_float(value, tp)
             if not type_ok(value, tp):
-                raise ConfigError(f"{source}: '{path}' = {value!r} has the wrong type (expected "
-                                  f"{getattr(tp, '__name__', tp)})")
+                want = getattr(tp, "__name__", tp)
+                if float in _member_types(tp):
+                    want = f"{want}, a number such as 5e-7 or 0.01"
+                raise ConfigError(f"{source}: '{path}' = {value!r} has the wrong type (expected {want})")
+            if isinstance(value, float) and not math.isfinite(value):  # YAML's .inf / .nan
+                raise ConfigError(f"{source}: '{path}' = {value!r} must be a finite number")
             kwargs[key] = value
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        # Sections validate themselves under their class name ("CorpusConfig.paths"); the user sets "corpus.paths".
+        message = str(exc).replace(f"{cls.__name__}.", f"{where}.") if where else str(exc)
+        raise ConfigError(f"{source}: {message}") from None
     except TypeError as exc:
         raise ConfigError(f"{source}: section '{where or 'top level'}': {exc}") from None
 
@@ -115,7 +140,7 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(yaml_error_line(exc, str(path))) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     base = data.pop("base", None)
@@ -132,7 +157,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from None
+        raise ConfigError(f"override {item!r}: cannot parse the value: {yaml_reason(exc)}") from None
     return key.strip().split("."), value
 
 
