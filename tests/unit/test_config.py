@@ -96,6 +96,29 @@ def test_yaml_syntax_errors_are_one_line_with_file_line_column(tmp_path, text, p
         load_config(None, ["rollout.urls=[a, b"])
 
 
+def test_a_key_twice_in_one_mapping_is_refused_where_yaml_would_keep_the_last(tmp_path):
+    """A second `optim:` section would otherwise drop every value of the first without a word."""
+    text = "optim:\n  lr: 1e-6\ntrain:\n  steps: 3\noptim:\n  min_lr: 1e-7\n"
+    with pytest.raises(ConfigError, match=r"run\.yaml:5:1: not valid YAML: key 'optim' appears twice in one mapping "
+                                          r"\(first at line 1\); keep one$"):
+        load_config(write(tmp_path / "run.yaml", text))
+    merged = write(tmp_path / "merge.yaml", "train: &t {steps: 3, seed: 5}\ntrain_again:\n  <<: *t\n  steps: 4\n")
+    with pytest.raises(ConfigError, match="unknown key 'train_again'"):  # a merge key may be overridden: no repeat
+        load_config(merged)
+
+
+def test_files_that_are_not_run_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .* is a directory; give a \.yaml file"):
+        load_config(tmp_path)
+    (tmp_path / "run.yaml").write_bytes(b"\xff\xfeoptim: {}")
+    with pytest.raises(ConfigError, match=r"run\.yaml is not UTF-8 text \(byte 0\)"):
+        load_config(tmp_path / "run.yaml")
+    with pytest.raises(ConfigError, match=r"b\.yaml: 'base' = 3 must be the path of another run file"):
+        load_config(write(tmp_path / "b.yaml", "base: 3\n"))
+    with pytest.raises(ConfigError, match=r"k\.yaml: key 1 in 'train' is not a name"):
+        load_config(write(tmp_path / "k.yaml", "train:\n  1: 2\n"))
+
+
 def test_override_into_a_scalar_of_a_file(tmp_path):
     with pytest.raises(ConfigError, match="'steps' is not a section"):
         load_config(write(tmp_path / "r.yaml", "train:\n  steps: 5\n"), ["train.steps.x=1"])
