@@ -246,10 +246,8 @@ ROLLOUT_FAILED_EXIT = 3
 def main_from_args(args: argparse.Namespace) -> int:
     import os
 
-    from megatron_pz.errors import RolloutError
+    from megatron_pz.errors import ConfigError, RolloutError
     from megatron_pz.logs import configure_console, say
-
-    from megatron_pz.errors import ConfigError
 
     flags = flag_overrides(vars(args), args.overrides)
     if args.config is None and not any(o.startswith("policy.load=") for o in [*flags, *args.overrides]):

@@ -66,7 +66,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def load_yaml_text(text: str) -> Any:
     """``yaml.safe_load`` that refuses a repeated key."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def yaml_reason(exc: yaml.YAMLError) -> str:

@@ -19,7 +19,12 @@ from typing import Any
 from megatron_pz import checkpoint as ckpt
 from megatron_pz.config import PolicyConfig, RunConfig
 from megatron_pz.convert.hf_io import HFCheckpoint
-from megatron_pz.convert.source import SMOLLM2, ModelSource, resolve_source, tokenizer_dir
+from megatron_pz.convert.source import (
+    SMOLLM2,
+    ModelSource,
+    resolve_source,
+    tokenizer_dir,
+)
 from megatron_pz.data.corpus import CorpusConfig
 from megatron_pz.data.shards import parse_record, resolve_shards, sample_corpus_path
 from megatron_pz.errors import CheckpointError, ConfigError, DataError
@@ -108,8 +113,8 @@ def check_tokenizer(policy: PolicyConfig, source: ModelSource | None) -> None:
         return
     found = tokenizer_dir(source) or source.path  # setup's rule
     if not _holds_tokenizer(found):
-        what = "Megatron checkpoint" if source.kind == "mcore" else "HF folder"
-        raise ConfigError(f"policy.load={str(source.path)!r} is a {what} without a tokenizer (looked for "
+        what = "a Megatron checkpoint" if source.kind == "mcore" else "an HF model folder"
+        raise ConfigError(f"policy.load={str(source.path)!r} is {what} without a tokenizer (looked for "
                           f"{ckpt.HF_AUX_DIR}/ next to it and {ckpt.RUN_HF_META_DIR}/ of its run); {TOKENIZER_HINT}")
 
 

@@ -77,10 +77,10 @@ def test_bad_files_are_named(tmp_path):
 
 @pytest.mark.parametrize("text,position,reason", [
     ("train:\n  steps: 3\n   seed: 1\n", "3:8", "mapping values are not allowed here"),
-    ("train:\n\tsteps: 3\n", "2:1", r"found character '\\t' that cannot start any token \(indent with spaces, "
-                                      r"not tabs\)"),
-    ("optim:\n  lr: [1e-6\n", "3:1", r"expected ',' or '\]', but got '<stream end>' \(while parsing a flow sequence "
-                                     r"from line 2, column 7\)"),
+    ("train:\n\tsteps: 3\n", "2:1", (r"found character '\\t' that cannot start any token \(indent with spaces, "
+                                       r"not tabs\)")),
+    ("optim:\n  lr: [1e-6\n", "3:1", (r"expected ',' or '\]', but got '<stream end>' \(while parsing a flow sequence "
+                                      r"from line 2, column 7\)")),
     ("name: 'run\n", "2:1", r"found unexpected end of stream \(while scanning a quoted scalar from line 1, column 7\)"),
 ])
 def test_yaml_syntax_errors_are_one_line_with_file_line_column(tmp_path, text, position, reason):

@@ -16,8 +16,15 @@ import pytest
 from megatron_pz import cli
 from megatron_pz.config import flag_overrides, load_config
 from megatron_pz.errors import CheckpointError, ConfigError, DataError
-from megatron_pz.trainer.preflight import (check_corpus, check_eval_data, check_policy, check_resume,
-                                           check_tokenizer, load_first_record, preflight)
+from megatron_pz.trainer.preflight import (
+    check_corpus,
+    check_eval_data,
+    check_policy,
+    check_resume,
+    check_tokenizer,
+    load_first_record,
+    preflight,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "examples" / "quickstart_cpu.yaml")
@@ -85,8 +92,20 @@ def test_a_broken_megatron_checkpoint_names_policy_load_and_the_file(tmp_path):
 
 
 def test_an_hf_folder_needs_readable_config_and_weights(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
     hf = tmp_path / "hf"
     hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "llama"}')
+    (hf / "tokenizer.json").write_text("{}")
+    save_file({"lm_head.weight": torch.zeros(2, 2)}, hf / "model.safetensors")
+    preflight(load_config(QUICKSTART, [f"policy.load={hf}", f"output_dir={tmp_path / 'out'}"]))  # a whole one
+    (hf / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match=r"policy\.load='.*hf' is an HF model folder without a tokenizer .*set "
+                                          r"policy\.tokenizer"):
+        check_tokenizer(policy(load=str(hf)), check_policy(policy(load=str(hf))))
+    (hf / "model.safetensors").unlink()
     (hf / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"policy\.load=.*config\.json is not a readable JSON file"):
         check_policy(policy(load=str(hf)))
@@ -125,8 +144,8 @@ def test_tokenizer_from_the_checkpoint_or_policy_tokenizer(tmp_path):
         check_tokenizer(given, check_policy(given))
     for bad, match in ((tmp_path / "nope", r"policy\.tokenizer='.*nope': no such file or directory"),
                        (tmp_path / "mlm", r"policy\.tokenizer='.*mlm' holds none of tokenizer\.json"),
-                       (tmp_path / "mlm" / "latest_checkpointed_iteration.txt", r"policy\.tokenizer=.* is a file "
-                                                                                r"but not a SentencePiece \.model")):
+                       (tmp_path / "mlm" / "latest_checkpointed_iteration.txt",
+                        r"policy\.tokenizer=.* is a file but not a SentencePiece \.model")):
         with pytest.raises(ConfigError, match=match):
             check_tokenizer(policy(tokenizer=str(bad)), None)
 
@@ -237,8 +256,8 @@ def test_cli_bad_inputs_fail_fast_with_one_line_naming_the_key(train_cli, capsys
     bad_corpus = jsonl(tmp_path / "c.jsonl", "{not json")
     cases = [
         (["--config", str(bad_yaml)],
-         r"bad\.yaml:3:1: not valid YAML: expected ',' or '\]', but got '<stream end>' \(while parsing a flow "
-         r"sequence from line 2, column 7\)$"),
+         (r"bad\.yaml:3:1: not valid YAML: expected ',' or '\]', but got '<stream end>' \(while parsing a flow "
+          r"sequence from line 2, column 7\)$")),
         (["--config", QUICKSTART, "optim.lr=fast"],
          r"'optim\.lr' = 'fast' has the wrong type \(expected float, a number such as 5e-7 or 0\.01\)"),
         (["--config", QUICKSTART, "--lr", "1e-6x"], r"'optim\.lr' = '1e-6x' has the wrong type"),
@@ -261,7 +280,7 @@ def test_real_entry_point_in_a_subprocess(tmp_path):
     """``python -m megatron_pz.cli train --load MISSING``: exit status 2, one stderr line, no traceback."""
     p = subprocess.run([sys.executable, "-m", "megatron_pz.cli", "train", "--load", str(tmp_path / "nope"),
                         "--save", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, check=False)
     assert p.returncode == 2, p.stderr
-    assert p.stderr.strip().splitlines() == [f"megatron-pz train: error: policy.load='{tmp_path / 'nope'}': "
-                                             f"no such file or directory"]
+    want = f"megatron-pz train: error: policy.load='{tmp_path / 'nope'}': no such file or directory"
+    assert p.stderr.strip().splitlines() == [want]
