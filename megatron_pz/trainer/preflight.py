@@ -3,8 +3,8 @@
 A wrong path otherwise surfaces minutes later (after Megatron has built the model, or on the first corpus read
 of step 1) as a loader's error that names a file but not the setting to change. Each check here fails with one
 line naming the config key to set (``policy.load``, ``policy.tokenizer``, ``corpus.paths``, ``eval.data.<suite>``,
-``output_dir``) and the file at fault. The checks only stat files and read a few bytes of each (the first corpus
-record, checkpoint metadata): every rank runs them, without communication.
+``output_dir``) and the file at fault. The checks stat files and read a few bytes, without communication: the
+checkpoint's metadata on every rank, the first record of each corpus shard on rank 0.
 
 Not here: checks that need the model's architecture, which is read from ``policy.load`` once this has passed
 (the prompt + response length against the context window is ``setup.validate_lengths``, called before the model
@@ -13,6 +13,7 @@ is built), and ``policy.load=smollm2``, which the resolver converts on first use
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,18 @@ TOKENIZER_HINT = ("set policy.tokenizer (--tokenizer) to an HF tokenizer folder 
                   "tokenizer_config.json) or a SentencePiece .model file")
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Raise a ConfigError / CheckpointError / DataError naming the key to set for the first bad input."""
+def preflight(cfg: RunConfig, rank: int | None = None) -> None:
+    """Raise a ConfigError / CheckpointError / DataError naming the key to set for the first bad input.
+
+    ``rank`` (default: torchrun's RANK, 0 alone): the corpus and eval files are checked by rank 0 only, so that a
+    corpus of thousands of shards is not opened by every rank of a large job at once; its failure stops the job.
+    The checkpoint checks are a few stat calls and run everywhere."""
     source = check_policy(cfg.policy)
     check_tokenizer(cfg.policy, source)
     check_resume(cfg)
-    check_corpus(cfg.corpus)
-    check_eval_data(cfg.eval)
+    if (int(os.environ.get("RANK", "0")) if rank is None else rank) == 0:
+        check_corpus(cfg.corpus)
+        check_eval_data(cfg.eval)
 
 
 # ------------------------------------------------------------------ weights

@@ -195,6 +195,16 @@ def test_preflight_of_the_quickstart_touches_nothing_heavy():
     preflight(load_config(QUICKSTART, ["output_dir=/nonexistent/out"]))  # smollm2 + shipped sample
 
 
+def test_only_rank_0_opens_the_corpus(tmp_path, monkeypatch):
+    cfg = load_config(None, [f"corpus.paths=[{tmp_path / 'missing.jsonl'}]", f"output_dir={tmp_path}"])
+    preflight(cfg, rank=3)
+    monkeypatch.setenv("RANK", "1")
+    preflight(cfg)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(DataError, match=r"corpus\.paths: .*missing\.jsonl"):
+        preflight(cfg)
+
+
 # ------------------------------------------------------------------ Megatron-LM flags
 def test_megatron_flags_are_overrides_of_their_keys():
     args = {"flag_policy_load": "/ck/2024", "flag_policy_tokenizer": "null", "flag_optim_lr": "1e-6",
