@@ -45,7 +45,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    # key=value overrides may come before, between or after flags (`train --config F a=1 --load X b=2`); argparse
+    # takes one run of positionals only, so the rest arrive as extras and join the overrides in order.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if any(a.startswith("-") for a in extra) or not isinstance(getattr(args, "overrides", None), list):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -12,7 +12,8 @@ types and impossible combinations raise ``ConfigError`` naming the key and the f
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,50 @@ MOVED_KEYS: dict[str, str] = {
     "task.pred_group_size": "train.predictions_per_mask",
 }
 """Old config keys -> where the setting lives now (a file using an old key gets an error naming the new one)."""
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A Megatron-LM command-line habit that sets one config key (``megatron-pz train --load CKPT``)."""
+
+    key: str
+    names: tuple[str, ...]
+    help: str
+    metavar: str
+    text: bool = False  # a path: taken verbatim, never read as a YAML number / null / bool
+
+    @property
+    def dest(self) -> str:
+        return "flag_" + self.key.replace(".", "_")
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("policy.load", ("--load",), "initial weights: a Megatron checkpoint (Megatron-LM's or ours, root or "
+         "iter_NNNNNNN), a training run folder, an HF model folder, or smollm2", "CKPT", text=True),
+    Flag("policy.tokenizer", ("--tokenizer", "--tokenizer-model"), "HF tokenizer folder or SentencePiece .model "
+         "file; needed when the checkpoint carries no tokenizer (Megatron-LM checkpoints)", "DIR", text=True),
+    Flag("output_dir", ("--save",), "the run's output folder; checkpoints go to DIR/checkpoints and the same "
+         "command resumes from there", "DIR", text=True),
+    Flag("train.seed", ("--seed",), "sampling, span and data-order seed", "N"),
+    Flag("train.steps", ("--train-iters",), "number of training steps", "N"),
+    Flag("optim.lr", ("--lr",), "peak learning rate, e.g. 1e-6", "LR"),
+)
+"""Megatron-LM's flags accepted by ``megatron-pz train``; each is the override ``KEY=VALUE`` of its key."""
+
+
+def flag_overrides(values: Mapping[str, Any], overrides: Sequence[str] = ()) -> list[str]:
+    """The ``FLAGS`` given (``values``: parsed arguments by ``Flag.dest``) as ``key=value`` overrides; a key also
+    set by a ``key=value`` override is refused rather than silently resolved one way."""
+    given = {item.split("=", 1)[0].strip() for item in overrides}
+    out = []
+    for flag in FLAGS:
+        value = values.get(flag.dest)
+        if value is None:
+            continue
+        if flag.key in given:
+            raise ConfigError(f"{flag.key} is set twice, by {flag.names[0]} and by {flag.key}=...; keep one")
+        out.append(f"{flag.key}={json.dumps(value) if flag.text else value}")
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:

@@ -1,4 +1,5 @@
-"""``megatron-pz train --config FILE [key=value ...]`` (or ``torchrun -m megatron_pz.train --config FILE``).
+"""``megatron-pz train --config FILE [key=value ...]`` or ``megatron-pz train --load CKPT --tokenizer DIR``
+(or ``torchrun -m megatron_pz.train ...``).
 
 The PretrainZero step loop [PZ §3.3, §4.1]. One step:
 
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from megatron_pz.config import RunConfig, load_config
+from megatron_pz.config import FLAGS, RunConfig, flag_overrides, load_config
 
 if TYPE_CHECKING:
     from megatron_pz.trainer.batching import MicroBatch
@@ -228,8 +229,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="run file (YAML), e.g. examples/quickstart_cpu.yaml")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=10")
+    p.add_argument("--config", help="run file (YAML), e.g. examples/quickstart_cpu.yaml; without it, the paper's "
+                   "defaults (megatron_pz/config.py) and --load")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=10 optim.lr=1e-6")
+    megatron = p.add_argument_group("Megatron-LM flags", "each sets one config key, the same as KEY=VALUE; "
+                                    "continue from a checkpoint with: --load CKPT --tokenizer DIR --save OUT")
+    for flag in FLAGS:
+        megatron.add_argument(*flag.names, dest=flag.dest, metavar=flag.metavar,
+                              help=f"= {flag.key}: {flag.help}")
 
 
 ROLLOUT_FAILED_EXIT = 3
@@ -239,10 +246,14 @@ ROLLOUT_FAILED_EXIT = 3
 def main_from_args(args: argparse.Namespace) -> int:
     import os
 
-    from megatron_pz.errors import RolloutError
+    from megatron_pz.errors import ConfigError, RolloutError
     from megatron_pz.logs import configure_console, say
 
-    cfg = load_config(args.config, args.overrides)
+    flags = flag_overrides(vars(args), args.overrides)
+    if args.config is None and not any(o.startswith("policy.load=") for o in [*flags, *args.overrides]):
+        raise ConfigError("give a run file (--config FILE) or the weights to start from (--load CKPT or "
+                          "policy.load=...); nothing else is needed for the paper's defaults")
+    cfg = load_config(args.config, [*flags, *args.overrides])
     # The console is for people: library chatter goes to the run's log file, rank 0 prints the set-up, one line
     # per step and the progress bar; other ranks print only errors. RANK/WORLD_SIZE: torchrun's (1 process else).
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -271,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="megatron_pz.train", description=__doc__.split("\n\n")[0])
     _add_args(p)
     try:
-        return main_from_args(p.parse_args(argv))
+        return main_from_args(p.parse_intermixed_args(argv))
     except UserError as exc:
         print(f"megatron_pz.train: error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -42,6 +43,50 @@ def as_float(value: Any, tp: Any) -> Any:
     return value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key twice in one mapping: PyYAML keeps the last, so a second ``optim:`` section
+    would silently drop everything the first one set."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first at line "
+                                f"{first.start_mark.line + 1}); keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml_text(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a repeated key."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+def yaml_reason(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message with a caret, as one short phrase (its context's position 1-based)."""
+    reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if "'\\t'" in reason:
+        reason += " (indent with spaces, not tabs)"
+    context, mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and mark is not None:
+        reason += f" ({context} from line {mark.line + 1}, column {mark.column + 1})"
+    return reason
+
+
+def yaml_error_line(exc: yaml.YAMLError, path: str) -> str:
+    """``path:LINE:COLUMN: not valid YAML: reason``, 1-based like an editor's position."""
+    mark = getattr(exc, "problem_mark", None)
+    at = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+    return f"{at}: not valid YAML: {yaml_reason(exc)}"
+
+
 def type_ok(value: Any, tp: Any) -> bool:
     """Loose structural type check for YAML values (int accepted where float is expected)."""
     origin = typing.get_origin(tp)
@@ -73,6 +118,8 @@ def build(cls: type, data: dict[str, Any], source: str, moved: Mapping[str, str]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: key {key!r} in '{where or 'top level'}' is not a name")
         path = f"{where}.{key}" if where else key
         if key not in fields:
             now = [f"'{old}' is now '{new}'" for old, new in moved.items() if old == path or old.startswith(path + ".")]
@@ -87,13 +134,19 @@ def build(cls: type, data: dict[str, Any], source: str, moved: Mapping[str, str]
         else:
             value = as_float(value, tp)
             if not type_ok(value, tp):
-                raise ConfigError(f"{source}: '{path}' = {value!r} has the wrong type (expected "
-                                  f"{getattr(tp, '__name__', tp)})")
+                want = getattr(tp, "__name__", tp)
+                if float in _member_types(tp):
+                    want = f"{want}, a number such as 5e-7 or 0.01"
+                raise ConfigError(f"{source}: '{path}' = {value!r} has the wrong type (expected {want})")
+            if isinstance(value, float) and not math.isfinite(value):  # YAML's .inf / .nan
+                raise ConfigError(f"{source}: '{path}' = {value!r} must be a finite number")
             kwargs[key] = value
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        # Sections validate themselves under their class name ("CorpusConfig.paths"); the user sets "corpus.paths".
+        message = str(exc).replace(f"{cls.__name__}.", f"{where}.") if where else str(exc)
+        raise ConfigError(f"{source}: {message}") from None
     except TypeError as exc:
         raise ConfigError(f"{source}: section '{where or 'top level'}': {exc}") from None
 
@@ -111,14 +164,22 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
         raise ConfigError(f"config inheritance loops through {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml_text(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; give a .yaml file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}): is it a YAML file?") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(yaml_error_line(exc, str(path))) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     base = data.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' = {base!r} must be the path of another run file")
     if base is not None:
         data = _merge(read_yaml(path.parent / base, seen + (path,)), data)
     return data
@@ -130,9 +191,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r} is not of the form key.sub=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml_text(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from None
+        raise ConfigError(f"override {item!r}: cannot parse the value: {yaml_reason(exc)}") from None
     return key.strip().split("."), value
 
 

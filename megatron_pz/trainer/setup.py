@@ -23,6 +23,7 @@ from megatron_pz.model.provider import build_model
 from megatron_pz.parallel import data_owner_rank, init_distributed
 from megatron_pz.trainer.checkpointer import Checkpointer
 from megatron_pz.trainer.connect import start_rollout, stop_rollout
+from megatron_pz.trainer.preflight import preflight
 from megatron_pz.trainer.run import DataLayout, Run
 from megatron_pz.weight_sync.publisher import WeightPublisher
 
@@ -72,6 +73,7 @@ def setup(cfg: RunConfig) -> Run:
     from megatron_pz.model.tokenizer import load_tokenizer
     from megatron_pz.trainer.optimizer import setup_training
 
+    preflight(cfg)  # every input path, before process groups, model or servers
     init_distributed(cfg.parallel)
     rank = torch.distributed.get_rank()
     dp_size = cfg.validate_world(torch.distributed.get_world_size())

@@ -1,4 +1,6 @@
 """Run config: YAML + base inheritance + overrides, and clear errors before any work starts."""
+import re
+
 import pytest
 
 from megatron_pz.config import load_config
@@ -52,8 +54,12 @@ def test_overrides_are_typed_yaml_scalars():
     (["parallel.tensor_model_parallel_size=0"], r"tensor_model_parallel_size must be a positive integer"),
     (["train"], r"not of the form key\.sub=value"),
     (["train.steps.x=1"], r"'train\.steps' = \{'x': 1\} has the wrong type"),
-    (["eval.suites=[wiki_spam]"], r"EvalConfig\.suites.*wiki_spam"),
-    (["eval.interval=-1"], r"EvalConfig\.interval"),
+    # a section that validates itself under its class name is reported under the key the user sets
+    (["eval.suites=[wiki_spam]"], r"overrides: eval\.suites.*wiki_spam"),
+    (["eval.interval=-1"], r"overrides: eval\.interval=-1: expected an int >= 0"),
+    (["corpus.on_bad_line=warn"], r"overrides: corpus\.on_bad_line='warn'"),
+    (["optim.lr=.inf"], r"'optim\.lr' = inf must be a finite number"),
+    (["loss.eps_high=.nan"], r"'loss\.eps_high' = nan must be a finite number"),
 ])
 def test_bad_values_are_named(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -67,6 +73,50 @@ def test_bad_files_are_named(tmp_path):
         load_config(write(tmp_path / "bad.yaml", "train: [unclosed\n"))
     with pytest.raises(ConfigError, match=r"bad2\.yaml.*'train' must be a mapping"):
         load_config(write(tmp_path / "bad2.yaml", "train: 3\n"))
+
+
+@pytest.mark.parametrize("text,position,reason", [
+    ("train:\n  steps: 3\n   seed: 1\n", "3:8", "mapping values are not allowed here"),
+    ("train:\n\tsteps: 3\n", "2:1", (r"found character '\\t' that cannot start any token \(indent with spaces, "
+                                       r"not tabs\)")),
+    ("optim:\n  lr: [1e-6\n", "3:1", (r"expected ',' or '\]', but got '<stream end>' \(while parsing a flow sequence "
+                                      r"from line 2, column 7\)")),
+    ("name: 'run\n", "2:1", r"found unexpected end of stream \(while scanning a quoted scalar from line 1, column 7\)"),
+])
+def test_yaml_syntax_errors_are_one_line_with_file_line_column(tmp_path, text, position, reason):
+    """Not PyYAML's multi-line dump with a caret: the file, 1-based line:column as an editor shows, the reason."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path / "run.yaml", text))
+    message = str(info.value)
+    assert "\n" not in message
+    assert re.fullmatch(rf"{re.escape(str(tmp_path / 'run.yaml'))}:{position}: not valid YAML: {reason}", message)
+    with pytest.raises(ConfigError, match=r"^override 'rollout\.urls=\[a, b': cannot parse the value: expected ',' or "
+                                          r"'\]', but got '<stream end>' \(while parsing a flow sequence from line 1, "
+                                          r"column 1\)$"):
+        load_config(None, ["rollout.urls=[a, b"])
+
+
+def test_a_key_twice_in_one_mapping_is_refused_where_yaml_would_keep_the_last(tmp_path):
+    """A second `optim:` section would otherwise drop every value of the first without a word."""
+    text = "optim:\n  lr: 1e-6\ntrain:\n  steps: 3\noptim:\n  min_lr: 1e-7\n"
+    with pytest.raises(ConfigError, match=r"run\.yaml:5:1: not valid YAML: key 'optim' appears twice in one mapping "
+                                          r"\(first at line 1\); keep one$"):
+        load_config(write(tmp_path / "run.yaml", text))
+    merged = write(tmp_path / "merge.yaml", "train: &t {steps: 3, seed: 5}\ntrain_again:\n  <<: *t\n  steps: 4\n")
+    with pytest.raises(ConfigError, match="unknown key 'train_again'"):  # a merge key may be overridden: no repeat
+        load_config(merged)
+
+
+def test_files_that_are_not_run_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .* is a directory; give a \.yaml file"):
+        load_config(tmp_path)
+    (tmp_path / "run.yaml").write_bytes(b"\xff\xfeoptim: {}")
+    with pytest.raises(ConfigError, match=r"run\.yaml is not UTF-8 text \(byte 0\)"):
+        load_config(tmp_path / "run.yaml")
+    with pytest.raises(ConfigError, match=r"b\.yaml: 'base' = 3 must be the path of another run file"):
+        load_config(write(tmp_path / "b.yaml", "base: 3\n"))
+    with pytest.raises(ConfigError, match=r"k\.yaml: key 1 in 'train' is not a name"):
+        load_config(write(tmp_path / "k.yaml", "train:\n  1: 2\n"))
 
 
 def test_override_into_a_scalar_of_a_file(tmp_path):
@@ -99,6 +149,12 @@ def test_scientific_notation_is_a_float_where_the_field_is_a_float(tmp_path):
     f = load_config(write(tmp_path / "r.yaml", "optim:\n  lr: 5e-5\n  weight_decay: 0\n"))
     assert f.optim.lr == 5e-5 and isinstance(f.optim.weight_decay, float)
     assert load_config(None, ["optim.lr=.5e-4"]).optim.lr == 5e-5
+    for typed, value in (("1e-6", 1e-6), ("5e-7", 5e-7), ("1E-4", 1e-4), (".5", 0.5), ("+2e-6", 2e-6), ("3", 3.0)):
+        lr = load_config(None, [f"optim.lr={typed}"]).optim.lr
+        assert lr == value and type(lr) is float, typed
+    with pytest.raises(ConfigError, match=r"'optim\.lr' = 'fast' has the wrong type \(expected float, a number such "
+                                          r"as 5e-7 or 0\.01\)"):
+        load_config(None, ["optim.lr=fast"])
     for bad in ("optim.lr=nan", "optim.lr=inf", "optim.lr=5e-5x", "train.steps=1e3"):
         with pytest.raises(ConfigError, match="has the wrong type"):
             load_config(None, [bad])
