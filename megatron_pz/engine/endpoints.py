@@ -20,6 +20,7 @@ from typing import Any
 from starlette.responses import Response
 
 from megatron_pz.engine.batcher import Batcher
+from megatron_pz.engine.limits import RequestLimits
 from megatron_pz.engine.wire import (
     ContinueGenerationReqInput,
     DestroyWeightsUpdateGroupReqInput,
@@ -29,7 +30,6 @@ from megatron_pz.engine.wire import (
     InitWeightsUpdateGroupReqInput,
     PauseGenerationReqInput,
     ReleaseMemoryOccupationReqInput,
-    RequestLimits,
     ResumeMemoryOccupationReqInput,
     UpdateWeightFromDiskReqInput,
     UpdateWeightsFromDistributedReqInput,

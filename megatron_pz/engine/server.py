@@ -25,21 +25,19 @@ from dataclasses import dataclass
 from megatron_pz.engine import strict_json
 from megatron_pz.engine.batcher import Batcher
 from megatron_pz.engine.endpoints import Endpoints, error_reply, reply
-from megatron_pz.engine.wire import (
+from megatron_pz.engine.limits import (
+    BODY_TIMEOUT_S,
     DEFAULT_MAX_N,
     DEFAULT_MAX_PROMPT_CHARS,
     FALLBACK_MAX_PROMPT_TOKENS,
-    HTTPError,
+    MAX_BODY_BYTES,
     RequestLimits,
 )
+from megatron_pz.engine.wire import HTTPError
 from megatron_pz.errors import RolloutError, UserError
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 256 * 1024 * 1024  # a generate request with thousands of long prompts still fits
-# A body must arrive within this long of its request line: a client that announces more than it sends (or
-# trickles it) would otherwise hold a connection and a request slot forever.
-BODY_TIMEOUT_S = 60.0
 UNAUTHENTICATED_PREFIXES = ("/health", "/ready", "/metrics")  # as sglang/srt/utils/auth.py
 # In-flight requests get this long to finish after a shutdown request; the launcher's grace period is longer.
 SHUTDOWN_GRACE_S = 5
@@ -143,13 +141,14 @@ class RequestGate:
 
         seen = 0
         done = False
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s  # for the whole body, not per chunk
 
         async def capped():
             nonlocal seen, done
             if done:  # after the body: a wait for the disconnect, which has no deadline
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
             except asyncio.TimeoutError:
                 announced = f" of the {length} announced by Content-Length" if length else ""
                 raise HTTPException(408, f"request body incomplete: {seen} bytes{announced} arrived in "
@@ -214,7 +213,10 @@ def build_app(endpoints: Endpoints, api_key: str | None, max_body_bytes: int = M
         if exc.status_code in (404, 405):
             return error_reply(exc.status_code, f"{request.method} {request.url.path} is not served by the "
                                                 "embedded rollout server")
-        return error_reply(exc.status_code, str(exc.detail))
+        response = error_reply(exc.status_code, str(exc.detail))
+        if exc.status_code in (408, 413):  # the rest of the body was never read: this connection cannot go on
+            response.headers["connection"] = "close"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -49,20 +49,6 @@ NEUTRAL_SAMPLING: dict[str, Any] = {
 SGLANG_TOP_K_ALL = 1 << 30  # sglang SamplingParams TOP_K_ALL
 
 
-DEFAULT_MAX_N = 256  # above any GRPO group or mean@k in use here (8 and 32); SGLang has no limit
-DEFAULT_MAX_PROMPT_CHARS = 1 << 20  # ~4x a 128k-token context in English text; checked before tokenising
-FALLBACK_MAX_PROMPT_TOKENS = 131072  # for a model that does not say its context length
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """What one /generate request may ask for; checked before any tokenising or model work."""
-
-    max_n: int = DEFAULT_MAX_N
-    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
-    max_prompt_tokens: int = FALLBACK_MAX_PROMPT_TOKENS
-
-
 class HTTPError(Exception):
     """An error answered to the client as ``{"error": {"message": ...}}`` with ``status``."""
 
