@@ -236,6 +236,8 @@ class Endpoints:
         return reply(200, {"success": True, "message": "Success"})
 
     def init_group(self, req: InitWeightsUpdateGroupReqInput) -> Response:
+        if not req.master_address or "\0" in req.master_address or not req.master_address.isprintable():
+            raise HTTPError(400, f"master_address must be a host name or address, got {show(req.master_address)}")
         if not 0 < req.master_port < 65536:
             raise HTTPError(400, f"master_port must be in [1, 65535], got {req.master_port}")
         if req.world_size < 1 or not 0 <= req.rank_offset < req.world_size:
@@ -244,8 +246,9 @@ class Endpoints:
         try:
             self.engine.init_weights_update_group(req.master_address, req.master_port, req.rank_offset,
                                                   req.world_size, req.group_name, req.backend)
-        except (RolloutError, UserError, RuntimeError, ValueError) as exc:
-            return reply(400, {"success": False, "message": f"Failed to initialize custom process group: {exc}."})
+        except Exception as exc:  # noqa: BLE001 - any failure to join is the client's group settings, told back
+            return reply(400, {"success": False, "message": f"Failed to initialize custom process group: "
+                                                            f"{type(exc).__name__}: {exc}."})
         return reply(200, {"success": True, "message": "Succeeded to initialize custom process group."})
 
     def update_from_distributed(self, req: UpdateWeightsFromDistributedReqInput) -> Response:

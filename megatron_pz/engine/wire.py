@@ -324,6 +324,8 @@ def logprob_request(req: GenerateReqInput) -> tuple[bool, int]:
     embedded engine does not serve (a ``logprob_start_len`` other than -1 or 0, per-prompt values that differ)."""
     def one(value: int | list[int] | None, name: str, default: int) -> int:
         values = set(value) if isinstance(value, list) else {value}
+        if not values:
+            raise HTTPError(400, f"{name} must be an integer or a list of one per prompt, got []")
         if len(values) > 1:
             raise HTTPError(400, f"{name} must be the same for every prompt in the embedded engine, got {value}")
         v = values.pop()

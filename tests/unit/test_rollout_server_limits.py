@@ -136,6 +136,7 @@ GOOD = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}}
     ({"input_ids": [1, 2], "sampling_params": {"sampling_seed": "x"}}, 400, "sampling_params.sampling_seed"),
     ({"input_ids": [1, 2], "sampling_params": {"n": 0}}, 400, "sampling_params.n must be >= 1"),
     ({"input_ids": [1, 2], "sampling_params": {"n": 10000}}, 400, "sampling_params.n=10000 exceeds"),
+    ({"input_ids": [1, 2], "logprob_start_len": []}, 400, "logprob_start_len must be an integer or a list"),
     ({"input_ids": [1] * 65}, 400, "input_ids[0]: 65 tokens exceed this server's limit of 64"),
     ({"input_ids": [[1], [1] * 65]}, 400, "input_ids[1]: 65 tokens exceed"),
     ({"text": ["ab", "x" * 70]}, 400, "text[1]: 70 tokens exceed this server's limit of 64"),
@@ -199,6 +200,8 @@ def test_weights_paths_must_be_text_below_the_weights_dir(server, tmp_path):
 
 def test_other_endpoints_refuse_bad_values_with_400(server):
     cases = [
+        ("/init_weights_update_group", {"master_address": "", "master_port": 1, "rank_offset": 0,
+                                        "world_size": 1}, "master_address must be a host name"),
         ("/init_weights_update_group", {"master_address": "h", "master_port": 70000, "rank_offset": 1,
                                         "world_size": 2}, "master_port must be in [1, 65535]"),
         ("/init_weights_update_group", {"master_address": "h", "master_port": 1, "rank_offset": 2,
