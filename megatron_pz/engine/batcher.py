@@ -136,7 +136,7 @@ class Batcher:
             prompts = [p for job in group for p in job.prompts]
             try:
                 chunks = self.engine.plan_chunks(prompts, params)
-            except Exception as exc:  # the server checks each request first; this only catches what it missed
+            except Exception as exc:  # noqa: BLE001 - the server checks each request first; this catches the rest
                 for job in group:
                     _settle(job.future, exc=exc)
                 continue

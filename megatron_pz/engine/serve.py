@@ -16,7 +16,12 @@ import os
 import signal
 from pathlib import Path
 
-from megatron_pz.engine.limits import BODY_TIMEOUT_S, DEFAULT_MAX_N, DEFAULT_MAX_PROMPT_CHARS, MAX_BODY_BYTES
+from megatron_pz.engine.limits import (
+    BODY_TIMEOUT_S,
+    DEFAULT_MAX_N,
+    DEFAULT_MAX_PROMPT_CHARS,
+    MAX_BODY_BYTES,
+)
 from megatron_pz.errors import UserError
 from megatron_pz.io import atomic_replace
 from megatron_pz.rollout.launcher import API_KEY_ENV

@@ -6,7 +6,11 @@ shapes ``wire.py``, the request merging ``batcher.py``.
 * auth: ``Authorization: Bearer <api key>`` on every endpoint except ``/health*``, ``/ready``, ``/metrics``
   (``decide_request_auth`` in ``sglang/srt/utils/auth.py``); 401 ``{"error": "Unauthorized"}`` otherwise. The key
   is checked by an ASGI middleware before routing and before a byte of the body is read, so an unauthenticated
-  client cannot make the server read or parse a large body; so is the body-size cap (413).
+  client cannot make the server read or parse a large body; so is the body-size cap (413). A body that has not
+  fully arrived ``body_timeout_s`` after the request began answers 408 (a Content-Length larger than the body).
+* bodies are parsed as strict JSON (``strict_json.py``: no NaN/Infinity, duplicate keys, deep nesting or invalid
+  UTF-8), and ``/generate`` checks the request limits (``limits.py``) before tokenising or generating; the limits
+  and every error are tabled in docs/rollout.md ("Server limits and errors").
 * errors: every error answers ``{"error": {"message": ...}}``: FastAPI's 422 validation errors become 400 with a
   message naming the bad field, unknown paths 404, a known path with another method 405, a bug 500 (logged).
 * the server binds 127.0.0.1 unless told otherwise and refuses to start on another address without an API key.
@@ -149,7 +153,7 @@ class RequestGate:
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 announced = f" of the {length} announced by Content-Length" if length else ""
                 raise HTTPException(408, f"request body incomplete: {seen} bytes{announced} arrived in "
                                          f"{self.body_timeout_s:g} s (serve-rollout --body-timeout-s)") from None

@@ -21,7 +21,7 @@ from megatron_pz.rollout.protocol import GenerationResult, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one_thread and tiny come from tests/conftest.py
 
-LIMITS = dict(max_n=8, max_prompt_chars=1000, max_prompt_tokens=64, max_body_bytes=1 << 20, body_timeout_s=0.5)
+LIMITS = {"max_n": 8, "max_prompt_chars": 1000, "max_prompt_tokens": 64, "max_body_bytes": 1 << 20, "body_timeout_s": 0.5}
 
 
 @pytest.fixture(scope="module")
