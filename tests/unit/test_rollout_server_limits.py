@@ -249,8 +249,7 @@ def test_batcher_gives_a_newcomer_the_next_turn():
     try:
         big = batcher.submit([[1]], SamplingParams(n=8, max_new_tokens=100))  # 4 chunks of 2 rows
         assert engine.started.wait(10)
-        small = batcher.submit([[2]], SamplingParams(n=1, max_new_tokens=2))
-        time.sleep(0.05)  # the small job is queued while the big one's first chunk runs
+        small = batcher.submit([[2]], SamplingParams(n=1, max_new_tokens=2))  # queued during the big one's chunk
         engine.release.set()
         assert [r.response_ids for r in small.result(10)[0]] == [[0]]
         assert [r.response_ids for r in big.result(10)[0]] == [[j] for j in range(8)]
@@ -262,14 +261,18 @@ def test_batcher_gives_a_newcomer_the_next_turn():
 
 def test_cancelled_work_is_skipped_and_does_not_kill_the_batcher():
     engine = ChunkedFake()
-    engine.release.set()
     batcher = Batcher(engine, window_s=0.001)
     try:
-        gone: Future = batcher.submit([[1]], SamplingParams(n=8, max_new_tokens=3))
-        gone.cancel()
-        assert batcher.submit([[2]], SamplingParams(max_new_tokens=2)).result(10)[0][0].response_ids == [0]
-        assert batcher.alive() and engine.calls.count("3:2") <= 1
+        blocker = batcher.submit([[1]], SamplingParams(n=2, max_new_tokens=1))  # holds the engine until release
+        assert engine.started.wait(10)
+        gone: Future = batcher.submit([[1]], SamplingParams(n=8, max_new_tokens=3))  # its client disconnects
+        assert gone.cancel()
+        small = batcher.submit([[2]], SamplingParams(max_new_tokens=2))
+        engine.release.set()
+        assert small.result(10)[0][0].response_ids == [0] and len(blocker.result(10)[0]) == 2
+        assert batcher.alive() and engine.calls == ["1:2", "2:1"]  # none of the cancelled request's 4 chunks
     finally:
+        engine.release.set()
         batcher.stop()
 
 
