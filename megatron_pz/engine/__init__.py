@@ -8,10 +8,12 @@ Modules (each one job):
   generation.py  one batched ``generate`` call: per-token logprobs, SGLang stop semantics, shared prefill
   weights.py     read a safetensors folder, validate a complete state, stage distributed-update buckets
   engine.py      ``EmbeddedEngine``: the engine object (generation, versioned weight updates, pause/abort)
+  limits.py      the server's request limits and their defaults
+  strict_json.py request bodies as strict JSON (no NaN, duplicate keys, deep nesting, invalid UTF-8)
   wire.py        SGLang's request models (pydantic), sampling-parameter parsing, ``/generate`` response items
-  batcher.py     merge concurrent requests into one engine call
+  batcher.py     merge concurrent requests into engine calls, run in turns of one chunk each
   endpoints.py   one handler per SGLang endpoint, and the route table
-  server.py      ``RolloutServer``: FastAPI on uvicorn, API key and body cap before the body is read
+  server.py      ``RolloutServer``: FastAPI on uvicorn, API key, body cap and deadline before the body
   serve.py       the ``megatron-pz serve-rollout`` subcommand
   tiny.py        a tiny random Llama + byte tokenizer for tests and quick benches
 

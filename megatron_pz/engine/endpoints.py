@@ -20,6 +20,7 @@ from typing import Any
 from starlette.responses import Response
 
 from megatron_pz.engine.batcher import Batcher
+from megatron_pz.engine.limits import RequestLimits
 from megatron_pz.engine.wire import (
     ContinueGenerationReqInput,
     DestroyWeightsUpdateGroupReqInput,
@@ -37,6 +38,7 @@ from megatron_pz.engine.wire import (
     logprob_request,
     parse_sampling_params,
     parse_version,
+    show,
 )
 from megatron_pz.errors import RolloutError, UserError
 
@@ -54,6 +56,28 @@ def error_reply(status: int, message: str) -> Response:
     return reply(status, {"error": {"message": message}})
 
 
+# The dtype names a distributed update may announce (SGLang sends torch's names without the "torch." prefix).
+TENSOR_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+def weights_path(model_path: str, weights_dir: str) -> str:
+    """``model_path`` resolved (symlinks, ``..``), or HTTPError: 400 for a path that is no valid text path (NUL,
+    lone surrogates: bytes that are not UTF-8), 403 for one that resolves outside ``weights_dir``."""
+    if not model_path:
+        raise HTTPError(400, "model_path (string) is required")
+    if "\0" in model_path:
+        raise HTTPError(400, f"model_path {show(model_path)} contains a NUL character")
+    try:
+        model_path.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise HTTPError(400, f"model_path {show(model_path)} is not valid UTF-8 (character {exc.start})") from None
+    real = os.path.realpath(model_path)
+    if os.path.commonpath([real, weights_dir]) != weights_dir:
+        raise HTTPError(403, f"model_path {show(model_path)} resolves to {show(real)}, outside --weights-dir "
+                             f"{show(weights_dir)}")
+    return real
+
+
 @dataclass(frozen=True)
 class Route:
     methods: tuple[str, ...]
@@ -64,11 +88,12 @@ class Route:
 class Endpoints:
     """Handlers over one engine and its batcher; ``routes()`` lists (methods, path, handler)."""
 
-    def __init__(self, engine: Any, batcher: Batcher, weights_dir: str | None):
+    def __init__(self, engine: Any, batcher: Batcher, weights_dir: str | None, limits: RequestLimits | None = None):
         """``engine``: an ``EmbeddedEngine``; ``weights_dir``: resolved folder disk updates may read, or None."""
         self.engine = engine
         self.batcher = batcher
         self.weights_dir = weights_dir
+        self.limits = limits or RequestLimits()
 
     def routes(self) -> list[Route]:
         return [
@@ -104,7 +129,7 @@ class Endpoints:
         per_prompt = raw if isinstance(raw, list) else [raw] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise HTTPError(400, f"{len(per_prompt)} sampling_params for {len(prompts)} prompts")
-        params = [parse_sampling_params(p) for p in per_prompt]
+        params = [parse_sampling_params(p, self.limits.max_n) for p in per_prompt]
         if single and params[0].n > 1:
             single = False  # SGLang turns a single prompt with n > 1 into a batch (io_struct._handle_parallel_sampling)
         return_logprob = any(req.return_logprob) if isinstance(req.return_logprob, list) else bool(req.return_logprob)
@@ -141,14 +166,30 @@ class Endpoints:
 
     def _prompts(self, req: GenerateReqInput) -> tuple[list[list[int]], bool]:
         """(prompts as token ids, whether the body held a single prompt)."""
+        cap = self.limits.max_prompt_tokens
         if req.input_ids is not None:
             ids = req.input_ids
-            return ([ids], True) if isinstance(ids[0], int) else (ids, False)
+            prompts, single = ([ids], True) if isinstance(ids[0], int) else (ids, False)
+            for i, p in enumerate(prompts):
+                if len(p) > cap:
+                    raise HTTPError(400, f"input_ids[{i}]: {len(p)} tokens exceed this server's limit of {cap} "
+                                         "(serve-rollout --max-prompt-tokens)")
+            return prompts, single
         if req.text is not None:
             if self.engine.tokenizer is None:
                 raise HTTPError(400, "text input needs a tokenizer; send input_ids")
             texts = [req.text] if isinstance(req.text, str) else req.text
-            return [self.engine.tokenizer.encode(t) for t in texts], isinstance(req.text, str)
+            # Bounded before tokenising: a tokenizer's time and memory grow with the text.
+            for i, t in enumerate(texts):
+                if len(t) > self.limits.max_prompt_chars:
+                    raise HTTPError(400, f"text[{i}]: {len(t)} characters exceed this server's limit of "
+                                         f"{self.limits.max_prompt_chars} (serve-rollout --max-prompt-chars)")
+            prompts = [self.engine.tokenizer.encode(t) for t in texts]
+            for i, p in enumerate(prompts):
+                if len(p) > cap:
+                    raise HTTPError(400, f"text[{i}]: {len(p)} tokens exceed this server's limit of {cap} "
+                                         "(serve-rollout --max-prompt-tokens)")
+            return prompts, isinstance(req.text, str)
         raise HTTPError(400, "one of input_ids or text is required")
 
     # ---------------------------------------------------------------- information
@@ -175,14 +216,9 @@ class Endpoints:
     # ---------------------------------------------------------------- weight updates
 
     def update_from_disk(self, req: UpdateWeightFromDiskReqInput) -> Response:
-        if not req.model_path:
-            raise HTTPError(400, "model_path (string) is required")
         if self.weights_dir is None:
             raise HTTPError(403, "disk weight updates are disabled: this server was started without --weights-dir")
-        real = os.path.realpath(req.model_path)
-        if os.path.commonpath([real, self.weights_dir]) != self.weights_dir:
-            raise HTTPError(403, f"model_path {req.model_path!r} resolves to {real!r}, outside --weights-dir "
-                                 f"{self.weights_dir!r}")
+        real = weights_path(req.model_path, self.weights_dir)
         version = parse_version(req.weight_version)
         try:
             self.engine.update_weights_from_disk(real, version)
@@ -200,16 +236,29 @@ class Endpoints:
         return reply(200, {"success": True, "message": "Success"})
 
     def init_group(self, req: InitWeightsUpdateGroupReqInput) -> Response:
+        if not req.master_address or "\0" in req.master_address or not req.master_address.isprintable():
+            raise HTTPError(400, f"master_address must be a host name or address, got {show(req.master_address)}")
+        if not 0 < req.master_port < 65536:
+            raise HTTPError(400, f"master_port must be in [1, 65535], got {req.master_port}")
+        if req.world_size < 1 or not 0 <= req.rank_offset < req.world_size:
+            raise HTTPError(400, f"need world_size >= 1 and 0 <= rank_offset < world_size, got rank_offset="
+                                 f"{req.rank_offset}, world_size={req.world_size}")
         try:
             self.engine.init_weights_update_group(req.master_address, req.master_port, req.rank_offset,
                                                   req.world_size, req.group_name, req.backend)
-        except (RolloutError, UserError, RuntimeError, ValueError) as exc:
-            return reply(400, {"success": False, "message": f"Failed to initialize custom process group: {exc}."})
+        except Exception as exc:  # noqa: BLE001 - any failure to join is the client's group settings, told back
+            return reply(400, {"success": False, "message": f"Failed to initialize custom process group: "
+                                                            f"{type(exc).__name__}: {exc}."})
         return reply(200, {"success": True, "message": "Succeeded to initialize custom process group."})
 
     def update_from_distributed(self, req: UpdateWeightsFromDistributedReqInput) -> Response:
         if req.load_format is not None:
-            raise HTTPError(400, f"load_format {req.load_format!r} is not supported by the embedded engine")
+            raise HTTPError(400, f"load_format {show(req.load_format)} is not supported by the embedded engine")
+        for i, (dtype, shape) in enumerate(zip(req.dtypes, req.shapes)):
+            if dtype not in TENSOR_DTYPES:
+                raise HTTPError(400, f"dtypes[{i}]={show(dtype)} is not a tensor dtype ({', '.join(TENSOR_DTYPES)})")
+            if any(d < 0 for d in shape):
+                raise HTTPError(400, f"shapes[{i}]={show(shape)} has a negative dimension")
         try:
             self.engine.update_weights_from_distributed(req.names, req.dtypes, req.shapes,
                                                         parse_version(req.weight_version), req.group_name)

@@ -67,21 +67,33 @@ class EmbeddedEngine:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[GenerationResult]]:
         """Sample ``params.n`` responses per prompt; see ``RolloutEngine.generate``."""
-        self.check_prompts(prompts, params)
-        # One row per (prompt, sample); rows sorted by prompt length so each chunk pads little.
-        rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
-        rows.sort(key=lambda r: -len(prompts[r[0]]))
         results: list[list[GenerationResult | None]] = [[None] * params.n for _ in prompts]
-        for start in range(0, len(rows), self.max_batch_size):
-            chunk = rows[start:start + self.max_batch_size]
-            self._running.wait()  # paused: wait for continue_generation (SGLang holds new requests the same way)
-            with self._lock:
-                out = generate_rows(self._lm, [prompts[i] for i, _ in chunk], params, self._version,
-                                    self.eos_token_ids, self._abort)
-            for (i, j), res in zip(chunk, out):
-                res.prompt_index = i
+        for chunk in self.plan_chunks(prompts, params):
+            for (i, j), res in zip(chunk, self.generate_chunk(prompts, params, chunk)):
                 results[i][j] = res
         return results  # type: ignore[return-value]
+
+    def plan_chunks(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[tuple[int, int]]]:
+        """The engine calls of one ``generate``: (prompt, sample) rows in chunks of at most ``max_batch_size``.
+
+        Rows are sorted by prompt length so each chunk pads little. The server's batcher runs the chunks of
+        several requests in turn (``generate_chunk``); a seeded request gives the same samples either way.
+        """
+        self.check_prompts(prompts, params)
+        rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+        rows.sort(key=lambda r: -len(prompts[r[0]]))
+        return [rows[start:start + self.max_batch_size] for start in range(0, len(rows), self.max_batch_size)]
+
+    def generate_chunk(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                       chunk: list[tuple[int, int]]) -> list[GenerationResult]:
+        """One sample per (prompt, sample) row of ``chunk`` (from ``plan_chunks``), in one batch."""
+        self._running.wait()  # paused: wait for continue_generation (SGLang holds new requests the same way)
+        with self._lock:
+            out = generate_rows(self._lm, [prompts[i] for i, _ in chunk], params, self._version,
+                                self.eos_token_ids, self._abort)
+        for (i, _), res in zip(chunk, out):
+            res.prompt_index = i
+        return out
 
     def prompt_logprobs(self, prompts: Sequence[Sequence[int]], top_k: int) -> list[PromptLogprobs]:
         """Each prompt's own token log-probs and top-``top_k`` rows (one forward per prompt, nothing sampled)."""

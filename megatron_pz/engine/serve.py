@@ -2,6 +2,7 @@
 
     megatron-pz serve-rollout --model PATH [--port 30000] [--host 127.0.0.1] [--api-key KEY]
                               [--weights-dir DIR] [--max-batch-size 64] [--dtype float32]
+                              [--max-n 256] [--max-prompt-chars N] [--max-prompt-tokens N] [--max-body-bytes N]
 
 PATH is an HF folder (config.json + safetensors) or a Megatron checkpoint folder (it contains
 ``latest_checkpointed_iteration.txt``), which is converted to HF once into a cache folder first.
@@ -15,6 +16,12 @@ import os
 import signal
 from pathlib import Path
 
+from megatron_pz.engine.limits import (
+    BODY_TIMEOUT_S,
+    DEFAULT_MAX_N,
+    DEFAULT_MAX_PROMPT_CHARS,
+    MAX_BODY_BYTES,
+)
 from megatron_pz.errors import UserError
 from megatron_pz.io import atomic_replace
 from megatron_pz.rollout.launcher import API_KEY_ENV
@@ -42,6 +49,15 @@ def register(subparsers) -> None:
                    help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}; SGLang's --api-key)")
     p.add_argument("--weights-dir", default=None,
                    help="/update_weights_from_disk only reads folders below this one (unset = disk updates off)")
+    # Request limits (docs/rollout.md, "Server limits and errors")
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies answer 413")
+    p.add_argument("--body-timeout-s", type=float, default=BODY_TIMEOUT_S,
+                   help="a body not complete this long after the request started answers 408")
+    p.add_argument("--max-n", type=int, default=DEFAULT_MAX_N, help="largest sampling_params.n per request")
+    p.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS,
+                   help="longest text prompt in characters, checked before tokenising")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt in tokens (default: the model's max_position_embeddings)")
     # Batching
     p.add_argument("--max-batch-size", type=int, default=64, help="sequences (prompts x n) per engine call")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="wait this long to merge concurrent requests")
@@ -92,7 +108,10 @@ def main(args: argparse.Namespace) -> int:
                             num_threads=args.threads)
     server = RolloutServer(engine, ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                                                 weights_dir=args.weights_dir,
-                                                batch_window_s=args.batch_window_ms / 1000.0))
+                                                batch_window_s=args.batch_window_ms / 1000.0,
+                                                max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout_s,
+                                                max_n=args.max_n, max_prompt_chars=args.max_prompt_chars,
+                                                max_prompt_tokens=args.max_prompt_tokens))
 
     def _shutdown(signum, frame):  # SIGTERM from the launcher / Slurm / PDEATHSIG: stop accepting, exit cleanly
         logger.info("signal %d: shutting down", signum)

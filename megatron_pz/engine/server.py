@@ -6,7 +6,11 @@ shapes ``wire.py``, the request merging ``batcher.py``.
 * auth: ``Authorization: Bearer <api key>`` on every endpoint except ``/health*``, ``/ready``, ``/metrics``
   (``decide_request_auth`` in ``sglang/srt/utils/auth.py``); 401 ``{"error": "Unauthorized"}`` otherwise. The key
   is checked by an ASGI middleware before routing and before a byte of the body is read, so an unauthenticated
-  client cannot make the server read or parse a large body; so is the body-size cap (413).
+  client cannot make the server read or parse a large body; so is the body-size cap (413). A body that has not
+  fully arrived ``body_timeout_s`` after the request began answers 408 (a Content-Length larger than the body).
+* bodies are parsed as strict JSON (``strict_json.py``: no NaN/Infinity, duplicate keys, deep nesting or invalid
+  UTF-8), and ``/generate`` checks the request limits (``limits.py``) before tokenising or generating; the limits
+  and every error are tabled in docs/rollout.md ("Server limits and errors").
 * errors: every error answers ``{"error": {"message": ...}}``: FastAPI's 422 validation errors become 400 with a
   message naming the bad field, unknown paths 404, a known path with another method 405, a bug 500 (logged).
 * the server binds 127.0.0.1 unless told otherwise and refuses to start on another address without an API key.
@@ -22,14 +26,22 @@ import socket
 import threading
 from dataclasses import dataclass
 
+from megatron_pz.engine import strict_json
 from megatron_pz.engine.batcher import Batcher
 from megatron_pz.engine.endpoints import Endpoints, error_reply, reply
+from megatron_pz.engine.limits import (
+    BODY_TIMEOUT_S,
+    DEFAULT_MAX_N,
+    DEFAULT_MAX_PROMPT_CHARS,
+    FALLBACK_MAX_PROMPT_TOKENS,
+    MAX_BODY_BYTES,
+    RequestLimits,
+)
 from megatron_pz.engine.wire import HTTPError
 from megatron_pz.errors import RolloutError, UserError
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 256 * 1024 * 1024  # a generate request with thousands of long prompts still fits
 UNAUTHENTICATED_PREFIXES = ("/health", "/ready", "/metrics")  # as sglang/srt/utils/auth.py
 # In-flight requests get this long to finish after a shutdown request; the launcher's grace period is longer.
 SHUTDOWN_GRACE_S = 5
@@ -51,6 +63,29 @@ class ServerConfig:
     """``/update_weights_from_disk`` only reads folders below this one; None disables disk updates."""
     batch_window_s: float = 0.005
     """Merge requests into one engine call while they arrive less than this apart (at most 10 windows)."""
+    max_body_bytes: int = MAX_BODY_BYTES
+    """Larger bodies answer 413 before they are read (by Content-Length) or as soon as they pass it (chunked)."""
+    body_timeout_s: float = BODY_TIMEOUT_S
+    """A body still incomplete this long after the request started answers 408."""
+    max_n: int = DEFAULT_MAX_N
+    """Largest ``sampling_params.n`` one /generate request may ask for (400 above)."""
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
+    """Longest text prompt, in characters, checked before it is tokenised (400 above)."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt in tokens (400 above); None = the model's max_position_embeddings (131072 if unknown)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_n", "max_prompt_chars", "max_prompt_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise UserError(f"serve-rollout --{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        for name in ("batch_window_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"ServerConfig.{name} must be > 0, got {getattr(self, name)!r}")
+
+    def limits(self, model_max_positions: int | None) -> RequestLimits:
+        tokens = self.max_prompt_tokens or model_max_positions or FALLBACK_MAX_PROMPT_TOKENS
+        return RequestLimits(max_n=self.max_n, max_prompt_chars=self.max_prompt_chars, max_prompt_tokens=tokens)
 
 
 def is_loopback(host: str) -> bool:
@@ -71,12 +106,15 @@ def authorized(api_key: str | None, path: str, header: str | None) -> bool:
 
 
 class RequestGate:
-    """ASGI middleware run before routing and before the body is read: API key, body size, JSON content type."""
+    """ASGI middleware run before routing and before the body is read: API key, body size, JSON content type,
+    and a deadline for the body to arrive."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int = MAX_BODY_BYTES):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int = MAX_BODY_BYTES,
+                 body_timeout_s: float = BODY_TIMEOUT_S):
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -86,39 +124,67 @@ class RequestGate:
         if not authorized(self.api_key, scope["path"], headers.get("authorization")):
             await reply(401, {"error": "Unauthorized"})(scope, receive, send)
             return
+        # The HTTP parser (h11) already answers 400 to a non-numeric, negative or repeated Content-Length.
         length = int(headers.get("content-length") or 0)
         if length > self.max_body_bytes:
-            response = error_reply(413, f"request body of {length} bytes exceeds {self.max_body_bytes}")
+            response = error_reply(413, f"request body of {length} bytes exceeds {self.max_body_bytes} "
+                                        "(serve-rollout --max-body-bytes)")
             response.headers["connection"] = "close"
             await response(scope, receive, send)
             return
         scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"content-type"]
                      + [(b"content-type", b"application/json")])
-        await self.app(scope, self._capped(receive), send)
+        await self.app(scope, self._capped(receive, length), send)
 
-    def _capped(self, receive):
-        """``receive`` that refuses a body (chunked: no Content-Length) growing past the cap."""
+    def _capped(self, receive, length: int):
+        """``receive`` that refuses a body growing past the cap (chunked: no Content-Length) and one that stops
+        arriving: a Content-Length larger than what the client sends would otherwise hold the request open."""
+        import asyncio
+
         from starlette.exceptions import HTTPException
 
         seen = 0
+        done = False
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s  # for the whole body, not per chunk
 
         async def capped():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, done
+            if done:  # after the body: a wait for the disconnect, which has no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except TimeoutError:
+                announced = f" of the {length} announced by Content-Length" if length else ""
+                raise HTTPException(408, f"request body incomplete: {seen} bytes{announced} arrived in "
+                                         f"{self.body_timeout_s:g} s (serve-rollout --body-timeout-s)") from None
             seen += len(message.get("body", b""))
             if seen > self.max_body_bytes:
-                raise HTTPException(413, f"request body exceeds {self.max_body_bytes} bytes")
+                raise HTTPException(413, f"request body exceeds {self.max_body_bytes} bytes "
+                                         "(serve-rollout --max-body-bytes)")
+            done = message.get("type") != "http.request" or not message.get("more_body", False)
             return message
 
         return capped
 
 
-def build_app(endpoints: Endpoints, api_key: str | None):
+def build_app(endpoints: Endpoints, api_key: str | None, max_body_bytes: int = MAX_BODY_BYTES,
+              body_timeout_s: float = BODY_TIMEOUT_S):
     """The FastAPI app: ``endpoints``' routes, SGLang-shaped errors, the request gate in front."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.routing import APIRoute
     from starlette.exceptions import HTTPException
+
+    class StrictJSONRequest(Request):
+        """A request whose JSON body is parsed by ``strict_json`` (no NaN, duplicate keys, deep nesting...)."""
+
+        async def json(self):
+            if not hasattr(self, "_json"):
+                try:
+                    self._json = strict_json.loads(await self.body())
+                except strict_json.BadJSON as exc:
+                    raise HTTPException(400, str(exc)) from None
+            return self._json
 
     class GuardedRoute(APIRoute):
         """A route whose unexpected exceptions answer 500 with the error (and are logged), like the old server."""
@@ -128,7 +194,7 @@ def build_app(endpoints: Endpoints, api_key: str | None):
 
             async def guarded(request: Request):
                 try:
-                    return await handler(request)
+                    return await handler(StrictJSONRequest(request.scope, request.receive, request._send))
                 except (HTTPError, HTTPException, RequestValidationError):
                     raise
                 except Exception as exc:  # a bug: answer 500 and keep serving
@@ -151,13 +217,17 @@ def build_app(endpoints: Endpoints, api_key: str | None):
         if exc.status_code in (404, 405):
             return error_reply(exc.status_code, f"{request.method} {request.url.path} is not served by the "
                                                 "embedded rollout server")
-        return error_reply(exc.status_code, str(exc.detail))
+        response = error_reply(exc.status_code, str(exc.detail))
+        if exc.status_code in (408, 413):  # the rest of the body was never read: this connection cannot go on
+            response.headers["connection"] = "close"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         return error_reply(400, validation_message(exc.errors()))
 
-    app.add_middleware(RequestGate, api_key=api_key)
+    app.add_middleware(RequestGate, api_key=api_key, max_body_bytes=max_body_bytes,
+                       body_timeout_s=body_timeout_s)
     return app
 
 
@@ -212,8 +282,9 @@ class RolloutServer:
         self.config = config
         self.weights_dir = os.path.realpath(config.weights_dir) if config.weights_dir else None
         self.batcher = Batcher(engine, config.batch_window_s)
-        self.endpoints = Endpoints(engine, self.batcher, self.weights_dir)
-        self.app = build_app(self.endpoints, config.api_key)
+        self.endpoints = Endpoints(engine, self.batcher, self.weights_dir,
+                                   config.limits(getattr(engine, "max_positions", None)))
+        self.app = build_app(self.endpoints, config.api_key, config.max_body_bytes, config.body_timeout_s)
         self._sock = bind_socket(config.host, config.port)
         # uvicorn's own lines (start-up banner, access log) stay quiet: the server logs what matters itself.
         self._uvicorn = uvicorn.Server(uvicorn.Config(

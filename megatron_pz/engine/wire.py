@@ -26,6 +26,8 @@ Where we are stricter or looser than SGLang, the field says why.
 """
 from __future__ import annotations
 
+import math
+import reprlib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -201,34 +203,101 @@ def parse_version(raw: str | int | None) -> int:
 # Sampling parameters and responses (pure functions: unit-testable, and the wire test checks their output)
 # --------------------------------------------------------------------------------------------------------------
 
-def parse_sampling_params(raw: dict | None) -> SamplingParams:
-    """SGLang's sampling_params dict -> SamplingParams; HTTPError(400) naming any unsupported key or value."""
+def parse_sampling_params(raw: dict | None, max_n: int | None = None) -> SamplingParams:
+    """SGLang's sampling_params dict -> SamplingParams; HTTPError(400) naming the first unsupported key, value
+    of the wrong JSON type (a string ``max_new_tokens``, a list ``temperature``), out-of-range value, or an ``n``
+    above ``max_n``. A missing or null key takes SGLang's default; nothing is coerced (``"false"`` is no bool).
+    """
     raw = dict(raw or {})
     for key, value in raw.items():
         if key in SUPPORTED_SAMPLING:
             continue
         if key in NEUTRAL_SAMPLING:
             if value is not None and value != NEUTRAL_SAMPLING[key]:
-                raise HTTPError(400, f"sampling_params.{key}={value!r} is not supported by the embedded engine")
+                raise HTTPError(400, f"sampling_params.{key}={show(value)} is not supported by the embedded engine")
             continue
-        raise HTTPError(400, f"unknown sampling_params key {key!r}")
-    stop = raw.get("stop") or ()
-    top_k = raw.get("top_k")
+        raise HTTPError(400, f"unknown sampling_params key {show(key)}")
+    n = _integer(raw, "n", 1, low=1)
+    if max_n is not None and n > max_n:
+        raise HTTPError(400, f"sampling_params.n={n} exceeds this server's limit of {max_n} samples per prompt "
+                             "(serve-rollout --max-n)")
+    top_k = _integer(raw, "top_k", -1, low=-1)
+    stop = raw.get("stop")
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = (stop,)
+    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise HTTPError(400, f"sampling_params.stop must be a string or a list of strings, got {show(stop)}")
+    stop_ids = raw.get("stop_token_ids")
+    if stop_ids is None:
+        stop_ids = ()
+    elif not (isinstance(stop_ids, list) and all(_is_int(t) and t >= 0 for t in stop_ids)):
+        raise HTTPError(400, f"sampling_params.stop_token_ids must be a list of token ids (ints >= 0), got "
+                             f"{show(stop_ids)}")
+    seed = raw.get("sampling_seed")
+    if seed is not None and not (_is_int(seed) and 0 <= seed < 2**63):
+        raise HTTPError(400, f"sampling_params.sampling_seed must be an integer in [0, 2**63), got {show(seed)}")
+    _flag(raw, "spaces_between_special_tokens", True)  # accepted (byte-level detokenising ignores it), but typed
     try:
         return SamplingParams(
-            n=int(raw.get("n") or 1),
-            max_new_tokens=int(raw.get("max_new_tokens") if raw.get("max_new_tokens") is not None else 128),
-            temperature=float(raw.get("temperature") if raw.get("temperature") is not None else 1.0),
-            top_p=float(raw.get("top_p") if raw.get("top_p") is not None else 1.0),
-            top_k=-1 if top_k in (None, -1, SGLANG_TOP_K_ALL) else int(top_k),
-            stop=(stop,) if isinstance(stop, str) else tuple(stop),
-            stop_token_ids=tuple(raw.get("stop_token_ids") or ()),
-            ignore_eos=bool(raw.get("ignore_eos", False)),
-            seed=raw.get("sampling_seed"),
-            skip_special_tokens=bool(raw.get("skip_special_tokens", True)),
+            n=n,
+            max_new_tokens=_integer(raw, "max_new_tokens", 128, low=1),
+            temperature=_number(raw, "temperature", 1.0),
+            top_p=_number(raw, "top_p", 1.0),
+            top_k=-1 if top_k == SGLANG_TOP_K_ALL else top_k,
+            stop=tuple(stop),
+            stop_token_ids=tuple(stop_ids),
+            ignore_eos=_flag(raw, "ignore_eos", False),
+            seed=seed,
+            skip_special_tokens=_flag(raw, "skip_special_tokens", True),
         )
-    except (TypeError, ValueError, UserError) as exc:
-        raise HTTPError(400, f"invalid sampling_params: {exc}") from None
+    except (TypeError, ValueError, UserError) as exc:  # SamplingParams' range checks name the field
+        raise HTTPError(400, f"invalid sampling_params: {str(exc).replace('SamplingParams.', 'sampling_params.')}") \
+            from None
+
+
+def show(value: Any) -> str:
+    """``repr(value)`` cut to a readable length: an error message must not echo a megabyte of the body."""
+    return _SHORT.repr(value)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxdict = 6
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer(raw: dict, key: str, default: int, low: int) -> int:
+    value = raw.get(key)
+    if value is None:
+        return default
+    if not _is_int(value):
+        raise HTTPError(400, f"sampling_params.{key} must be an integer, got {show(value)}")
+    if value < low:
+        raise HTTPError(400, f"sampling_params.{key} must be >= {low}, got {value}")
+    return value
+
+
+def _number(raw: dict, key: str, default: float) -> float:
+    value = raw.get(key)
+    if value is None:
+        return default
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+        raise HTTPError(400, f"sampling_params.{key} must be a finite number, got {show(value)}")
+    return float(value)
+
+
+def _flag(raw: dict, key: str, default: bool) -> bool:
+    value = raw.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise HTTPError(400, f"sampling_params.{key} must be true or false, got {show(value)}")
+    return value
 
 
 def finish_reason_json(result: GenerationResult) -> dict:
@@ -255,6 +324,8 @@ def logprob_request(req: GenerateReqInput) -> tuple[bool, int]:
     embedded engine does not serve (a ``logprob_start_len`` other than -1 or 0, per-prompt values that differ)."""
     def one(value: int | list[int] | None, name: str, default: int) -> int:
         values = set(value) if isinstance(value, list) else {value}
+        if not values:
+            raise HTTPError(400, f"{name} must be an integer or a list of one per prompt, got []")
         if len(values) > 1:
             raise HTTPError(400, f"{name} must be the same for every prompt in the embedded engine, got {value}")
         v = values.pop()
