@@ -43,8 +43,18 @@ class PolicyConfig:
     load: str = "smollm2"
     # Tokenizer: HF folder, SentencePiece .model file, or null = the one that travels with `load`.
     tokenizer: str | None = None
-    # True vocabulary size for Megatron-LM checkpoints (they store only the padded size); null = tokenizer's.
+    # True vocabulary size for Megatron-LM checkpoints (they store only the padded size). null = the saved
+    # args.vocab_size (--vocab-size), else the tokenizer's length; the model keeps the padded embedding.
     vocab_size: int | None = None
+    # Run a RoPE model at a longer context than it was pretrained with: {type: linear, factor: F} divides every
+    # position by F (Megatron's seq_len_interpolation_factor = HF's rope_scaling linear) and multiplies the
+    # context (max_position_embeddings) by F. null = the model's own context. See docs/megatron_lm.md.
+    rope_scaling: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        from megatron_pz.model.context import parse_rope_scaling
+
+        parse_rope_scaling(self.rope_scaling)  # ConfigError naming policy.rope_scaling when malformed
     # Read Megatron-LM's common.pt with pickle if it needs it (only for checkpoints you trust).
     allow_pickle: bool = False
 

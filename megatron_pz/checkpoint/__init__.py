@@ -5,12 +5,14 @@ The mechanics of the folder, not what a run stores in it (that is the trainer's 
 * ``layout``: tracker file, iteration folders, ``resolve`` / ``read_arch`` / Megatron-LM ``args``;
 * ``sharded``: collective ``save`` / ``load`` of model chunks, optimizer and extra sharded state through
   ``megatron.core.dist_checkpointing`` (``torch_dist``, reshards on load), written atomically;
+* ``vocab``: the true (unpadded) vocabulary of a Megatron-LM checkpoint;
 * ``validate``: shard files whole and tensor shapes right before a collective load starts;
 * ``optimizer_state``: making Megatron's DistributedOptimizer state loadable without Apex / TE.
 """
 from megatron_pz.checkpoint.layout import (CHECKPOINT_VERSION, HF_AUX_DIR, META, RUN_CHECKPOINT_DIR, RUN_HF_META_DIR,
                                            TRACKER, CheckpointInfo, is_megatron_checkpoint, iter_dir_name, load_common,
-                                           megatron_lm_args, read_arch, resolve)
+                                           megatron_lm_args, read_arch, resolve, tokenizer_path)
+from megatron_pz.checkpoint.vocab import true_vocab_size
 from megatron_pz.checkpoint.optimizer_state import materialise_optimizer_state, unshare_adam_steps
 from megatron_pz.checkpoint.sharded import OPTIM_SHARDING, load, model_sharded_state_dict, save
 from megatron_pz.checkpoint.validate import VOCAB_KEYS, validate_files, validate_shapes
@@ -19,6 +21,6 @@ __all__ = [
     "CHECKPOINT_VERSION", "HF_AUX_DIR", "META", "OPTIM_SHARDING", "RUN_CHECKPOINT_DIR", "RUN_HF_META_DIR", "TRACKER",
     "VOCAB_KEYS", "CheckpointInfo",
     "is_megatron_checkpoint", "iter_dir_name", "load", "load_common", "materialise_optimizer_state",
-    "megatron_lm_args", "model_sharded_state_dict", "read_arch", "resolve", "save", "unshare_adam_steps",
+    "megatron_lm_args", "model_sharded_state_dict", "read_arch", "resolve", "save", "tokenizer_path", "true_vocab_size", "unshare_adam_steps",
     "validate_files", "validate_shapes",
 ]

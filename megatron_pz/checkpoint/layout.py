@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from megatron_pz.checkpoint.vocab import args_dict, named_tokenizer, true_vocab_size
 from megatron_pz.errors import CheckpointError
 from megatron_pz.model.arch import ModelArch
 
@@ -108,8 +109,14 @@ def load_common(iter_dir: Path, allow_pickle: bool = False) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def read_arch(path: str | os.PathLike, vocab_size: int | None = None, allow_pickle: bool = False) -> ModelArch:
-    """The architecture of a checkpoint: from megatron_pz.json, else from Megatron-LM's saved args."""
+def read_arch(path: str | os.PathLike, vocab_size: int | None = None, allow_pickle: bool = False, *,
+              tokenizer: str | os.PathLike | None = None, tokenizer_size: int | None = None) -> ModelArch:
+    """The architecture of a checkpoint: from megatron_pz.json, else from Megatron-LM's saved args.
+
+    For a Megatron-LM checkpoint the true vocabulary is resolved as ``checkpoint.vocab`` describes: ``vocab_size``
+    (explicit), the saved ``args.vocab_size``, ``tokenizer_size`` (len of a tokenizer the caller already loaded),
+    the tokenizer at ``tokenizer``, then the one the checkpoint carries or names (``tokenizer_path``).
+    """
     info = resolve(path)
     if "arch" in info.meta:
         return ModelArch.from_dict(info.meta["arch"])
@@ -117,7 +124,30 @@ def read_arch(path: str | os.PathLike, vocab_size: int | None = None, allow_pick
     if "args" not in common:
         raise CheckpointError(f"{info.iter_dir} has neither {META} nor Megatron-LM args in common.pt; "
                               f"cannot tell the architecture")
-    return ModelArch.from_megatron_args(common["args"], vocab_size=vocab_size)
+    args = common["args"]
+    source = "the tokenizer"
+    needs_tokenizer = vocab_size is None and not args_dict(args).get("vocab_size") and tokenizer_size is None
+    if needs_tokenizer:
+        tok = Path(tokenizer) if tokenizer else tokenizer_path(info, args)
+        if tok is not None:
+            from megatron_pz.model.tokenizer import load_tokenizer
+
+            tokenizer_size, source = load_tokenizer(tok).vocab_size, f"the tokenizer at {tok}"
+    true = true_vocab_size(args, info.iter_dir, explicit=vocab_size, tokenizer_size=tokenizer_size,
+                           tokenizer_from=source)
+    return ModelArch.from_megatron_args(args, vocab_size=true)
+
+
+def tokenizer_path(info: CheckpointInfo, args: Any | None = None) -> Path | None:
+    """The tokenizer that travels with a checkpoint: ``<root>/hf_tokenizer`` (written by ``megatron-pz convert``),
+    ``<iter_dir>/hf_tokenizer``, a training run's ``hf_meta/`` next to ``checkpoints/``, then the one Megatron-LM's
+    ``args`` name (``--tokenizer-model``, when local). None if none of them holds tokenizer files."""
+    from megatron_pz.model.tokenizer import has_tokenizer_files
+
+    for cand in (info.root / HF_AUX_DIR, info.iter_dir / HF_AUX_DIR, info.root.parent / RUN_HF_META_DIR):
+        if has_tokenizer_files(cand):
+            return cand
+    return named_tokenizer(args) if args is not None else None
 
 
 def megatron_lm_args(arch: ModelArch, tp: int, pp: int, dtype: torch.dtype) -> argparse.Namespace:
@@ -127,7 +157,8 @@ def megatron_lm_args(arch: ModelArch, tp: int, pp: int, dtype: torch.dtype) -> a
         num_attention_heads=arch.num_attention_heads,
         group_query_attention=arch.num_query_groups != arch.num_attention_heads,
         num_query_groups=arch.num_query_groups, kv_channels=arch.head_dim,
-        padded_vocab_size=arch.padded_vocab_size(tp), make_vocab_size_divisible_by=arch.make_vocab_size_divisible_by,
+        padded_vocab_size=arch.padded_vocab_size(tp), vocab_size=arch.vocab_size,
+        make_vocab_size_divisible_by=arch.make_vocab_size_divisible_by,
         max_position_embeddings=arch.max_position_embeddings, seq_length=arch.max_position_embeddings,
         position_embedding_type="rope", rotary_base=arch.rope_theta,
         use_rope_scaling=arch.rope_scaling_factor is not None, rope_scaling_factor=arch.rope_scaling_factor or 8.0,

@@ -22,6 +22,7 @@ from megatron_pz.convert.hf_io import HFCheckpoint, aux_files, save_hf_folder
 from megatron_pz.errors import CheckpointError, ConfigError
 from megatron_pz.io import atomic_dir
 from megatron_pz.model.arch import ModelArch
+from megatron_pz.model.context import extend_context
 from megatron_pz.model.provider import ModelConfig, build_model
 from megatron_pz.parallel import ParallelConfig, destroy_distributed, init_distributed, spawn_local
 
@@ -111,28 +112,47 @@ def hf_aux_dir(root: Path) -> Path | None:
 
 
 def mcore_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None, vocab_size: int | None = None,
-                allow_pickle: bool = False, max_shard_bytes: int = 5 * 1024**3) -> Path:
+                allow_pickle: bool = False, max_shard_bytes: int = 5 * 1024**3,
+                tokenizer: str | Path | None = None, rope_linear_factor: float | None = None) -> Path:
     """Export a Megatron checkpoint (ours or Megatron-LM's) to an HF safetensors folder.
 
+    Only the true vocabulary's rows are written (``checkpoint.vocab``: ``vocab_size``, else the saved
+    ``args.vocab_size``, else the length of ``tokenizer`` or of the tokenizer the checkpoint carries or names).
     Inside a caller's distributed world every rank takes part (the model is built in the caller's layout and
     gathered to global rank 0). Without one it runs in a world of one, torn down before it returns.
+    ``rope_linear_factor``: write a config that runs the model at that many times its context with linear
+    position interpolation (``model.context``), as a run with ``policy.rope_scaling`` does.
     """
     info = ckpt.resolve(src)
-    arch = ckpt.read_arch(src, vocab_size=vocab_size, allow_pickle=allow_pickle)
+    arch = ckpt.read_arch(src, vocab_size=vocab_size, allow_pickle=allow_pickle, tokenizer=tokenizer)
+    arch = extend_context(arch, rope_linear_factor, key="--rope-linear-factor")
     dtype = _short_dtype(dtype or info.meta.get("saved_with", {}).get("dtype", "float32"))
+    aux = _aux_source(info, tokenizer, allow_pickle)
     if _running_distributed():
-        _mcore_to_hf_rank(info, src, dst, arch, dtype, max_shard_bytes)
+        _mcore_to_hf_rank(info, src, dst, arch, dtype, max_shard_bytes, aux)
         torch.distributed.barrier()
         return Path(dst)
     init_distributed(ParallelConfig())
     try:
-        _mcore_to_hf_rank(info, src, dst, arch, dtype, max_shard_bytes)
+        _mcore_to_hf_rank(info, src, dst, arch, dtype, max_shard_bytes, aux)
     finally:
         destroy_distributed()
     return Path(dst)
 
 
-def _mcore_to_hf_rank(info, src, dst, arch: ModelArch, dtype: str, max_shard_bytes: int) -> None:
+def _aux_source(info: ckpt.CheckpointInfo, tokenizer: str | Path | None, allow_pickle: bool) -> Path | None:
+    """The folder whose tokenizer / generation-config files go into the export: the given tokenizer folder,
+    else the checkpoint's own (``hf_aux_dir``), else the local tokenizer folder Megatron-LM's args name."""
+    if tokenizer is not None and Path(tokenizer).is_dir():
+        return Path(tokenizer)
+    aux = hf_aux_dir(info.root)
+    if aux is not None or info.meta:
+        return aux
+    found = ckpt.tokenizer_path(info, ckpt.load_common(info.iter_dir, allow_pickle).get("args"))
+    return found if found is not None and found.is_dir() else None
+
+
+def _mcore_to_hf_rank(info, src, dst, arch: ModelArch, dtype: str, max_shard_bytes: int, aux: Path | None) -> None:
     model = build_model(arch, _conversion_model_config(dtype), training=False)
     ckpt.load(src, model, arch)
     # Cast on export: some modules keep fp32 parameters in a bf16 model (the local spec's RMSNorm).
@@ -141,6 +161,5 @@ def _mcore_to_hf_rank(info, src, dst, arch: ModelArch, dtype: str, max_shard_byt
         cfg = arch.to_hf_config()
         # transformers>=5 writes "dtype"; older versions "torch_dtype". Keep whichever the source used.
         cfg["dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"] = dtypes.long_name(dtype)
-        aux = hf_aux_dir(info.root)
         save_hf_folder(dst, state.items(), cfg, copy_from=aux_files(aux) if aux is not None else (),
                        max_shard_bytes=max_shard_bytes)

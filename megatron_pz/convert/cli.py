@@ -23,7 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="parameter dtype (default: that of the source weights)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="true vocabulary size when exporting a Megatron-LM checkpoint (it stores only the "
-                        "padded size); default: the padded size")
+                        "padded size); default: the saved args.vocab_size, else the tokenizer's length")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer (HF folder or SentencePiece .model) of a Megatron-LM checkpoint, for its true "
+                        "vocabulary and copied into the export; default: the one the checkpoint carries or names")
+    p.add_argument("--rope-linear-factor", type=float, default=None,
+                   help="export a config.json that runs the model at this many times its context with linear "
+                        "position interpolation (rope_scaling linear), as policy.rope_scaling does in training")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow reading common.pt with pickle if it holds non-allow-listed objects "
                         "(only for checkpoints you trust)")
@@ -39,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         hf_to_mcore(args.src, args.dst, tp=args.tp, pp=args.pp, dtype=args.dtype, ep=args.ep)
     elif (args.src_format, args.dst_format) == ("mcore", "hf"):
         mcore_to_hf(args.src, args.dst, dtype=args.dtype, vocab_size=args.vocab_size,
-                    allow_pickle=args.allow_pickle)
+                    allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
+                    rope_linear_factor=args.rope_linear_factor)
     else:
         raise UserError(f"nothing to do: --from {args.src_format} --to {args.dst_format}")
     print(f"converted {args.src} -> {args.dst} in {time.perf_counter() - t0:.1f}s")

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from megatron_pz import checkpoint as ckpt
-from megatron_pz.errors import ConfigError
-from megatron_pz.model.tokenizer import has_tokenizer_files
+from megatron_pz.errors import CheckpointError, ConfigError
 
 SMOLLM2 = "smollm2"
 
@@ -58,24 +57,28 @@ def resolve_source(load: str | os.PathLike, *, what: str = "load", collective: b
                       f"folder (config.json)")
 
 
-def tokenizer_dir(source: ModelSource, override: str | os.PathLike | None = None) -> Path | None:
-    """The HF tokenizer folder of ``source``; None when a checkpoint carries none.
+def tokenizer_dir(source: ModelSource, override: str | os.PathLike | None = None,
+                  allow_pickle: bool = False) -> Path | None:
+    """The HF tokenizer folder (or SentencePiece file) of ``source``; None when a checkpoint carries none.
 
     ``override`` (``--tokenizer`` / ``policy.tokenizer``) wins; then the HF folder of the weights; for a
     Megatron checkpoint the first of ``<root>/hf_tokenizer`` (written by ``megatron-pz convert``),
-    ``<iter_dir>/hf_tokenizer`` and the training run's ``hf_meta/`` next to ``checkpoints/`` that holds
-    tokenizer files.
+    ``<iter_dir>/hf_tokenizer``, the training run's ``hf_meta/`` next to ``checkpoints/`` that holds
+    tokenizer files, and the tokenizer a Megatron-LM checkpoint's args name (``--tokenizer-model``, if local).
     """
     if override:
         return Path(override)
     if source.hf_dir is not None:
         return source.hf_dir
     info = ckpt.resolve(source.path)
-    for cand in (info.root / ckpt.HF_AUX_DIR, info.iter_dir / ckpt.HF_AUX_DIR,
-                 info.root.parent / ckpt.RUN_HF_META_DIR):
-        if has_tokenizer_files(cand):
-            return cand
-    return None
+    found = ckpt.tokenizer_path(info)
+    if found is not None or info.meta:  # ours (megatron_pz.json): no Megatron-LM args to ask
+        return found
+    try:
+        args = ckpt.load_common(info.iter_dir, allow_pickle).get("args")
+    except CheckpointError:
+        return None  # reading the architecture reports the unreadable common.pt with its fix
+    return ckpt.tokenizer_path(info, args) if args is not None else None
 
 
 def _prepare_smollm2(collective: bool) -> tuple[Path, Path]:

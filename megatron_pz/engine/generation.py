@@ -28,14 +28,31 @@ from megatron_pz.engine.wire import PromptLogprobs
 from megatron_pz.rollout.protocol import GenerationResult, SamplingParams
 
 
-class LogprobRecorder:
-    """Logits processor (first in generate's list, so it sees raw fp32 logits) that stashes log-probs."""
+def mask_padded_vocab(scores: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """``scores`` (..., V) with the ids >= ``vocab_size`` (an embedding padded past the true vocabulary, as
+    Megatron pads it) at -inf, so no sampling path (greedy, top-k, top-p, plain) can pick them and they take no
+    probability mass, exactly as the trainer masks them (``trainer/logprobs.py``). Unchanged when nothing is
+    padded."""
+    if vocab_size is None or scores.shape[-1] <= vocab_size:
+        return scores
+    out = scores.clone()
+    out[..., vocab_size:] = float("-inf")
+    return out
 
-    def __init__(self, temperature: float):
+
+class LogprobRecorder:
+    """Logits processor (first in generate's list, so it sees raw fp32 logits) that stashes log-probs.
+
+    It also masks the padded vocabulary rows: the scores it returns are what every later warper and the greedy /
+    sampling choice see."""
+
+    def __init__(self, temperature: float, vocab_size: int | None = None):
         self.temperature = temperature
+        self.vocab_size = vocab_size
         self.step_logprobs: torch.Tensor | None = None  # (B, V)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = mask_padded_vocab(scores, self.vocab_size)
         scaled = scores / self.temperature if self.temperature > 0 else scores
         self.step_logprobs = torch.log_softmax(scaled, dim=-1)
         return scores
@@ -112,7 +129,7 @@ def generate_rows(lm: LoadedModel, rows: list[Sequence[int]], params: SamplingPa
     input_ids, attention_mask = left_pad(rows, lm.pad_token_id)
     prompt_len = input_ids.shape[1]
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_token_ids)
-    recorder = LogprobRecorder(params.temperature)
+    recorder = LogprobRecorder(params.temperature, lm.vocab_size)
     stopper = StopAndGather(recorder, prompt_len, len(rows), stop_ids, params.stop, lm.tokenizer, abort)
     # A fresh config: the model's generation_config defaults (repetition penalty, top_k=50, ...) must not
     # leak in, both for SGLang parity and so our recorder is the first processor to see the logits.
@@ -163,7 +180,8 @@ def prompt_logprobs(lm: LoadedModel, prompt: Sequence[int], top_k: int) -> Promp
     ``top_k`` largest log-probs of that position's distribution. Raw logits (temperature 1), in fp32; index 0 is
     None (no context), as SGLang returns them. The caller holds the generation lock."""
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=lm.device)  # (1, L)
-    logp = torch.log_softmax(lm.model(input_ids=ids).logits[0, :-1].float(), dim=-1)  # (L-1, V)
+    logits = mask_padded_vocab(lm.model(input_ids=ids).logits[0, :-1].float(), lm.vocab_size)
+    logp = torch.log_softmax(logits, dim=-1)  # (L-1, V)
     token = logp.gather(1, ids[0, 1:, None]).squeeze(1).tolist()
     top = None
     if top_k > 0:

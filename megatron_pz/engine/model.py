@@ -38,6 +38,7 @@ class LoadedModel:
     tokenizer: Any | None
     """None for a folder without tokenizer files: token ids still work, stop strings and text do not."""
     vocab_size: int
+    """The true vocabulary: ids at or past it are padding rows, never sampled (``generation.mask_padded_vocab``)."""
     max_positions: int | None
     """``max_position_embeddings``; None when the config does not say."""
     eos_token_ids: set[int]
@@ -48,8 +49,13 @@ class LoadedModel:
     """Name of the forward's KV-cache argument: ``cache`` (transformers >= 5) or ``past_key_values``."""
 
 
-def load_model(model_path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu") -> LoadedModel:
-    """Load an HF folder; CheckpointError when it is not one, ConfigError for an unknown dtype."""
+def load_model(model_path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu",
+               vocab_size: int | None = None) -> LoadedModel:
+    """Load an HF folder; CheckpointError when it is not one, ConfigError for an unknown dtype.
+
+    ``vocab_size``: the true vocabulary when the folder's embedding is padded past it (a Megatron-LM export
+    written with its padded rows); default: the config's ``vocab_size`` (our exports write only the true rows).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     torch_type = parse_dtype(dtype)
@@ -84,9 +90,18 @@ def load_model(model_path: str | Path, dtype: str = "float32", device: str | tor
         bos_token_id=model.generation_config.bos_token_id, eos_token_id=sorted(eos_token_ids) or None,
         pad_token_id=pad_token_id)
     return LoadedModel(
-        model=model, device=device, tokenizer=tokenizer, vocab_size=int(cfg.vocab_size),
+        model=model, device=device, tokenizer=tokenizer, vocab_size=_true_vocab(cfg, vocab_size, model_path),
         max_positions=int(getattr(cfg, "max_position_embeddings", 0) or 0) or None,
         eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
         share_prompts=type(model).__name__.startswith(_SHARED_PREFILL_FAMILIES),
         cache_kw="cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values",
     )
+
+
+def _true_vocab(cfg: Any, vocab_size: int | None, model_path: str | Path) -> int:
+    rows = int(cfg.vocab_size)
+    if vocab_size is None:
+        return rows
+    if not 0 < vocab_size <= rows:
+        raise ConfigError(f"vocab_size={vocab_size} must be in [1, {rows}] (the embedding rows of {model_path})")
+    return int(vocab_size)

@@ -43,7 +43,7 @@ def export_hf(src: str | Path, dst: str | Path, dtype: str | None = None, tokeni
     if tok_dir is None or not has_tokenizer_files(tok_dir):
         raise CheckpointError(f"no HF tokenizer found for checkpoint {src} (looked in <root>/hf_tokenizer and the "
                               f"run's hf_meta/); pass --tokenizer DIR")
-    mcore_to_hf(src, dst, dtype=dtype)
+    mcore_to_hf(src, dst, dtype=dtype, tokenizer=tok_dir)  # its length is the true vocabulary
     copy_tokenizer(tok_dir, dst)
     return Path(dst)
 

@@ -37,6 +37,9 @@ class ModelArch:
     max_position_embeddings: int
     rope_theta: float = 10000.0
     rope_scaling_factor: float | None = None  # Llama-3 style scaling factor, None = no scaling
+    # Linear position interpolation (HF rope_type "linear", Megatron's seq_len_interpolation_factor, Megatron-LM's
+    # --rotary-seq-len-interpolation-factor): positions are divided by this factor. None = no interpolation.
+    rope_interpolation_factor: float | None = None
     norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
@@ -52,6 +55,9 @@ class ModelArch:
     moe_norm_topk_prob: bool = False
     # Megatron pads the vocab to a multiple of (this x TP), as Megatron-LM's --make-vocab-size-divisible-by.
     make_vocab_size_divisible_by: int = 128
+    # Embedding rows a Megatron-LM checkpoint was saved with (its padded_vocab_size): the model keeps at least
+    # these, so it loads and saves the same rows whatever the true vocabulary pads to. None = vocab_size.
+    min_padded_vocab_size: int | None = None
     # The original HF config.json (without weights-specific entries), kept so export reproduces it.
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -59,7 +65,7 @@ class ModelArch:
     def padded_vocab_size(self, tp: int) -> int:
         """Megatron-LM's rule: round the vocab up to a multiple of make_vocab_size_divisible_by x TP."""
         multiple = self.make_vocab_size_divisible_by * tp
-        return int(math.ceil(self.vocab_size / multiple) * multiple)
+        return int(math.ceil(max(self.vocab_size, self.min_padded_vocab_size or 0) / multiple) * multiple)
 
     @property
     def is_moe(self) -> bool:
@@ -139,6 +145,12 @@ class ModelArch:
         bad = [i for i in self.nope_layers if not (isinstance(i, int) and 0 <= i < self.num_layers)]
         if bad:
             raise ConfigError(f"nope_layers {bad} are not layer indices in [0, {self.num_layers})")
+        f = self.rope_interpolation_factor
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or f <= 1.0):
+            raise ConfigError(f"rope_interpolation_factor must be a number > 1 (or null), got {f!r}")
+        if f is not None and self.rope_scaling_factor is not None:
+            raise ConfigError("a model cannot use both Llama-3 rope scaling (rope_scaling_factor) and linear "
+                              "position interpolation (rope_interpolation_factor)")
         if (self.family == "qwen3_moe") != self.is_moe:
             raise ConfigError(f"num_experts={self.num_experts} does not fit family {self.family!r} "
                               f"(only qwen3_moe is a mixture of experts)")

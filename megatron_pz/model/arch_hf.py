@@ -63,15 +63,17 @@ def arch_fields_from_hf_config(cfg: dict[str, Any] | str | Path) -> dict[str, An
     rope_type = (rope.get("rope_type") or legacy_scaling.get("rope_type") or legacy_scaling.get("type")
                  or "default")
     scaling = {**legacy_scaling, **{k: v for k, v in rope.items() if k != "rope_theta"}}
-    factor = None
-    if rope_type == "llama3":
+    factor = interpolation = None
+    if rope_type == "linear":  # Megatron's seq_len_interpolation_factor: positions / factor
+        interpolation = float(need_in(scaling, "factor", "rope scaling (linear)"))
+    elif rope_type == "llama3":
         for k, default in LLAMA3_ROPE_DEFAULTS.items():
             if k in scaling and float(scaling[k]) != default:
                 raise ConfigError(f"rope scaling {k}={scaling[k]} is not supported by Megatron-Core's "
                                   f"Llama-3 rope (expects {default})")
         factor = float(scaling.get("factor", 8.0))
     elif rope_type != "default":
-        raise ConfigError(f"unsupported rope scaling type {rope_type!r} (supported: default, llama3)")
+        raise ConfigError(f"unsupported rope scaling type {rope_type!r} (supported: default, linear, llama3)")
     if cfg.get("mlp_bias"):
         raise ConfigError("mlp_bias=True is not supported (no Llama/Qwen checkpoint uses it)")
     if cfg.get("use_sliding_window") and cfg.get("sliding_window"):
@@ -98,6 +100,7 @@ def arch_fields_from_hf_config(cfg: dict[str, Any] | str | Path) -> dict[str, An
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         rope_theta=rope_theta,
         rope_scaling_factor=factor,
+        rope_interpolation_factor=interpolation,
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         # transformers' default differs per family (SmolLM3 ties, the others do not).
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family == "smollm3")),
@@ -136,14 +139,27 @@ def hf_config_of(arch: ModelArch) -> dict[str, Any]:
         cfg["num_local_experts" if "num_local_experts" in cfg else "num_experts"] = arch.num_experts
         cfg.update(moe_intermediate_size=arch.moe_ffn_hidden_size, num_experts_per_tok=arch.moe_router_topk,
                    norm_topk_prob=arch.moe_norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[])
+    scaling: dict[str, Any] = {}
+    if arch.rope_scaling_factor is not None:
+        scaling = {"rope_type": "llama3", "factor": arch.rope_scaling_factor, **LLAMA3_ROPE_DEFAULTS}
+    elif arch.rope_interpolation_factor is not None:
+        scaling = {"rope_type": "linear", "factor": arch.rope_interpolation_factor}
     if "rope_parameters" in cfg or "rope_theta" not in cfg:
-        rp: dict[str, Any] = {"rope_theta": arch.rope_theta, "rope_type": "default"}
-        if arch.rope_scaling_factor is not None:
-            rp.update(rope_type="llama3", factor=arch.rope_scaling_factor, **LLAMA3_ROPE_DEFAULTS)
-        cfg["rope_parameters"] = rp
-    else:
+        cfg["rope_parameters"] = {"rope_theta": arch.rope_theta, "rope_type": "default", **scaling}
+        cfg.pop("rope_scaling", None)  # one place for the scaling, so readers cannot disagree
+    else:  # the legacy spelling (transformers < 5): rope_theta + rope_scaling
         cfg["rope_theta"] = arch.rope_theta
+        if scaling:
+            cfg["rope_scaling"] = {**scaling, "type": scaling["rope_type"]}
+        else:
+            cfg.pop("rope_scaling", None)
     return cfg
+
+
+def need_in(d: dict[str, Any], key: str, what: str) -> Any:
+    if key not in d:
+        raise ConfigError(f"HF config: {what} lacks required key {key!r}")
+    return d[key]
 
 
 # ---------------------------------------------------------------------- family-specific readers

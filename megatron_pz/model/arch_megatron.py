@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 def megatron_lm_extra_args(arch: ModelArch) -> dict[str, Any]:
     """Megatron-LM args beyond the Llama-style ones (as --no-rope-freq, --num-experts, ... set them)."""
     extra: dict[str, Any] = {}
+    if arch.rope_interpolation_factor is not None:
+        extra["rotary_seq_len_interpolation_factor"] = arch.rope_interpolation_factor
     if arch.nope_layers:
         extra["no_rope_freq"] = [int(i in arch.nope_layers) for i in range(arch.num_layers)]
     if arch.is_moe:
@@ -81,6 +83,9 @@ def arch_fields_from_megatron_args(args: Any, vocab_size: int | None = None) -> 
         max_position_embeddings=int(get("max_position_embeddings") or get("seq_length") or 4096),
         rope_theta=float(get("rotary_base", 10000)),
         rope_scaling_factor=float(get("rope_scaling_factor", 8.0)) if get("use_rope_scaling") else None,
+        # --rotary-seq-len-interpolation-factor (Megatron-LM saves it as an int or None).
+        rope_interpolation_factor=(float(get("rotary_seq_len_interpolation_factor"))
+                                   if get("rotary_seq_len_interpolation_factor") else None),
         norm_eps=float(get("norm_epsilon", 1e-5)),
         tie_word_embeddings=not bool(get("untie_embeddings_and_output_weights", False)),
         qkv_bias=qkv_bias,
@@ -88,6 +93,7 @@ def arch_fields_from_megatron_args(args: Any, vocab_size: int | None = None) -> 
         nope_layers=nope_layers,
         **moe,
         make_vocab_size_divisible_by=int(get("make_vocab_size_divisible_by", 128)),
+        min_padded_vocab_size=padded if vocab_size and vocab_size < padded else None,
     )
 
 

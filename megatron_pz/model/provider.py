@@ -268,6 +268,7 @@ def model_provider(arch: ModelArch, cfg: ModelConfig, transformer_config: Any, *
         rotary_base=arch.rope_theta,
         rope_scaling=arch.rope_scaling_factor is not None,
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+        seq_len_interpolation_factor=arch.rope_interpolation_factor,
         vp_stage=vp_stage,
     )
 

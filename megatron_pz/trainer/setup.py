@@ -19,6 +19,7 @@ from megatron_pz.convert.source import ModelSource, resolve_source, tokenizer_di
 from megatron_pz.dtypes import torch_dtype
 from megatron_pz.errors import ConfigError
 from megatron_pz.model.arch import ModelArch
+from megatron_pz.model.context import extend_context, parse_rope_scaling
 from megatron_pz.model.provider import build_model
 from megatron_pz.parallel import data_owner_rank, init_distributed
 from megatron_pz.trainer.checkpointer import Checkpointer
@@ -33,20 +34,46 @@ logger = logging.getLogger(__name__)
 # ------------------------------------------------------------------ build
 def chat_template_fn(run: Run):
     """The tokenizer's chat template when prompt.style is "chat" (None otherwise or when it has none)."""
-    if run.cfg.prompt.style != "chat":
+    return tokenizer_chat_template(run.cfg, run.tokenizer)
+
+
+def tokenizer_chat_template(cfg: RunConfig, tokenizer):
+    if cfg.prompt.style != "chat":
         return None
-    probe = run.tokenizer.apply_chat_template([{"role": "user", "content": "x"}])
-    return run.tokenizer.apply_chat_template if probe is not None else None
+    probe = tokenizer.apply_chat_template([{"role": "user", "content": "x"}])
+    return tokenizer.apply_chat_template if probe is not None else None
 
 
-def validate_lengths(cfg: RunConfig, arch: ModelArch) -> None:
-    """Prompt cap + response cap must fit the model's context window (checked before any work)."""
-    need = cfg.corpus.max_prompt_tokens + max(cfg.gen_max_new_tokens, cfg.pred_max_new_tokens)
-    if need > arch.max_position_embeddings:
+def validate_lengths(cfg: RunConfig, arch: ModelArch, template_tokens: int = 0) -> None:
+    """Prompt cap + response cap must fit the model's context, and the prompt template (``template_tokens``: the
+    longest template rendered around an empty paragraph) must leave room for a paragraph. Checked before any
+    heavy work; each failure is one line naming the context, the template length and the key to change."""
+    context = arch.max_position_embeddings
+    response = max(cfg.gen_max_new_tokens, cfg.pred_max_new_tokens)
+    prompt_cap = cfg.corpus.max_prompt_tokens
+    longer = (f"or run the model at a longer context with policy.rope_scaling={{type: linear, factor: "
+              f"{_factor_for(prompt_cap + response, context)}}}")
+    where = (f"the model's context of {context} tokens (max_position_embeddings"
+             f"{', with rope interpolation x%g' % arch.rope_interpolation_factor if arch.rope_interpolation_factor else ''})")
+    if template_tokens + cfg.corpus.prompt_margin_tokens + cfg.corpus.min_paragraph_tokens > prompt_cap:
         raise ConfigError(
-            f"corpus.max_prompt_tokens ({cfg.corpus.max_prompt_tokens}) + the longest response cap "
-            f"({max(cfg.gen_max_new_tokens, cfg.pred_max_new_tokens)}) = {need} exceeds the model's "
-            f"max_position_embeddings ({arch.max_position_embeddings})")
+            f"the prompt template alone takes {template_tokens} tokens (+ corpus.prompt_margin_tokens "
+            f"{cfg.corpus.prompt_margin_tokens} + corpus.min_paragraph_tokens {cfg.corpus.min_paragraph_tokens}), "
+            f"more than corpus.max_prompt_tokens ({prompt_cap}): no paragraph fits; raise corpus.max_prompt_tokens "
+            f"(the context is {context} tokens)")
+    if prompt_cap + response > context:
+        raise ConfigError(
+            f"corpus.max_prompt_tokens ({prompt_cap}, of which the prompt template takes {template_tokens}) + the "
+            f"longest response cap ({response}) = {prompt_cap + response} exceeds {where}; lower "
+            f"corpus.max_prompt_tokens or train.max_response_tokens / rollout.gen_max_new_tokens / "
+            f"rollout.pred_max_new_tokens, {longer}")
+
+
+def _factor_for(need: int, context: int) -> str:
+    """The smallest linear interpolation factor (in quarters) that makes ``need`` tokens fit ``context``."""
+    import math
+
+    return f"{math.ceil(4 * need / context) / 4:g}"
 
 
 def install_stop_signals(run: Run) -> None:
@@ -84,9 +111,14 @@ def setup(cfg: RunConfig) -> Run:
     src = resolve_source(cfg.policy.load, what="policy.load", collective=True)
     tok_dir = tokenizer_dir(src, cfg.policy.tokenizer) or src.path
     tokenizer = load_tokenizer(tok_dir)
-    arch = (ckpt.read_arch(src.path, vocab_size=cfg.policy.vocab_size, allow_pickle=cfg.policy.allow_pickle)
+    # A Megatron-LM checkpoint's true vocabulary: policy.vocab_size, its args.vocab_size, else this tokenizer.
+    arch = (ckpt.read_arch(src.path, vocab_size=cfg.policy.vocab_size, allow_pickle=cfg.policy.allow_pickle,
+                           tokenizer_size=tokenizer.vocab_size)
             if src.kind == "mcore" else ModelArch.from_hf_config(src.path))
-    validate_lengths(cfg, arch)
+    arch = extend_context(arch, parse_rope_scaling(cfg.policy.rope_scaling))
+    count = lambda s: len(tokenizer.encode(s))  # noqa: E731
+    overhead = template_overhead_tokens(count, cfg.prompt, tokenizer_chat_template(cfg, tokenizer))
+    validate_lengths(cfg, arch, overhead)
     training = setup_training(build_model(arch, cfg.model, cfg.parallel), cfg.optim, cfg.train.steps)
     layout = DataLayout(dp_rank=ps.get_data_parallel_rank(), dp_size=dp_size, is_data_owner=rank == data_owner_rank())
     run = Run(cfg=cfg, out=out, arch=arch, tokenizer=tokenizer, training=training, layout=layout,
@@ -94,8 +126,6 @@ def setup(cfg: RunConfig) -> Run:
               weights=WeightPublisher(arch, torch_dtype(cfg.rollout.weights_dtype)))
     run.chat_template = chat_template_fn(run)
     if layout.is_data_owner:
-        count = lambda s: len(tokenizer.encode(s))  # noqa: E731
-        overhead = template_overhead_tokens(count, cfg.prompt, run.chat_template)
         run.corpus = CorpusReader(cfg.corpus, count_tokens=count, prompt_overhead_tokens=overhead,
                                   dp_rank=layout.dp_rank, dp_world_size=dp_size)
     if run.checkpointer.can_resume():
