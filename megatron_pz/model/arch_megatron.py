@@ -93,8 +93,17 @@ def arch_fields_from_megatron_args(args: Any, vocab_size: int | None = None) -> 
         nope_layers=nope_layers,
         **moe,
         make_vocab_size_divisible_by=int(get("make_vocab_size_divisible_by", 128)),
-        min_padded_vocab_size=padded if vocab_size and vocab_size < padded else None,
+        min_padded_vocab_size=_extra_padding(padded, vocab_size, get),
     )
+
+
+def _extra_padding(padded: int, vocab_size: int | None, get: Any) -> int | None:
+    """The saved padded size when the true vocabulary alone would pad to fewer rows at the saved TP (Megatron-LM's
+    NullTokenizer pads vocab_size + 1; an explicit smaller vocabulary), so the model keeps those rows."""
+    multiple = int(get("make_vocab_size_divisible_by", 128)) * int(get("tensor_model_parallel_size") or 1)
+    if not vocab_size or -(-vocab_size // multiple) * multiple == padded:
+        return None
+    return padded
 
 
 def _read_megatron_moe_args(get: Any) -> dict[str, Any]:
