@@ -109,7 +109,7 @@ def setup(cfg: RunConfig) -> Run:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
     src = resolve_source(cfg.policy.load, what="policy.load", collective=True)
-    tok_dir = tokenizer_dir(src, cfg.policy.tokenizer) or src.path
+    tok_dir = tokenizer_dir(src, cfg.policy.tokenizer, allow_pickle=cfg.policy.allow_pickle) or src.path
     tokenizer = load_tokenizer(tok_dir)
     # A Megatron-LM checkpoint's true vocabulary: policy.vocab_size, its args.vocab_size, else this tokenizer.
     arch = (ckpt.read_arch(src.path, vocab_size=cfg.policy.vocab_size, allow_pickle=cfg.policy.allow_pickle,
