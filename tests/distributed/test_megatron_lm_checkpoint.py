@@ -170,3 +170,38 @@ def test_without_tokenizer_or_vocab_size_the_error_names_the_key(megatron_lm_ckp
         assert ckpt.read_arch(copy, tokenizer_size=TRUE_VOCAB).padded_vocab_size(1) == PADDED
     finally:
         shutil.copytree(moved, tok)
+
+
+def _train(out, load, *extra):
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "megatron_pz.cli", "train", "--config", str(repo / "examples/quickstart_cpu.yaml"),
+           f"policy.load={load}", f"output_dir={out}", "logging.progress_bar=false", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=repo)
+
+
+def test_training_checks_the_context_then_runs_longer_with_rope_scaling(megatron_lm_ckpt, tmp_path):
+    """The 64-token checkpoint under a ~600-token byte-level prompt template: one-line errors before any model
+    is built, then one step at 13 x the context whose on-policy check (engine vs Megatron log-probs) holds."""
+    root, _ = megatron_lm_ckpt
+    p = _train(tmp_path / "a", root, "corpus.max_prompt_tokens=200")
+    assert p.returncode != 0
+    err = p.stderr.strip().splitlines()[-1]
+    assert "prompt template alone takes 589 tokens" in err and "raise corpus.max_prompt_tokens" in err, err
+    p = _train(tmp_path / "b", root, "corpus.max_prompt_tokens=800")
+    err = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and "context of 64 tokens" in err and "of which the prompt template takes 589" in err
+    assert "policy.rope_scaling={type: linear, factor: 14}" in err, err  # (800 + 96) / 64 = 14
+
+    out = tmp_path / "c"
+    p = _train(out, root, "corpus.max_prompt_tokens=800", "policy.rope_scaling={type: linear, factor: 13}",
+               "train.steps=1", "train.paragraphs_per_step=2", "train.masks_per_paragraph=2",
+               "train.predictions_per_mask=4", "rollout.gen_max_new_tokens=16", "rollout.pred_max_new_tokens=12",
+               "train.max_response_tokens=16")
+    assert p.returncode == 0, p.stderr[-3000:]
+    (m,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert m["onpolicy/tokens"] > 0 and m["onpolicy/logprob_abs_diff_max"] < 1e-4, m
+    hf = json.loads((out / "hf_meta" / "config.json").read_text())  # what the rollout engine runs
+    assert hf["vocab_size"] == TRUE_VOCAB and hf["max_position_embeddings"] == 13 * CONTEXT
+    assert hf["rope_parameters"]["rope_type"] == "linear" and hf["rope_parameters"]["factor"] == 13.0
+    arch = json.loads((out / "checkpoints" / "iter_0000001" / "megatron_pz.json").read_text())["arch"]
+    assert (arch["vocab_size"], arch["rope_interpolation_factor"]) == (TRUE_VOCAB, 13.0)
