@@ -243,3 +243,43 @@ def test_load_model_refuses_a_vocab_past_the_embedding(tiny):
 
     with pytest.raises(ConfigError, match=r"vocab_size=999 must be in \[1, 260\]"):
         load_model(tiny, vocab_size=999)
+
+
+# ----------------------------------------------------------------------------- read_arch on a checkpoint folder
+def _fake_megatron_lm_checkpoint(root: Path, args) -> Path:
+    """The files ``read_arch`` reads: tracker, iteration folder with torch_dist markers, common.pt with args."""
+    it = root / "iter_0000100"
+    it.mkdir(parents=True)
+    (it / "metadata.json").write_text("{}")
+    (it / ".metadata").write_bytes(b"")
+    torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 100}, it / "common.pt")
+    (root / "latest_checkpointed_iteration.txt").write_text("100")
+    return root
+
+
+def test_read_arch_null_tokenizer_49152_keeps_49280_rows_and_exports_49152(tmp_path):
+    from megatron_pz import checkpoint as ckpt
+
+    root = _fake_megatron_lm_checkpoint(tmp_path / "ckpt", mlm_args(vocab_size=49152, tokenizer_type="NullTokenizer"))
+    arch = ckpt.read_arch(root)  # no tokenizer needed: args.vocab_size
+    assert arch.vocab_size == 49152 and arch.padded_vocab_size(1) == 49280
+    assert arch.to_hf_config()["vocab_size"] == 49152
+    assert ckpt.read_arch(root, vocab_size=49000).vocab_size == 49000  # an explicit size wins
+
+
+def test_read_arch_uses_the_tokenizer_the_args_name(tmp_path):
+    from megatron_pz import checkpoint as ckpt
+    from megatron_pz.convert.source import ModelSource, tokenizer_dir
+    from megatron_pz.engine.tiny import make_byte_tokenizer
+
+    tok = tmp_path / "tok"
+    make_byte_tokenizer().save_pretrained(str(tok))  # 260 tokens
+    root = _fake_megatron_lm_checkpoint(tmp_path / "ckpt", mlm_args(padded_vocab_size=384, tokenizer_model=str(tok)))
+    assert ckpt.read_arch(root).vocab_size == 260
+    assert tokenizer_dir(ModelSource(kind="mcore", path=root)) == tok  # training loads the same tokenizer
+    assert ckpt.read_arch(root, tokenizer_size=300).vocab_size == 300  # a tokenizer the caller loaded wins
+    bare = _fake_megatron_lm_checkpoint(tmp_path / "bare", mlm_args(padded_vocab_size=384))
+    assert tokenizer_dir(ModelSource(kind="mcore", path=bare)) is None
+    with pytest.raises(CheckpointError, match=r"only the padded vocabulary \(384\).*set policy\.vocab_size"):
+        ckpt.read_arch(bare)
+    assert ckpt.read_arch(bare, tokenizer=tok).vocab_size == 260
