@@ -51,10 +51,14 @@ def validate_lengths(cfg: RunConfig, arch: ModelArch, template_tokens: int = 0) 
     context = arch.max_position_embeddings
     response = max(cfg.gen_max_new_tokens, cfg.pred_max_new_tokens)
     prompt_cap = cfg.corpus.max_prompt_tokens
-    longer = (f"or run the model at a longer context with policy.rope_scaling={{type: linear, factor: "
-              f"{_factor_for(prompt_cap + response, context)}}}")
-    where = (f"the model's context of {context} tokens (max_position_embeddings"
-             f"{', with rope interpolation x%g' % arch.rope_interpolation_factor if arch.rope_interpolation_factor else ''})")
+    # The factor is counted from the pretrained context (a run that already interpolates states the total).
+    interpolation = arch.rope_interpolation_factor
+    pretrained = context / (interpolation or 1.0)
+    longer = ("" if arch.rope_scaling_factor is not None else  # Llama-3 rope scaling: no linear on top
+              f", or run the model at a longer context with policy.rope_scaling={{type: linear, factor: "
+              f"{_factor_for(prompt_cap + response, pretrained)}}}")
+    where = f"the model's context of {context} tokens (max_position_embeddings"
+    where += f", rope interpolation x{interpolation:g})" if interpolation else ")"
     if template_tokens + cfg.corpus.prompt_margin_tokens + cfg.corpus.min_paragraph_tokens > prompt_cap:
         raise ConfigError(
             f"the prompt template alone takes {template_tokens} tokens (+ corpus.prompt_margin_tokens "
@@ -66,10 +70,10 @@ def validate_lengths(cfg: RunConfig, arch: ModelArch, template_tokens: int = 0) 
             f"corpus.max_prompt_tokens ({prompt_cap}, of which the prompt template takes {template_tokens}) + the "
             f"longest response cap ({response}) = {prompt_cap + response} exceeds {where}; lower "
             f"corpus.max_prompt_tokens or train.max_response_tokens / rollout.gen_max_new_tokens / "
-            f"rollout.pred_max_new_tokens, {longer}")
+            f"rollout.pred_max_new_tokens{longer}")
 
 
-def _factor_for(need: int, context: int) -> str:
+def _factor_for(need: int, context: float) -> str:
     """The smallest linear interpolation factor (in quarters) that makes ``need`` tokens fit ``context``."""
     import math
 

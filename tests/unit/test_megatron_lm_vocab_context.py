@@ -167,6 +167,14 @@ def test_context_check_names_context_template_and_fixes():
                  "policy.rope_scaling={type: linear, factor: 1.5}"):
         assert part in msg, (part, msg)
     validate_lengths(cfg, extend_context(arch, 1.5), template_tokens=90)  # 768 tokens: fits
+    # an already extended model: the suggested factor counts from the pretrained 512, not from its 640
+    with pytest.raises(ConfigError, match=r"context of 640 tokens \(max_position_embeddings, rope interpolation "
+                                          r"x1\.25\).*factor: 1\.5\}$"):
+        validate_lengths(cfg, extend_context(arch, 1.25), template_tokens=90)
+    llama3 = ModelArch.from_dict({**arch.to_dict(), "rope_scaling_factor": 8.0})
+    with pytest.raises(ConfigError) as e:
+        validate_lengths(cfg, llama3, template_tokens=90)
+    assert "rope_scaling" not in str(e.value) and str(e.value).endswith("rollout.pred_max_new_tokens")
     validate_lengths(_cfg(corpus__max_prompt_tokens=256, train__max_response_tokens=256), arch, 90)
 
 
