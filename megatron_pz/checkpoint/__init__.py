@@ -21,6 +21,7 @@ __all__ = [
     "CHECKPOINT_VERSION", "HF_AUX_DIR", "META", "OPTIM_SHARDING", "RUN_CHECKPOINT_DIR", "RUN_HF_META_DIR", "TRACKER",
     "VOCAB_KEYS", "CheckpointInfo",
     "is_megatron_checkpoint", "iter_dir_name", "load", "load_common", "materialise_optimizer_state",
-    "megatron_lm_args", "model_sharded_state_dict", "read_arch", "resolve", "save", "tokenizer_path", "true_vocab_size", "unshare_adam_steps",
+    "megatron_lm_args", "model_sharded_state_dict", "read_arch", "resolve", "save", "tokenizer_path",
+    "true_vocab_size", "unshare_adam_steps",
     "validate_files", "validate_shapes",
 ]

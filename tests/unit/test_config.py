@@ -137,8 +137,8 @@ def test_prompt_plus_response_must_fit_the_context():
     arch = ModelArch(family="llama", num_layers=2, hidden_size=8, ffn_hidden_size=8, num_attention_heads=2,
                      num_query_groups=2, head_dim=4, vocab_size=10, max_position_embeddings=2048)
     validate_lengths(load_config(None, ["corpus.max_prompt_tokens=1024", "train.max_response_tokens=1024"]), arch)
-    with pytest.raises(ConfigError, match=r"max_prompt_tokens \(1536.* the longest response cap \(4096\) = 5632 exceeds the model's "
-                                         r"context of 2048 tokens"):
+    with pytest.raises(ConfigError, match=r"max_prompt_tokens \(1536.* the longest response cap \(4096\) = 5632 "
+                                          r"exceeds the model's context of 2048 tokens"):
         validate_lengths(load_config(None), arch)
 
 

@@ -70,7 +70,8 @@ def test_arch_from_args_keeps_true_vocab_and_the_padded_embedding():
     assert arch.vocab_size == 49152 and arch.padded_vocab_size(1) == 49280 and arch.padded_vocab_size(2) == 49408
     assert arch.num_parameters == ModelArch.from_dict({**arch.to_dict(), "min_padded_vocab_size": None}).num_parameters
     assert arch.to_hf_config()["vocab_size"] == 49152
-    assert ModelArch.from_megatron_args(mlm_args(padded_vocab_size=49152), vocab_size=49152).min_padded_vocab_size is None
+    unpadded = ModelArch.from_megatron_args(mlm_args(padded_vocab_size=49152), vocab_size=49152)
+    assert unpadded.min_padded_vocab_size is None
     assert arch.max_position_embeddings == 512
 
 
