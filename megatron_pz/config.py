@@ -133,11 +133,11 @@ class RolloutConfig:
     max_concurrency_per_server: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
-    # Send one sampling seed per request, derived from (train.seed, step, DP rank, task, prompt): rollouts then
-    # repeat run to run at the same seed and thread count. Off by default: the embedded engine batches only
-    # requests with equal seeds (fewer merged batches on CPU), and SGLang honours seeds only with its
-    # deterministic-inference settings.
-    reproducible: bool = False
+    # Seed every sample, from (train.seed, step, DP rank, task, prompt, sample) (rollout/seeds.py): a rerun or a
+    # resumed step sends the same seeds, so an engine that is deterministic for a given seed repeats its responses
+    # (the embedded engine at a fixed thread count; SGLang only with its deterministic-inference settings;
+    # docs/training.md). Costs nothing on the embedded engine, which seeds each row of a batch on its own.
+    reproducible: bool = True
     # Separate response caps for the two tasks; null = train.max_response_tokens.
     gen_max_new_tokens: int | None = None
     pred_max_new_tokens: int | None = None

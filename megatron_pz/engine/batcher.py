@@ -2,7 +2,8 @@
 
 A pool sends one request per prompt group from many threads at once; generating them one by one would leave
 the batch dimension empty. Requests arriving within ``window_s`` with equal sampling parameters become one
-``engine.generate`` call.
+``engine.generate`` call. The sampling seed is not part of that comparison: each prompt keeps its own request's
+seed (``rollout/seeds.py``) and the engine seeds every row on its own, so seeded requests batch like unseeded ones.
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from megatron_pz.rollout.protocol import SamplingParams
+from megatron_pz.rollout.seeds import prompt_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +31,12 @@ class Job:
 
 
 class Batcher:
-    """One thread feeding the engine: merges jobs with equal sampling params arriving within a short window."""
+    """One thread feeding the engine: merges jobs with equal sampling params (but for the seed) arriving within a
+    short window."""
 
     def __init__(self, engine: Any, window_s: float):
-        """``engine``: anything with ``generate(prompts, params)`` and ``max_batch_size`` (an ``EmbeddedEngine``)."""
+        """``engine``: anything with ``generate(prompts, params, seeds=None)`` and ``max_batch_size`` (an
+        ``EmbeddedEngine``); ``seeds`` is passed only when a request is seeded."""
         self.engine = engine
         self.window_s = window_s
         self._queue: queue.Queue[Job] = queue.Queue()
@@ -75,14 +79,18 @@ class Batcher:
                 rows += len(job.prompts) * job.params.n
             groups: dict[SamplingParams, list[Job]] = {}
             for job in jobs:
-                groups.setdefault(job.params, []).append(job)
+                groups.setdefault(replace(job.params, seed=None), []).append(job)
             for params, group in groups.items():
                 self._run(params, group)
 
     def _run(self, params: SamplingParams, group: list[Job]) -> None:
         prompts = [p for job in group for p in job.prompts]
+        seeds = [s for job in group for s in prompt_seeds(job.params.seed, len(job.prompts))]
         try:
-            results = self.engine.generate(prompts, params)
+            if any(s is not None for s in seeds):
+                results = self.engine.generate(prompts, params, seeds=seeds)
+            else:
+                results = self.engine.generate(prompts, params)
         except Exception as exc:  # answered to every waiting request; the batcher keeps serving
             logger.exception("engine.generate failed for %d prompts", len(prompts))
             for job in group:

@@ -25,6 +25,7 @@ from megatron_pz.engine.weights import StagedUpdate, StateSpec, read_safetensors
 from megatron_pz.engine.wire import PromptLogprobs
 from megatron_pz.errors import ConfigError, RolloutError
 from megatron_pz.rollout.protocol import GenerationResult, SamplingParams
+from megatron_pz.rollout.seeds import prompt_seeds, sample_seed
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,16 @@ class EmbeddedEngine:
 
     # ---------------------------------------------------------------- generation
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[GenerationResult]]:
-        """Sample ``params.n`` responses per prompt; see ``RolloutEngine.generate``."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Sequence[int | None] | None = None) -> list[list[GenerationResult]]:
+        """Sample ``params.n`` responses per prompt; see ``RolloutEngine.generate``.
+
+        Seeds (``rollout/seeds.py``): prompt i's seed is ``seeds[i]`` when given (the batcher merges requests with
+        different seeds), else ``params.seed + i``; its sample j draws from ``sample_seed(prompt seed, j)``.
+        """
         self.check_prompts(prompts, params)
+        if seeds is None:
+            seeds = prompt_seeds(params.seed, len(prompts))
         # One row per (prompt, sample); rows sorted by prompt length so each chunk pads little.
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
         rows.sort(key=lambda r: -len(prompts[r[0]]))
@@ -77,7 +85,8 @@ class EmbeddedEngine:
             self._running.wait()  # paused: wait for continue_generation (SGLang holds new requests the same way)
             with self._lock:
                 out = generate_rows(self._lm, [prompts[i] for i, _ in chunk], params, self._version,
-                                    self.eos_token_ids, self._abort)
+                                    self.eos_token_ids, self._abort,
+                                    row_seeds=[sample_seed(seeds[i], j) for i, j in chunk])
             for (i, j), res in zip(chunk, out):
                 res.prompt_index = i
                 results[i][j] = res
