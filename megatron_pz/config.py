@@ -73,6 +73,10 @@ class TrainConfig:
     max_response_tokens: int = 4096
     # Seeds sampling, span choice and data order (the corpus has its own seed for shuffling).
     seed: int = 1234
+    # Wall-clock budget of one process in minutes (Megatron-LM's --exit-duration-in-mins); null = none. After each
+    # step the trainer checkpoints and exits with status 0 when another step and its checkpoint might not end
+    # within it (estimated from the longest so far); the same command continues (trainer/deadline.py).
+    exit_duration_mins: float | None = None
 
     def __post_init__(self) -> None:
         check_objective(self.objective, "train.objective")
@@ -80,6 +84,8 @@ class TrainConfig:
                      "micro_batch_size", "max_response_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.exit_duration_mins is not None and not self.exit_duration_mins > 0:
+            raise ConfigError(f"train.exit_duration_mins must be > 0 (null = no limit), got {self.exit_duration_mins}")
         groups = {"pretrainzero": ("masks_per_paragraph", "predictions_per_mask"),
                   "sft_span": ()}.get(self.objective, ("predictions_per_mask",))
         for name in groups:
