@@ -7,8 +7,9 @@ and DP ranks), so the gradient does not depend on how a step is split.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
