@@ -84,6 +84,10 @@ class TrainConfig:
     max_response_tokens: int = 4096
     # Seeds sampling, span choice and data order (the corpus has its own seed for shuffling).
     seed: int = 1234
+    # Wall-clock budget of one process in minutes (Megatron-LM's --exit-duration-in-mins); null = none. After each
+    # step the trainer checkpoints and exits with status 0 when another step and its checkpoint might not end
+    # within it (estimated from the longest so far); the same command continues (trainer/deadline.py).
+    exit_duration_mins: float | None = None
 
     def __post_init__(self) -> None:
         check_objective(self.objective, "train.objective")
@@ -91,6 +95,8 @@ class TrainConfig:
                      "micro_batch_size", "max_response_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.exit_duration_mins is not None and not self.exit_duration_mins > 0:
+            raise ConfigError(f"train.exit_duration_mins must be > 0 (null = no limit), got {self.exit_duration_mins}")
         groups = {"pretrainzero": ("masks_per_paragraph", "predictions_per_mask"),
                   "sft_span": ()}.get(self.objective, ("predictions_per_mask",))
         for name in groups:
@@ -144,11 +150,11 @@ class RolloutConfig:
     max_concurrency_per_server: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
-    # Send one sampling seed per request, derived from (train.seed, step, DP rank, task, prompt): rollouts then
-    # repeat run to run at the same seed and thread count. Off by default: the embedded engine batches only
-    # requests with equal seeds (fewer merged batches on CPU), and SGLang honours seeds only with its
-    # deterministic-inference settings.
-    reproducible: bool = False
+    # Seed every sample, from (train.seed, step, DP rank, task, prompt, sample) (rollout/seeds.py): a rerun or a
+    # resumed step sends the same seeds, so an engine that is deterministic for a given seed repeats its responses
+    # (the embedded engine at a fixed thread count; SGLang only with its deterministic-inference settings;
+    # docs/training.md). Costs nothing on the embedded engine, which seeds each row of a batch on its own.
+    reproducible: bool = True
     # Separate response caps for the two tasks; null = train.max_response_tokens.
     gen_max_new_tokens: int | None = None
     pred_max_new_tokens: int | None = None

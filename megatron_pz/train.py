@@ -15,7 +15,8 @@ The PretrainZero step loop [PZ §3.3, §4.1]. One step:
 
 Every stage takes the typed run (trainer/run.py) built once by trainer/setup.py.
 
-The same command resumes a killed run from <output_dir>/checkpoints.
+The same command resumes a killed run from <output_dir>/checkpoints. It stops early, after a checkpoint and with
+exit status 0, on SIGUSR1/SIGTERM or when another step would pass ``train.exit_duration_mins`` (trainer/deadline.py).
 """
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ import torch
 from megatron_pz.config import FLAGS, RunConfig, flag_overrides, load_config
 
 if TYPE_CHECKING:
+    from megatron_pz.logs import StepTimer
     from megatron_pz.trainer.batching import MicroBatch
+    from megatron_pz.trainer.deadline import Deadline
     from megatron_pz.trainer.run import Run
     from megatron_pz.types import Sample
 
@@ -38,36 +41,60 @@ logger = logging.getLogger("megatron_pz.train")
 
 def train(cfg: RunConfig) -> None:
     from megatron_pz.logs import StepTimer
+    from megatron_pz.trainer.deadline import Deadline, any_rank
     from megatron_pz.trainer.setup import setup, shutdown
 
+    deadline = Deadline(cfg.train.exit_duration_mins)  # the wall-clock budget counts the set-up too
     run = setup(cfg)
     timer = StepTimer()
     try:
         if should_evaluate(run, run.start_step, at_start=True):
             log_eval(run, run.start_step, evaluate(run))
         for step in range(run.start_step, cfg.train.steps):
+            done = step + 1  # steps are numbered by completed count in logs and checkpoints
             timer.reset()
-            with timer("rollout"):
+            with phase(timer, done, "rollout"):
                 samples, rollout_metrics = rollout(run, step)
             if step == run.start_step:
                 rollout_metrics.update(check_on_policy(run, samples))
-            with timer("train"):
+            with phase(timer, done, "train"):
                 train_metrics = update_policy(run, samples)
-            with timer("sync"):
+            with phase(timer, done, "sync"):
                 sync_weights(run)
-            if should_save(run, step + 1):
-                with timer("save"):
-                    save(run, step + 1)
+            out_of_time = done < cfg.train.steps and deadline.no_room_for_another_step(timer.summary()["time/step"])
+            stop = any_rank(run.stop_requested or out_of_time)  # the save is collective: all ranks stop or none
+            if should_save(run, done, stop):
+                with phase(timer, done, "save"):
+                    save(run, done)
             eval_metrics = {}
-            if should_evaluate(run, step + 1):
-                with timer("eval"):
+            if should_evaluate(run, done):
+                with phase(timer, done, "eval"):
                     eval_metrics = evaluate(run)
-            log(run, step + 1, samples, {**rollout_metrics, **train_metrics, **eval_metrics, **timer.summary()})
-            if run.stop_requested:
-                logger.warning("stopping after step %d on request (checkpoint saved)", step + 1)
+            log(run, done, samples, {**rollout_metrics, **train_metrics, **eval_metrics, **timer.summary()})
+            times = timer.summary()
+            deadline.record(times["time/step"] - times.get("time/save", 0.0), times.get("time/save"))
+            if stop:
+                announce_stop(run, done, deadline)
                 break
     finally:
         shutdown(run)
+
+
+def phase(timer: StepTimer, step: int, name: str):
+    """Time one phase of a step, and mark its start in the run's log file (where a killed run stopped)."""
+    logger.info("step %d: %s", step, name)
+    return timer(name)
+
+
+def announce_stop(run: Run, step: int, deadline: Deadline) -> None:
+    """One line on why the run stops early with a checkpoint: a signal, or the wall-clock budget."""
+    if run.stop_requested:
+        logger.warning("stopping after step %d on request (checkpoint saved)", step)
+        return
+    if run.logger is not None:
+        run.logger.info(f"stop     after step {step} of {run.cfg.train.steps}: another step could pass "
+                        f"train.exit_duration_mins={run.cfg.train.exit_duration_mins:g} "
+                        f"({deadline.elapsed_s / 60:.1f} min used); checkpoint saved, the same command continues")
 
 
 # ------------------------------------------------------------------ stages
@@ -150,8 +177,8 @@ def sync_weights(run: Run) -> None:
     run.weights.push(run.chunks)
 
 
-def should_save(run: Run, step: int) -> bool:
-    return run.checkpointer.due(step, run.stop_requested)
+def should_save(run: Run, step: int, stop: bool = False) -> bool:
+    return run.checkpointer.due(step, stop)
 
 
 def save(run: Run, step: int) -> None:

@@ -2,12 +2,14 @@
 
 * merging: a pool sends one request per prompt group from many threads at once; generating them one by one
   would leave the batch dimension empty. Requests arriving within ``window_s`` with equal sampling parameters
-  become one piece of work, planned as one ``engine.generate`` call would be (``engine.plan_chunks``);
+  (but for the seed) become one piece of work, planned as one ``engine.generate`` call would be (``engine.plan_chunks``);
 * taking turns: each piece of work runs one chunk (at most ``max_batch_size`` rows) per turn, round robin, and
   requests that arrive meanwhile join the rotation ahead of the piece that just ran. A request for 10 000
   samples therefore delays a 2-token request by about one of its chunks, not by all of them.
 
-Chunks are exactly those of ``engine.generate``, so a seeded request draws the same samples as before.
+The sampling seed is not part of the merge comparison: each prompt keeps its own request's seed
+(``rollout/seeds.py``) and the engine seeds every row on its own, so seeded requests batch like unseeded ones and
+a seeded sample is the same whichever chunk it lands in.
 """
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from megatron_pz.rollout.protocol import GenerationResult, SamplingParams
+from megatron_pz.rollout.seeds import prompt_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +39,14 @@ class Job:
 
 @dataclass
 class Work:
-    """Jobs with equal sampling params merged into one generate call, run chunk by chunk."""
+    """Jobs with equal sampling params (but for the seed) merged into one generate call, run chunk by chunk."""
 
     jobs: list[Job]
-    params: SamplingParams
+    params: SamplingParams  # the seed cleared: each prompt's own seed is in ``seeds``
     prompts: list[list[int]]
     chunks: deque
     results: list[list[GenerationResult | None]] = field(default_factory=list)
+    seeds: list[int | None] | None = None  # per prompt (rollout/seeds.py); None when no job is seeded
 
     def cancelled(self) -> bool:
         return all(job.future.cancelled() for job in self.jobs)
@@ -60,12 +64,12 @@ def _settle(future: Future, result: Any = None, exc: BaseException | None = None
 
 
 class Batcher:
-    """One thread feeding the engine: merges jobs with equal sampling params arriving within a short window and
-    runs the merged work one chunk per turn."""
+    """One thread feeding the engine: merges jobs with equal sampling params (but for the seed) arriving within a
+    short window and runs the merged work one chunk per turn."""
 
     def __init__(self, engine: Any, window_s: float):
-        """``engine``: anything with ``plan_chunks``, ``generate_chunk`` and ``max_batch_size`` (an
-        ``EmbeddedEngine``)."""
+        """``engine``: anything with ``plan_chunks``, ``generate_chunk(prompts, params, chunk, seeds=None)`` and
+        ``max_batch_size`` (an ``EmbeddedEngine``); ``seeds`` is passed only when a request is seeded."""
         self.engine = engine
         self.window_s = window_s
         self._queue: queue.Queue[Job] = queue.Queue()
@@ -131,17 +135,18 @@ class Batcher:
     def _admit(self, jobs: list[Job], active: deque) -> None:
         groups: dict[SamplingParams, list[Job]] = {}
         for job in jobs:
-            groups.setdefault(job.params, []).append(job)
+            groups.setdefault(replace(job.params, seed=None), []).append(job)
         for params, group in groups.items():
             prompts = [p for job in group for p in job.prompts]
+            seeds = [s for job in group for s in prompt_seeds(job.params.seed, len(job.prompts))]
             try:
                 chunks = self.engine.plan_chunks(prompts, params)
             except Exception as exc:  # noqa: BLE001 - the server checks each request first; this catches the rest
                 for job in group:
                     _settle(job.future, exc=exc)
                 continue
-            active.append(Work(group, params, prompts, deque(chunks),
-                               [[None] * params.n for _ in prompts]))
+            active.append(Work(group, params, prompts, deque(chunks), [[None] * params.n for _ in prompts],
+                               seeds if any(x is not None for x in seeds) else None))
 
     def _step(self, work: Work) -> None:
         """Run the next chunk of ``work``; resolve its jobs once the last one is done (or one failed)."""
@@ -150,7 +155,10 @@ class Batcher:
             return
         chunk = work.chunks.popleft()
         try:
-            out = self.engine.generate_chunk(work.prompts, work.params, chunk)
+            if work.seeds is None:
+                out = self.engine.generate_chunk(work.prompts, work.params, chunk)
+            else:
+                out = self.engine.generate_chunk(work.prompts, work.params, chunk, seeds=work.seeds)
         except Exception as exc:  # answered to every waiting request; the batcher keeps serving
             logger.exception("engine.generate failed for %d prompts", len(work.prompts))
             work.chunks.clear()

@@ -25,6 +25,7 @@ from megatron_pz.engine.weights import StagedUpdate, StateSpec, read_safetensors
 from megatron_pz.engine.wire import PromptLogprobs
 from megatron_pz.errors import ConfigError, RolloutError
 from megatron_pz.rollout.protocol import GenerationResult, SamplingParams
+from megatron_pz.rollout.seeds import prompt_seeds, sample_seed
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +66,16 @@ class EmbeddedEngine:
 
     # ---------------------------------------------------------------- generation
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[GenerationResult]]:
-        """Sample ``params.n`` responses per prompt; see ``RolloutEngine.generate``."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Sequence[int | None] | None = None) -> list[list[GenerationResult]]:
+        """Sample ``params.n`` responses per prompt; see ``RolloutEngine.generate``.
+
+        Seeds (``rollout/seeds.py``): prompt i's seed is ``seeds[i]`` when given (the batcher merges requests with
+        different seeds), else ``params.seed + i``; its sample j draws from ``sample_seed(prompt seed, j)``.
+        """
         results: list[list[GenerationResult | None]] = [[None] * params.n for _ in prompts]
         for chunk in self.plan_chunks(prompts, params):
-            for (i, j), res in zip(chunk, self.generate_chunk(prompts, params, chunk)):
+            for (i, j), res in zip(chunk, self.generate_chunk(prompts, params, chunk, seeds)):
                 results[i][j] = res
         return results  # type: ignore[return-value]
 
@@ -85,12 +91,19 @@ class EmbeddedEngine:
         return [rows[start:start + self.max_batch_size] for start in range(0, len(rows), self.max_batch_size)]
 
     def generate_chunk(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                       chunk: list[tuple[int, int]]) -> list[GenerationResult]:
-        """One sample per (prompt, sample) row of ``chunk`` (from ``plan_chunks``), in one batch."""
+                       chunk: list[tuple[int, int]],
+                       seeds: Sequence[int | None] | None = None) -> list[GenerationResult]:
+        """One sample per (prompt, sample) row of ``chunk`` (from ``plan_chunks``), in one batch.
+
+        ``seeds`` as in ``generate``. Each row draws from its own seeded stream, so a seeded row's response does not
+        depend on the chunk it lands in."""
+        if seeds is None:
+            seeds = prompt_seeds(params.seed, len(prompts))
         self._running.wait()  # paused: wait for continue_generation (SGLang holds new requests the same way)
         with self._lock:
             out = generate_rows(self._lm, [prompts[i] for i, _ in chunk], params, self._version,
-                                self.eos_token_ids, self._abort)
+                                self.eos_token_ids, self._abort,
+                                row_seeds=[sample_seed(seeds[i], j) for i, j in chunk])
         for (i, _), res in zip(chunk, out):
             res.prompt_index = i
         return out

@@ -11,6 +11,8 @@ Decoding, the KV cache and sampling are transformers' ``generate``; this module 
   ``DetokenizerManager.trim_matched_stop`` in ``sglang/srt/managers/detokenizer_manager.py``);
 * abort: a set ``abort`` event ends the batch at its next token; rows return what they have, reason "abort";
 * one prefill per distinct prompt (a request for n samples arrives as n identical rows);
+* per-row sampling seeds (``SeededSampler``): each seeded row draws from its own generator, so rows with different
+  seeds share one batch and a row's response depends on its seed and its own logits only, not on its neighbours;
 * a prompt's own log-probs (``prompt_logprobs``): SGLang's ``input_token_logprobs`` / ``input_top_logprobs``.
 
 Shapes: B = rows (prompts x samples) of one batch, L = padded prompt length, T = new tokens, V = vocabulary.
@@ -104,6 +106,48 @@ class StopAndGather:
         return done
 
 
+class SeededSampler:
+    """Last logits processor of a seeded batch: draws each row's token from that row's own generator.
+
+    ``generate`` itself samples every row from torch's one global generator, so a row's draw would depend on the
+    rows before it in the batch. Here the warped distribution of row r (temperature, top-k, top-p: the processors
+    before this one, transformers' own warpers in transformers' order) is sampled with ``generators[r]``, and the
+    returned scores leave only that token finite; ``generate`` runs greedy and picks it.
+    """
+
+    def __init__(self, seeds: Sequence[int]):
+        self.seeds = list(seeds)
+        self.generators: list[torch.Generator] | None = None  # built on the first call, on the logits' device
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        # Inverse-CDF sampling: one uniform per row from its own generator, then one batched search. A token
+        # warped away (probability 0) spans an empty interval and is never chosen.
+        cdf = torch.softmax(scores.double(), dim=-1).cumsum(dim=-1)  # (B, V)
+        u = torch.stack([torch.rand((), generator=g, device=scores.device, dtype=torch.float64)
+                         for g in self.generators])  # (B,)
+        chosen = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=scores.shape[-1] - 1)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, chosen, 0.0)
+
+
+def sampling_processors(params: SamplingParams, row_seeds: Sequence[int | None] | None) -> list:
+    """Processors after the recorder: none for unseeded or greedy rows (``generate`` samples), else the warpers
+    and a ``SeededSampler`` (an unseeded row of a seeded batch gets a seed from torch's global generator)."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    if params.greedy or row_seeds is None or all(s is None for s in row_seeds):
+        return []
+    seeds = [int(s) if s is not None else int(torch.randint(0, 2**62, ())) for s in row_seeds]
+    warpers: list = [TemperatureLogitsWarper(params.temperature)] if params.temperature != 1.0 else []
+    if params.top_k > 0:
+        warpers.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(params.top_p))
+    return [*warpers, SeededSampler(seeds)]
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both (B, L): every row's next token is at the same column."""
     prompt_len = max(len(r) for r in rows)
@@ -117,11 +161,13 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Te
 
 @torch.no_grad()
 def generate_rows(lm: LoadedModel, rows: list[Sequence[int]], params: SamplingParams, version: int,
-                  eos_token_ids: set[int], abort: threading.Event | None) -> list[GenerationResult]:
+                  eos_token_ids: set[int], abort: threading.Event | None,
+                  row_seeds: Sequence[int | None] | None = None) -> list[GenerationResult]:
     """Sample one response per row (left-padded into one batch) with the model's current weights.
 
-    The caller holds the lock that keeps weights fixed for the call; every result is tagged with ``version``.
-    ``prompt_index`` is left at -1 for the caller to fill.
+    ``row_seeds``: one sampling seed per row (None: unseeded); ``params.seed`` is not read here, the caller
+    derives the rows' seeds from it (``rollout.seeds``). The caller holds the lock that keeps weights fixed for the
+    call; every result is tagged with ``version``. ``prompt_index`` is left at -1 for the caller to fill.
     """
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
@@ -130,26 +176,26 @@ def generate_rows(lm: LoadedModel, rows: list[Sequence[int]], params: SamplingPa
     prompt_len = input_ids.shape[1]
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_token_ids)
     recorder = LogprobRecorder(params.temperature, lm.vocab_size)
+    samplers = sampling_processors(params, row_seeds)
     stopper = StopAndGather(recorder, prompt_len, len(rows), stop_ids, params.stop, lm.tokenizer, abort)
     # A fresh config: the model's generation_config defaults (repetition penalty, top_k=50, ...) must not
     # leak in, both for SGLang parity and so our recorder is the first processor to see the logits.
+    native = not params.greedy and not samplers  # transformers samples (from torch's global generator)
     gen_cfg = GenerationConfig(
         max_new_tokens=params.max_new_tokens,
-        do_sample=not params.greedy,
-        temperature=params.temperature if not params.greedy else None,
-        top_p=params.top_p if not params.greedy else None,
-        top_k=(max(0, params.top_k)) if not params.greedy else None,
+        do_sample=native,
+        temperature=params.temperature if native else None,
+        top_p=params.top_p if native else None,
+        top_k=(max(0, params.top_k)) if native else None,
         pad_token_id=lm.pad_token_id,
         eos_token_id=None if params.ignore_eos else sorted(eos_token_ids) or None,
     )
-    if params.seed is not None:
-        torch.manual_seed(params.seed)
     input_ids, attention_mask = input_ids.to(lm.device), attention_mask.to(lm.device)
     cache = shared_prompt_cache(lm, rows, input_ids, attention_mask)
     cache_arg = {lm.cache_kw: cache} if cache is not None else {}
     sequences = lm.model.generate(
         input_ids=input_ids, attention_mask=attention_mask, **cache_arg,
-        generation_config=gen_cfg, logits_processor=LogitsProcessorList([recorder]),
+        generation_config=gen_cfg, logits_processor=LogitsProcessorList([recorder, *samplers]),
         stopping_criteria=StoppingCriteriaList([stopper]),
     ).cpu()
     elapsed = time.perf_counter() - t0

@@ -25,6 +25,7 @@ from typing import Any
 from megatron_pz.errors import RolloutError, UserError
 from megatron_pz.rollout.http_transport import ServerUnavailable
 from megatron_pz.rollout.protocol import GenerationResult, SamplingParams
+from megatron_pz.rollout.seeds import SEED_MOD, sample_seed
 from megatron_pz.rollout.sglang_client import ClientConfig, SGLangClient
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,11 @@ class PoolConfig:
     """How long a server that failed is skipped before it is tried again."""
     max_dispatch_attempts: int | None = None
     """Servers one request may be tried on; default: every server once, plus one."""
+    split_seeded: bool = False
+    """Send a seeded request for n > 1 samples as n requests of one sample, each with its own seed
+    (``rollout/seeds.py``). SGLang applies a request's ``sampling_seed`` to all its samples, which would make the n
+    samples of a group identical; its prefix cache still shares the prompt between them. The embedded server seeds
+    each sample itself and needs no split (it gives the same responses either way)."""
 
 
 @dataclass
@@ -102,6 +108,8 @@ class RolloutPool:
     # ---------------------------------------------------------------- generation
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[GenerationResult]]:
+        if self.config.split_seeded and params.seed is not None and params.n > 1:
+            return self._generate_split(prompts, params)
         k = max(1, self.config.prompts_per_request)
         chunks = [list(range(i, min(i + k, len(prompts)))) for i in range(0, len(prompts), k)]
         futures = [self._executor.submit(self._dispatch, [prompts[i] for i in chunk], seeded(params, chunk[0]))
@@ -112,6 +120,19 @@ class RolloutPool:
                 for r in group:
                     r.prompt_index = i
                 results.append(group)
+        return results
+
+    def _generate_split(self, prompts: Sequence[Sequence[int]], params: SamplingParams
+                        ) -> list[list[GenerationResult]]:
+        """One request per (prompt, sample), n = 1, seeded with that sample's own seed (``split_seeded``)."""
+        jobs = [(i, sample_params(params, i, j)) for i in range(len(prompts)) for j in range(params.n)]
+        futures = [self._executor.submit(self._dispatch, [prompts[i]], p) for i, p in jobs]
+        results: list[list[GenerationResult]] = [[] for _ in prompts]
+        for (i, _), fut in zip(jobs, futures):
+            (group,) = fut.result()
+            for r in group:
+                r.prompt_index = i
+            results[i] += group
         return results
 
     def input_top_logprobs(self, prompts: Sequence[Sequence[int]], top_k: int) -> list[list[list[float]]]:
@@ -277,8 +298,13 @@ class RolloutPool:
 
 
 def seeded(params: SamplingParams, offset: int) -> SamplingParams:
-    """``params`` for the request whose first prompt is ``offset``: a seeded batch gets one stream per request
-    (base seed + offset), so results do not depend on which request a server happens to run first."""
+    """``params`` for the request whose first prompt is ``offset``: its seed is that prompt's seed (base seed +
+    offset, ``rollout/seeds.py``), so every prompt keeps its stream however the batch is cut into requests."""
     if params.seed is None or offset == 0:
         return params
-    return replace(params, seed=(params.seed + offset) % 2**31)
+    return replace(params, seed=(params.seed + offset) % SEED_MOD)
+
+
+def sample_params(params: SamplingParams, prompt: int, sample: int) -> SamplingParams:
+    """``params`` for sample ``sample`` of prompt ``prompt`` sent alone (n = 1) with its own seed."""
+    return replace(params, n=1, seed=sample_seed((params.seed + prompt) % SEED_MOD, sample))

@@ -4,6 +4,8 @@ A checkpoint (Megatron-LM layout, ``megatron_pz.checkpoint`` writes and reads it
   * the model and the distributed optimizer's state, sharded (``dist_checkpointing``);
   * in ``megatron_pz.json``: step (completed steps), weight version, the LR scheduler, every DP rank's corpus
     position, and every rank's RNG states (Python, NumPy, torch CPU).
+On resume the LR schedule is the config's, continued at the checkpoint's step count (``restore_scheduler``), so a
+finished run extended with a larger ``train.steps`` decays over the new total.
 Adding a piece of run state means editing ``_state`` and ``_restore`` here, nothing else. Saves are collective
 and atomic: a kill at any point leaves the previous checkpoint whole, and the tracker names the newest.
 """
@@ -21,6 +23,7 @@ import torch
 from megatron_pz import checkpoint as ckpt
 from megatron_pz.errors import ConfigError
 from megatron_pz.parallel import gather_to_all
+from megatron_pz.trainer.optimizer import restore_scheduler
 
 if TYPE_CHECKING:
     from megatron_pz.config import CheckpointConfig
@@ -74,8 +77,8 @@ def _state(run: Run, step: int) -> dict[str, Any]:
 
 
 def _restore(run: Run, meta: dict[str, Any]) -> None:
-    run.training.scheduler.load_state_dict(meta["scheduler"])
     run.start_step = int(meta["step"])
+    _restore_schedule(run, meta["scheduler"])
     run.weights.version = int(meta["weight_version"])
     if run.corpus is not None:
         state = meta.get("corpus", {}).get(str(run.dp_rank))
@@ -90,6 +93,23 @@ def _restore(run: Run, meta: dict[str, Any]) -> None:
     elif rng:
         logger.warning("checkpoint RNG states are for %d ranks, this run has %d: RNG not restored", len(rng),
                        torch.distributed.get_world_size())
+
+
+def _restore_schedule(run: Run, saved: dict[str, Any]) -> None:
+    """The checkpoint's step count on this config's LR schedule (``optimizer.restore_scheduler``); one warning
+    line when the schedule changed, and one when the steps still to run would all be at lr 0."""
+    scheduler = run.training.scheduler
+    changed = restore_scheduler(scheduler, saved)
+    rank0 = torch.distributed.get_rank() == 0
+    if changed and rank0:
+        logger.warning("LR schedule changed since the checkpoint: %s; continuing after step %d on this config's "
+                       "schedule", ", ".join(changed), run.start_step)
+    steps_left = run.cfg.train.steps - run.start_step
+    lr = scheduler.get_lr(run.training.optimizer.param_groups[0])
+    if steps_left > 0 and lr == 0.0 and rank0:
+        logger.warning("the LR schedule is at lr 0 after step %d (optim.lr_decay_steps=%s, optim.min_lr=%s): the %d "
+                       "step(s) left will not change the weights", run.start_step, run.cfg.optim.lr_decay_steps,
+                       run.cfg.optim.min_lr, steps_left)
 
 
 # ---------------------------------------------------------------------- RNG, JSON-safe

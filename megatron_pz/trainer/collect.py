@@ -63,7 +63,9 @@ def sample_seed(*parts: Any) -> int:
 def sampling_seed(cfg: RunConfig, ctx: StepContext, task: str) -> int | None:
     """The base sampling seed of one task's requests this step (``rollout.reproducible``), else None.
 
-    The pool adds each request's first prompt index, so every request gets its own stream."""
+    Prompt g of the batch samples with base + g and its sample j with ``rollout.seeds.sample_seed(base + g, j)``:
+    every sample has its own seed, a function of (train.seed, step, DP rank, task, prompt, sample), so a resumed
+    step sends the same seeds as the step it repeats."""
     if not cfg.rollout.reproducible:
         return None
     return sample_seed(cfg.train.seed, ctx.step, ctx.dp_rank, task) % 2**31
@@ -153,6 +155,7 @@ def collect_rpt(paragraphs: Sequence[Paragraph], cfg: RunConfig, engine: Any,
                                       t.predictions_per_mask, nt, cfg.prompt, rng, ctx.chat_template)
     _generate(engine, samples, t.predictions_per_mask,
               SamplingParams(n=t.predictions_per_mask, max_new_tokens=cfg.pred_max_new_tokens,
+                             seed=sampling_seed(cfg, ctx, "next_token"),
                              temperature=r.temperature, top_p=r.top_p), ctx)
     score_samples(samples, cfg.reward)
     rewards = [s.reward for s in samples if s.reward is not None]

@@ -56,7 +56,10 @@ def start_rollout(run: Run) -> None:
     box = [urls]
     torch.distributed.broadcast_object_list(box, src=0)
     if run.is_data_owner:
-        run.engine = RolloutPool(box[0], PoolConfig(max_concurrency_per_server=r.max_concurrency_per_server),
+        # SGLang gives every sample of a request its one sampling_seed: seeded groups go out one sample a request.
+        pool_cfg = PoolConfig(max_concurrency_per_server=r.max_concurrency_per_server,
+                              split_seeded=r.backend == "sglang")
+        run.engine = RolloutPool(box[0], pool_cfg,
                                  ClientConfig(api_key=r.api_key, generate_timeout_s=r.timeout_s,
                                               max_retries=r.max_retries), router_url=r.router_url)
         run.weights.engine = run.engine

@@ -7,6 +7,7 @@ and DP ranks), so the gradient does not depend on how a step is split.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,6 @@ def setup_training(model_chunks: list[torch.nn.Module], optim_cfg: Any, total_st
     """DDP-wrap ``model_chunks`` and build the optimizer and scheduler (``optim_cfg``: config.OptimConfig)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     tcfg = model_chunks[0].config
     tcfg.calculate_per_token_loss = True
@@ -45,13 +45,49 @@ def setup_training(model_chunks: list[torch.nn.Module], optim_cfg: Any, total_st
         use_distributed_optimizer=optim_cfg.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_cfg, ddp)
+    scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
+    tcfg.grad_scale_func = optimizer.scale_loss
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    return TrainingState(ddp, optimizer, scheduler)
+
+
+def build_scheduler(optimizer: Any, optim_cfg: Any, total_steps: int) -> Any:
+    """Megatron's ``OptimizerParamScheduler`` for ``optim_cfg`` over ``total_steps`` (``optim.lr_decay_steps``
+    overrides the decay length); ``optimizer``: anything with ``param_groups``."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
     decay_steps = optim_cfg.lr_decay_steps or total_steps
-    scheduler = OptimizerParamScheduler(
+    return OptimizerParamScheduler(
         optimizer, init_lr=0.0 if optim_cfg.lr_warmup_steps else optim_cfg.lr, max_lr=optim_cfg.lr,
         min_lr=optim_cfg.min_lr, lr_warmup_steps=optim_cfg.lr_warmup_steps,
         lr_decay_steps=max(decay_steps, optim_cfg.lr_warmup_steps + 1), lr_decay_style=optim_cfg.lr_decay_style,
         start_wd=optim_cfg.weight_decay, end_wd=optim_cfg.weight_decay, wd_incr_steps=decay_steps,
         wd_incr_style="constant")
-    tcfg.grad_scale_func = optimizer.scale_loss
-    tcfg.finalize_model_grads_func = finalize_model_grads
-    return TrainingState(ddp, optimizer, scheduler)
+
+
+SCHEDULE_KEYS = {"max_lr": "optim.lr", "min_lr": "optim.min_lr", "lr_warmup_steps": "optim.lr_warmup_steps",
+                 "lr_decay_steps": "optim.lr_decay_steps (default train.steps)",
+                 "lr_decay_style": "optim.lr_decay_style", "start_wd": "optim.weight_decay",
+                 "end_wd": "optim.weight_decay", "wd_incr_steps": "optim.lr_decay_steps (default train.steps)"}
+"""The scheduler fields a run's config sets, with the key that sets each (``OptimizerParamScheduler.state_dict``)."""
+
+
+def restore_scheduler(scheduler: Any, saved: Mapping[str, Any]) -> list[str]:
+    """Continue a checkpoint's LR schedule at its step count, on the schedule this run's config built.
+
+    The config decides the schedule and the checkpoint only where on it the run is, as Megatron-LM does with
+    ``--override-opt_param-scheduler``. So extending a finished run (``train.steps`` 2 -> 3) decays over the new
+    total instead of running the added steps at the old schedule's end (min_lr, 0 by default), and changing
+    ``optim.lr`` on resume takes effect. Returns the fields that differ from the checkpoint's, as
+    ``"lr_decay_steps 2 -> 3 (optim.lr_decay_steps (default train.steps))"``, for the caller's notice.
+    """
+    current = scheduler.state_dict()
+    changed = [f"{k} {saved[k]} -> {current[k]} ({key})" for k, key in SCHEDULE_KEYS.items()
+               if k in saved and saved[k] != current[k]]
+    before = scheduler.override_opt_param_scheduler
+    scheduler.override_opt_param_scheduler = True  # keep our values, take only num_steps from the checkpoint
+    try:
+        scheduler.load_state_dict(dict(saved))
+    finally:
+        scheduler.override_opt_param_scheduler = before
+    return list(dict.fromkeys(changed))

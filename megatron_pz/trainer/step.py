@@ -122,6 +122,9 @@ def train_step(state: Any, microbatches: list[MicroBatch], loss_cfg: LossConfig,
     (docs/results.md measured |dw|/|w| = 7e-7 after 8 such steps). At lr 0 the weights stay bit-identical; the
     step still exists (Adam's count and moment decay), which keeps the optimizer state complete for the
     checkpoint. The scheduler advances, so the learning rate stays a function of the step number.
+
+    ``train/lr`` is the schedule's learning rate of this step, the one its update ran at, on both paths (a skipped
+    step logs the schedule's value too, and ``train/update_skipped`` = 1 says that nothing moved).
     """
     if _global_tokens(microbatches) == 0:
         return _empty_step(state)
@@ -129,13 +132,14 @@ def train_step(state: Any, microbatches: list[MicroBatch], loss_cfg: LossConfig,
         m.train()
         m.zero_grad_buffer()
     state.optimizer.zero_grad()
+    lr = state.optimizer.param_groups[0]["lr"]  # this step's (the scheduler moves on to the next one's below)
     reports = _forward_backward(state.model, microbatches, loss_cfg, vocab_size, temperature, forward_only=False,
                                 supervised=supervised)
     ok, grad_norm, _ = state.optimizer.step()
     if ok:
         state.scheduler.step(increment=1)
     out = _combine(reports) if reports else {}
-    out.update({"train/grad_norm": float(grad_norm or 0.0), "train/lr": state.optimizer.param_groups[0]["lr"],
+    out.update({"train/grad_norm": float(grad_norm or 0.0), "train/lr": lr,
                 "train/update_skipped": float(not ok)})
     return out
 

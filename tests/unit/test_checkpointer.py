@@ -26,3 +26,47 @@ def test_rng_state_round_trips_through_json():
     set_rng_state(saved)
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[0] == want[0] and got[1] == want[1] and torch.equal(got[2], want[2])
+
+
+# ---------------------------------------------------------------------------- the LR schedule on resume
+class _Groups:
+    """What Megatron's scheduler needs of an optimizer: its parameter groups."""
+
+    def __init__(self):
+        self.param_groups = [{"lr": None, "weight_decay": None}]
+
+
+def _scheduler(steps, **optim):
+    from megatron_pz.config import OptimConfig
+    from megatron_pz.trainer.optimizer import build_scheduler
+
+    opt = _Groups()
+    return opt, build_scheduler(opt, OptimConfig(lr=1e-3, **optim), steps)
+
+
+def test_extending_a_finished_run_continues_the_schedule_to_the_new_total():
+    opt, old = _scheduler(2)  # cosine over 2 steps: step 1 at lr, step 2 at lr/2, then min_lr = 0
+    assert opt.param_groups[0]["lr"] == 1e-3
+    old.step(increment=1)
+    old.step(increment=1)
+    assert opt.param_groups[0]["lr"] == 0.0
+    saved = json.loads(json.dumps(old.state_dict()))
+
+    from megatron_pz.trainer.optimizer import restore_scheduler
+
+    opt, new = _scheduler(3)
+    changed = restore_scheduler(new, saved)
+    # step 3 of a cosine over 3 steps, after 2 done: 1e-3 * (1 + cos(2 pi / 3)) / 2 = 2.5e-4
+    assert new.num_steps == 2 and abs(opt.param_groups[0]["lr"] - 2.5e-4) < 1e-12
+    assert changed == ["lr_decay_steps 2 -> 3 (optim.lr_decay_steps (default train.steps))",
+                       "wd_incr_steps 2 -> 3 (optim.lr_decay_steps (default train.steps))"]
+
+
+def test_an_unchanged_schedule_resumes_where_it_was_and_reports_nothing():
+    from megatron_pz.trainer.optimizer import restore_scheduler
+
+    opt, old = _scheduler(4, lr_decay_style="linear")
+    old.step(increment=1)
+    opt, new = _scheduler(4, lr_decay_style="linear")
+    assert restore_scheduler(new, old.state_dict()) == []
+    assert new.num_steps == 1 and abs(opt.param_groups[0]["lr"] - 7.5e-4) < 1e-12  # 1e-3 * (1 - 1/4)
