@@ -8,8 +8,10 @@ What it runs, all on CPU with one thread per process, at fixed seeds:
     every logged metric except wall times, plus a sha256 of the weights of the last version pushed;
   * the Megatron-vs-HF parity tests (their printed max |diff|);
   * the kill -9 resume test (pass/fail: its data order equals the uninterrupted run's).
-Rollouts are sampled with one seed per request (``rollout.reproducible``), which makes the sampled figures
-repeat from run to run at the same seed and thread count.
+Rollouts are seeded (``rollout.reproducible``), which makes the sampled figures repeat from run to run at the same
+seed and thread count. The stored figures (docs/figures/fingerprint_*.json) were measured when a request's samples
+shared one seed; sampling now seeds each sample (rollout/seeds.py), so today's tree gives other sampled figures.
+The before/after comparison in docs/architecture.md is between two trees measured the same way.
 """
 from __future__ import annotations
 
