@@ -1,6 +1,7 @@
 """One optimizer step on a list of micro-batches through Megatron's pipeline schedule.
 
-forward_step (every stage) -> loss_func (last stage: vocab-parallel log-probs -> GRPO policy loss, a token
+forward_step (every stage; the last stage's output layer runs from the first response position only,
+``model/logit_window.py``) -> loss_func (last stage: vocab-parallel log-probs -> GRPO policy loss, a token
 sum) -> Megatron backward -> finalize_model_grads (DP reduction, / global token count) -> optimizer.step.
 One on-policy PPO update per step: the ratio is taken against the trainer's own log-probs of the same forward
 (detached), so it is exactly 1 and the engine/trainer mismatch is handled by truncated importance sampling.
@@ -27,10 +28,12 @@ def _forward_backward(model: list[torch.nn.Module], microbatches: list[MicroBatc
     dev = device.default_device()
 
     def forward_step(data_iterator, chunk):
-        mb = next(data_iterator).to(dev)
+        batch = next(data_iterator)
+        start = logits_start(batch.loss_mask)  # on the host copy: no device sync
+        mb = batch.to(dev)
         # The output layer runs from the first position whose logit any row's loss reads (the model computes
         # no logits for the prompt prefix shared by all rows); s0 = 0 when the model declines (SP/CP, MTP).
-        with logits_from(chunk, logits_start(mb.loss_mask)) as s0:
+        with logits_from(chunk, start) as s0:
             output = chunk(mb.tokens, mb.position_ids, attention_mask=None)
 
         def loss_func(logits: torch.Tensor):
