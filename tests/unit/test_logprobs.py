@@ -108,8 +108,8 @@ def test_logits_from_slices_the_output_layer_input_and_gives_prompt_positions_ze
     assert model(hidden).shape == (2, 7, 6)  # the hook is gone after the block
 
 
-@pytest.mark.parametrize("config", [dict(sequence_parallel=True), dict(context_parallel_size=2),
-                                    dict(mtp_num_layers=1)])
+@pytest.mark.parametrize("config", [{"sequence_parallel": True}, {"context_parallel_size": 2},
+                                    {"mtp_num_layers": 1}])
 def test_logits_from_declines_layouts_that_split_or_reuse_the_sequence(config):
     from megatron_pz.model.logit_window import logits_from
 
