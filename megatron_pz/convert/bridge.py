@@ -129,6 +129,11 @@ def _gather(canonical: str, local: torch.Tensor, size: int, group: object) -> to
     return mapping.unshard_tp(canonical, _all_gather(local, size, group))
 
 
+def _is_view(t: torch.Tensor) -> bool:
+    """Whether ``t`` shares a larger storage (pickling it would write all of that storage)."""
+    return t.untyped_storage().nbytes() > t.numel() * t.element_size()
+
+
 def gather_hf_state_dict(model_chunks: list[torch.nn.Module], arch: ModelArch,
                          dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
     """The full HF state dict on global rank 0 (None elsewhere). Collective over all ranks."""
@@ -139,14 +144,17 @@ def gather_hf_state_dict(model_chunks: list[torch.nn.Module], arch: ModelArch,
         return dict(iter_hf_tensors(model_chunks, arch, dtype))
     # One sender per PP stage: TP rank 0 of DP rank 0. Stage dicts are gathered over the PP group.
     is_sender = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    pp_size = ps.get_pipeline_model_parallel_world_size()
     local: dict[str, torch.Tensor] = {}
     for name, t in iter_hf_tensors(model_chunks, arch, dtype):  # every rank joins the gathers ...
         if is_sender:  # ... but only senders keep the result (a whole stage per rank would not fit an MoE node)
-            local[name] = t
+            # Stage dicts cross ranks pickled, and pickling a view writes its whole storage. Megatron's DDP keeps
+            # every parameter as a view of one contiguous grad-bucket buffer, so without the copy each of a
+            # stage's ~100 tensors would carry the whole stage: SmolLM2 at PP2 grew to 10 GB a rank and was killed.
+            local[name] = t.detach().clone() if pp_size > 1 and _is_view(t) else t
     out: dict[str, torch.Tensor] | None = None
     if is_sender:
         pp_group = ps.get_pipeline_model_parallel_group()
-        pp_size = ps.get_pipeline_model_parallel_world_size()
         parts: list = [None] * pp_size
         if pp_size > 1:
             dist.all_gather_object(parts, local, group=pp_group)

@@ -138,3 +138,23 @@ def test_expert_fc1_is_gate_then_up_and_shards_like_dense_fc1():
     bad = {**hf, "model.layers.0.mlp.experts.3.down_proj.weight": torch.zeros(2, 4)}
     with pytest.raises(CheckpointError, match=r"experts\.3\.down_proj\.weight.*\(2, 4\).*\(2, 3\)"):
         mapping.to_megatron(fc2, bad.__getitem__, a, 8)
+
+
+def test_views_of_a_bucket_buffer_are_copied_before_pickling():
+    """Megatron's DDP keeps parameters as views of one contiguous buffer; pickling a view writes the whole buffer.
+
+    ``gather_hf_state_dict`` sends PP stage dicts pickled, so it copies such views first (SmolLM2 at PP2 grew to
+    10 GB a rank without it)."""
+    import pickle
+
+    import torch
+
+    from megatron_pz.convert.bridge import _is_view
+
+    buffer = torch.zeros(100_000)
+    views = {f"p{i}": buffer[i * 1000:(i + 1) * 1000] for i in range(10)}
+    assert all(_is_view(v) for v in views.values())
+    assert not _is_view(views["p0"].clone()) and not _is_view(torch.zeros(1000))
+    big = len(pickle.dumps(views))
+    small = len(pickle.dumps({k: v.clone() for k, v in views.items()}))
+    assert big > 5 * small  # each view carries the 400 kB buffer; the copies carry 4 kB each
