@@ -47,8 +47,9 @@ def test_bench_compare_one_measured_step(tiny_policy, tmp_path):
     assert sum(o["share"].values()) == pytest.approx(1.0, abs=1e-6)
     # memory from the kernel's marks: ours counts the trainer and its rollout server, never a forked copy
     sides = s["sides"]
-    assert len([q for q in sides["ours"]["processes"] if not q["forked"]]) >= 2
-    assert o["peak_rss_bytes"] == sides["ours"]["peak_rss_bytes"] >= sides["ours"]["max_process_rss_bytes"]
+    counted = [q["peak_bytes"] for q in sides["ours"]["processes"] if not q["forked"]]
+    assert len(counted) >= 2 and min(counted) > 50e6  # each imports torch: its mark was read
+    assert o["peak_rss_bytes"] == sides["ours"]["peak_rss_bytes"] == sum(counted)
     for side in ("ours", "trl", "generate"):
         assert 0 <= sides[side]["monitor_cpu_s"] < sides[side]["wall_s"]
     # the same workload: same paragraphs, same prompt tokens; a random tiny model never emits EOS in 8 tokens,
