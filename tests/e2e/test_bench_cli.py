@@ -48,7 +48,7 @@ def test_bench_compare_one_measured_step(tiny_policy, tmp_path):
     # memory from the kernel's marks: ours counts the trainer and its rollout server, never a forked copy
     sides = s["sides"]
     counted = [q["peak_bytes"] for q in sides["ours"]["processes"] if not q["forked"]]
-    assert len(counted) >= 2 and min(counted) > 50e6  # each imports torch: its mark was read
+    assert len([b for b in counted if b > 50e6]) >= 2  # trainer and server import torch: their marks were read
     assert o["peak_rss_bytes"] == sides["ours"]["peak_rss_bytes"] == sum(counted)
     for side in ("ours", "trl", "generate"):
         assert 0 <= sides[side]["monitor_cpu_s"] < sides[side]["wall_s"]
