@@ -7,6 +7,7 @@
   sides.py     the TRL and plain-generate sides, each run in its own process
   trl_grpo.py  TRL's GRPOTrainer as a library: prompts + reward + our hyper-parameters -> per-step rewards
   procs.py     running a side and measuring its process tree (time, CPU, peak memory, load)
+  peaks.py     the peak memory of a process tree from the kernel's high-water marks
   report.py    the figures and tables (pure)
 
 ``benchmarks`` imports ``megatron_pz``; ``megatron_pz`` never imports ``benchmarks``. Run from the repository root

@@ -3,7 +3,8 @@
     python -m benchmarks.compare                     # = --config examples/bench_cpu.yaml --out runs/bench/compare
     python -m benchmarks.compare --config examples/bench_cpu.yaml --out runs/bench/compare [key=value ...]
 
-Sides, each in its own process (peak RSS is per side: the process and all its children, sampled every 0.1 s):
+Sides, each in its own process (peak memory is per side: the sum of the kernel's high-water marks of the process
+and all its children, ``benchmarks.peaks``):
   ours      ``megatron-pz train`` with ``train.objective=random_span`` and ``advantage.dapo_filter=false``
             (every sample is trained, as TRL trains every sample): Megatron trainer + embedded rollout server
   trl       TRL ``GRPOTrainer`` on the same HF weights, prompts (token ids), targets, group layout and
@@ -19,8 +20,9 @@ the trained samples (no padding) / train phase time, peak RSS; ratios ours/TRL. 
 = 6 x parameters x trained tokens / train time (the dense 6NT rule: forward + backward, attention FLOPs not
 counted) over this process's measured fp32 matmul FLOP/s (``megatron_pz.scaling.measure.matmul_gflops``);
 rollout tokens/s over plain generate; weight-sync seconds; the share of the step in rollout / train / sync / save /
-idle (idle = step - the phases). Writes <out>/bench.json and <out>/bench.md, and prints the table. ``uptime`` load averages are recorded
-before and after each side: the figures are only comparable at similar load.
+idle (idle = step - the phases). Writes <out>/bench.json and <out>/bench.md, and prints the table. ``uptime`` load
+averages are recorded before and after each side: the figures are only comparable at similar load. So is the
+bench's own CPU time while each side runs (``monitor_cpu_s``), the cost of measuring.
 """
 from __future__ import annotations
 
@@ -153,7 +155,8 @@ def compare(config: str, overrides: list[str], out: Path, steps: int | None, war
                      "prompt_tokens_mean": mean([len(p.ids) for s in work.steps for p in s.prompts])},
     })
     (out / "bench.json").write_text(json.dumps(summary, indent=1, default=str))
-    (out / "bench.md").write_text(markdown_table(summary) + "\n" + _load_note(summary) + "\n")
+    (out / "bench.md").write_text(markdown_table(summary) + "\n" + _load_note(summary) + "\n\n" +
+                                  _measuring_note(summary).replace("\n", "\n\n") + "\n")
     return summary
 
 
@@ -183,6 +186,16 @@ def _load_note(s: dict[str, Any]) -> str:
     return "Load averages (1/5/15 min) before -> after each side: " + "; ".join(parts)
 
 
+def _measuring_note(s: dict[str, Any]) -> str:
+    """How memory was measured, and what measuring cost: the bench's own CPU seconds while each side ran."""
+    sides = s["sides"].values()
+    method = next((v["memory_method"] for v in sides if "memory_method" in v), None)
+    cost = "; ".join(f"{k} {v['monitor_cpu_s']:.2f} CPU-s over {v['wall_s']:.0f} s "
+                     f"({100 * v['monitor_cpu_share']:.2f}% of one core)"
+                     for k, v in s["sides"].items() if "monitor_cpu_s" in v)
+    return f"Memory: {method}.\nThe bench's own CPU while each side ran: {cost}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -206,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
           f"after {s['warmup_steps']} warm-up")
     print(text_table(s))
     print(_load_note(s))
+    print(_measuring_note(s))
     print(f"wrote {Path(args.out) / 'bench.json'} and {Path(args.out) / 'bench.md'}")
     return 0
 

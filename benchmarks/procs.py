@@ -1,17 +1,23 @@
-"""Process helpers of the comparison: run one side in its own process tree and measure it from outside.
+"""Process helpers of the comparison: run one side in its own process tree and measure it from outside, at a cost
+to the side too small to see.
 
-Peak memory is per side: the side's process and all its descendants, sampled every 0.1 s from /proc (PSS, so
-pages shared by forked workers count once; plain RSS summed is kept too). CPU seconds come from
-``getrusage(RUSAGE_CHILDREN)`` around the side, load averages from ``os.getloadavg`` before and after.
+Peak memory is per side: the kernel's high-water marks of the side's process and all its descendants, read once
+a second (``benchmarks.peaks``, which says what the figure is). The side's CPU seconds are ``wait4``'s rusage of
+its main process (its reaped descendants included), load averages ``os.getloadavg`` before and after. The bench's
+own CPU seconds while the side runs (``monitor_cpu_s``, ``getrusage(RUSAGE_SELF)``) are recorded with them: the
+cost of measuring, taken from the cores the side runs on.
 """
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.peaks import MEMORY_METHOD, POLL_S, TreePeaks
 from megatron_pz.errors import UserError
 
 
@@ -29,84 +35,47 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        kids.setdefault(ppid, []).append(int(d))
-    return kids
-
-
-def _tree(pid: int) -> list[int]:
-    kids, out, todo = _children(), [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += kids.get(p, [])
-    return out
-
-
-def _rss_bytes(pid: int) -> int:
-    """Resident set of one process (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def tree_rss_bytes(pid: int) -> int:
-    """RSS of ``pid`` and all its descendants (Linux /proc). Pages shared between them count once per process."""
-    return sum(_rss_bytes(p) for p in _tree(pid))
-
-
-def tree_pss_bytes(pid: int) -> int:
-    """PSS of ``pid`` and its descendants: each shared page is split among the processes mapping it, so forked
-    workers (Megatron's checkpoint writers fork the trainer) are not counted as full copies. Falls back to RSS
-    where smaps_rollup is unreadable."""
-    total = 0
-    for p in _tree(pid):
-        try:
-            with open(f"/proc/{p}/smaps_rollup") as f:
-                total += next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("Pss:"))
-        except (OSError, StopIteration, ValueError, IndexError):
-            total += _rss_bytes(p)
-    return total
+def _cpu_s(ru: resource.struct_rusage) -> float:
+    return ru.ru_utime + ru.ru_stime
 
 
 def run_side(name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
              timeout_s: float = 3600.0) -> dict[str, Any]:
-    """Run one side; returns wall time, peak tree RSS, load averages; raises UserError on failure."""
-    import resource
-
+    """Run one side; returns wall and CPU time, peak memory, the bench's own CPU seconds meanwhile and load
+    averages; raises UserError on failure."""
     load_before = load_average()
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu0 = ru.ru_utime + ru.ru_stime
+    self0 = _cpu_s(resource.getrusage(resource.RUSAGE_SELF))
     t0 = time.perf_counter()
-    peak = peak_rss = 0
+    reaped: dict[str, Any] = {}
+    done = threading.Event()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        while proc.poll() is None:
-            peak = max(peak, tree_pss_bytes(proc.pid))
-            peak_rss = max(peak_rss, tree_rss_bytes(proc.pid))
+        peaks = TreePeaks(proc.pid)
+
+        def reap() -> None:  # blocks in the kernel until the side exits: no wake-ups, and its exact exit rusage
+            _, status, ru = os.wait4(proc.pid, 0)
+            reaped.update(status=status, rusage=ru, wall_s=time.perf_counter() - t0)
+            proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait for it again
+            done.set()
+
+        threading.Thread(target=reap, daemon=True).start()
+        while not done.wait(POLL_S):
+            peaks.poll()
             if time.perf_counter() - t0 > timeout_s:
                 proc.kill()
-                proc.wait()
+                done.wait()
                 raise UserError(f"bench: side {name!r} ran past {timeout_s:.0f} s; log: {log_path}")
-            time.sleep(0.1)
+    monitor_cpu_s = _cpu_s(resource.getrusage(resource.RUSAGE_SELF)) - self0
     if proc.returncode != 0:
         tail = log_path.read_text()[-3000:]
         raise UserError(f"bench: side {name!r} failed (exit {proc.returncode}); log: {log_path}\n{tail}")
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ru = reaped["rusage"]
+    peaks.credit_exit(ru.ru_maxrss * 1024)
+    wall = reaped["wall_s"]
     # CPU seconds of the side's whole process tree (set-up and warm-up included): less sensitive than wall time to
     # other jobs on a shared machine
-    return {"wall_s": time.perf_counter() - t0, "cpu_s": ru.ru_utime + ru.ru_stime - cpu0, "peak_rss_bytes": peak,
-            "peak_rss_sum_bytes": peak_rss,  # plain RSS summed over the tree (double-counts shared pages)
-            "max_process_rss_bytes": ru.ru_maxrss * 1024,  # the largest single process waited for so far
+    return {"wall_s": wall, "cpu_s": _cpu_s(ru), **peaks.summary(),
+            "max_process_rss_bytes": ru.ru_maxrss * 1024,  # the largest single mark of the tree, exact at exit
+            "memory_method": MEMORY_METHOD,
+            "monitor_cpu_s": monitor_cpu_s, "monitor_cpu_share": monitor_cpu_s / wall if wall > 0 else float("nan"),
             "load_before": load_before, "load_after": load_average()}

@@ -81,7 +81,7 @@ def _side_summary(rows: list[dict[str, Any]], step_key: str, peak_bytes: int) ->
 _ROWS = [("step time (s, lower is better)", "step_s", "{:.2f}"),
          ("rollout tokens/s", "rollout_tokens_per_s", "{:.1f}"),
          ("train tokens/s", "train_tokens_per_s", "{:.1f}"),
-         ("peak memory (GB, process-tree PSS)", "peak_rss_bytes", "{:.2f}")]
+         ("peak memory (GB, sum of per-process peaks)", "peak_rss_bytes", "{:.2f}")]
 
 
 def _fmt(key: str, fmt: str, v: Any) -> str:

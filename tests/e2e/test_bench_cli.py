@@ -26,7 +26,8 @@ def test_bench_compare_one_measured_step(tiny_policy, tmp_path):
                        capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
     assert p.returncode == 0, p.stderr[-4000:]
     for word in ("megatron_pz", "TRL GRPOTrainer", "ours / TRL", "rollout tokens/s", "train tokens/s", "peak memory",
-                 "FLOP/s", "plain transformers generate", "weight sync", "idle"):
+                 "FLOP/s", "plain transformers generate", "weight sync", "idle", "high-water mark",
+                 "The bench's own CPU while each side ran: ours"):
         assert word in p.stdout, word
     s = json.loads((out / "bench.json").read_text())
     assert (out / "bench.md").read_text().startswith("| metric |")
@@ -44,6 +45,13 @@ def test_bench_compare_one_measured_step(tiny_policy, tmp_path):
     assert 0 < o["train_flops_over_matmul"] and o["train_flops_per_s"] == pytest.approx(
         6 * s["params"] * ours2["trained_tokens"] / ours2["train_s"])
     assert sum(o["share"].values()) == pytest.approx(1.0, abs=1e-6)
+    # memory from the kernel's marks: ours counts the trainer and its rollout server, never a forked copy
+    sides = s["sides"]
+    counted = [q["peak_bytes"] for q in sides["ours"]["processes"] if not q["forked"]]
+    assert len([b for b in counted if b > 50e6]) >= 2  # trainer and server import torch: their marks were read
+    assert o["peak_rss_bytes"] == sides["ours"]["peak_rss_bytes"] == sum(counted)
+    for side in ("ours", "trl", "generate"):
+        assert 0 <= sides[side]["monitor_cpu_s"] < sides[side]["wall_s"]
     # the same workload: same paragraphs, same prompt tokens; a random tiny model never emits EOS in 8 tokens,
     # so both sides generate and train exactly the same number of tokens
     assert s["same_paragraphs"]

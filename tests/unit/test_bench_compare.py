@@ -101,20 +101,14 @@ def test_missing_trl_is_one_clear_line(monkeypatch, capsys):
     assert len(err) == 1 and "needs TRL" in err[0]
 
 
-def test_tree_rss_counts_children():
-    import subprocess
+def test_measuring_note_says_how_memory_is_measured_and_what_measuring_cost():
+    from benchmarks.peaks import MEMORY_METHOD
 
-    p = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
-                          "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(5)']); time.sleep(5)"])
-    try:
-        import time
-
-        time.sleep(1.0)
-        own = procs.tree_rss_bytes(p.pid)
-        with open(f"/proc/{p.pid}/statm") as f:
-            parent_only = int(f.read().split()[1]) * __import__("os").sysconf("SC_PAGE_SIZE")
-        assert own > parent_only
-        assert 0 < procs.tree_pss_bytes(p.pid) <= own  # shared pages split, not counted per process
-    finally:
-        p.kill()
-        p.wait()
+    s = {"sides": {"ours": {"memory_method": MEMORY_METHOD, "monitor_cpu_s": 0.25, "wall_s": 50.0,
+                            "monitor_cpu_share": 0.005},
+                   "trl": {"memory_method": MEMORY_METHOD, "monitor_cpu_s": 0.1, "wall_s": 40.0,
+                           "monitor_cpu_share": 0.0025}}}
+    note = compare._measuring_note(s)
+    assert "high-water mark" in note and "upper bound" in note
+    assert "ours 0.25 CPU-s over 50 s (0.50% of one core)" in note
+    assert "trl 0.10 CPU-s over 40 s (0.25% of one core)" in note
