@@ -3,7 +3,9 @@
 Linux keeps, per process, the largest resident set it has had (``VmHWM`` in /proc/PID/status; ``ru_maxrss`` of
 ``wait4`` when it exits). Reading that mark is a few counters per process, so it can be read rarely without losing
 the peak: the peak is kept by the kernel between reads. Only the growth of a process in its last
-``POLL_S`` before exit can be missed, and for the side's main process ``wait4`` closes that gap (``credit_exit``).
+``POLL_S`` before exit can be missed. ``wait4``'s ru_maxrss would close that gap for the main process
+(``credit_exit``), but Linux carries the mark across exec, so a side started from a large parent reports the
+parent's RSS; ``run_side`` does not use it.
 
 The side's figure is the **sum of the per-process peaks**. The processes need not peak at the same moment, so the
 sum is an upper bound of the tree's simultaneous peak; the resident sets also count shared library pages once per
@@ -126,5 +128,5 @@ def _short(cmdline: bytes) -> str:
 
 
 MEMORY_METHOD = ("peak memory = sum over the side's processes of each one's kernel high-water mark (VmHWM, read "
-                 f"every {POLL_S:g} s; wait4 ru_maxrss at exit), forked copies left out: an upper bound of the "
+                 f"every {POLL_S:g} s), forked copies left out: an upper bound of the "
                  "simultaneous peak")

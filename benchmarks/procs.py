@@ -70,12 +70,13 @@ def run_side(name: str, cmd: list[str], log_path: Path, env: dict[str, str] | No
         tail = log_path.read_text()[-3000:]
         raise UserError(f"bench: side {name!r} failed (exit {proc.returncode}); log: {log_path}\n{tail}")
     ru = reaped["rusage"]
-    peaks.credit_exit(ru.ru_maxrss * 1024)
+    # wait4's ru_maxrss is not credited to the root (peaks.credit_exit): Linux carries a process's high-water mark
+    # across exec, so a side started from a large parent (a test runner holding torch) reports the parent's RSS.
     wall = reaped["wall_s"]
     # CPU seconds of the side's whole process tree (set-up and warm-up included): less sensitive than wall time to
     # other jobs on a shared machine
     return {"wall_s": wall, "cpu_s": _cpu_s(ru), **peaks.summary(),
-            "max_process_rss_bytes": ru.ru_maxrss * 1024,  # the largest single mark of the tree, exact at exit
+            "max_process_rss_bytes": ru.ru_maxrss * 1024,  # wait4's mark: includes the forking parent's RSS
             "memory_method": MEMORY_METHOD,
             "monitor_cpu_s": monitor_cpu_s, "monitor_cpu_share": monitor_cpu_s / wall if wall > 0 else float("nan"),
             "load_before": load_before, "load_after": load_average()}
