@@ -264,6 +264,11 @@ class RunConfig:
         # names "[mask]" only, so a custom span.mask_token is added here.
         if self.train.objective in SPAN_OBJECTIVES and self.span.mask_token not in self.corpus.drop_if_contains:
             self.corpus.drop_if_contains = [*self.corpus.drop_if_contains, self.span.mask_token]
+        # A restated prompt ends mid-sentence: the answer is the continuation, never a \boxed{}, so the boxed
+        # rewards would score 0 on every sample and DAPO would drop every group, silently.
+        if self.prompt.pred_restate and self.reward.pred_reward in ("exact_match", "exact_match_lenient"):
+            raise ConfigError(f"prompt.pred_restate=true answers by continuation, not \\boxed{{}}: set "
+                              f"reward.pred_reward=continuation_match (got {self.reward.pred_reward!r})")
 
     # -------------------------------------------------------------- derived
     @property

@@ -130,7 +130,9 @@ def setup(cfg: RunConfig) -> Run:
               weights=WeightPublisher(arch, torch_dtype(cfg.rollout.weights_dtype)))
     run.chat_template = chat_template_fn(run)
     if layout.is_data_owner:
+        # A restated prompt holds the paragraph and, at most, a second copy of its longest sentence.
         run.corpus = CorpusReader(cfg.corpus, count_tokens=count, prompt_overhead_tokens=overhead,
+                                  paragraph_copies=2 if cfg.prompt.pred_restate else 1,
                                   dp_rank=layout.dp_rank, dp_world_size=dp_size)
     if run.checkpointer.can_resume():
         run.checkpointer.load(run)
