@@ -72,6 +72,18 @@ def exact_match_lenient(response: str, target: str, **info: Any) -> float:
     return float(answer is not None and normalize_lenient(answer) == normalize_lenient(target))
 
 
+def continuation_answer(response: str, target: str) -> str | None:
+    """The response's first k whole words as written (k = words in ``target``; ``continuation_match``), or None
+    when the response has fewer words or starts with something else than a word (after whitespace)."""
+    want = word_offsets(target)
+    if not want or not isinstance(response, str):
+        return None
+    got = word_offsets(response[: 4 * len(target) + 64])  # the answer is at the start; bound the scan
+    if len(got) < len(want) or response[: got[0][0]].strip():
+        return None  # "(Paris" or "- Paris" is not the continuation " Paris"
+    return response[got[0][0]: got[len(want) - 1][1]]
+
+
 def continuation_match(response: str, target: str, **info: Any) -> float:
     """1 if the response's first k whole words, as written, equal the target's k words (strict).
 
@@ -81,15 +93,8 @@ def continuation_match(response: str, target: str, **info: Any) -> float:
     is compared verbatim after stripping, so "New  York" does not match "New York". A target without words
     scores 0.
     """
-    want = word_offsets(target)
-    if not want or not isinstance(response, str):
-        return 0.0
-    got = word_offsets(response[: 4 * len(target) + 64])  # the answer is at the start; bound the scan
-    if len(got) < len(want):
-        return 0.0
-    answer = response[got[0][0]: got[len(want) - 1][1]]
-    # Only words may come first: "(Paris" or "- Paris" is not the continuation " Paris".
-    return float(response[: got[0][0]].strip() == "" and answer == target.strip())
+    answer = continuation_answer(response, target)
+    return float(answer is not None and answer == target.strip())
 
 
 def generator_reward(accuracy: float | None, zero_acc_rule: bool = True, invalid_mask_reward: float = 0.0) -> float:
