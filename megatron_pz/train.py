@@ -281,6 +281,15 @@ def main_from_args(args: argparse.Namespace) -> int:
     if args.config is None and not any(o.startswith("policy.load=") for o in [*flags, *args.overrides]):
         raise ConfigError("give a run file (--config FILE) or the weights to start from (--load CKPT or "
                           "policy.load=...); nothing else is needed for the paper's defaults")
+    if args.config is not None:
+        from pathlib import Path
+
+        from megatron_pz.config import read_yaml
+        from megatron_pz.trainer.stages import is_staged, run_stages
+
+        data = read_yaml(Path(args.config))
+        if is_staged(data):
+            return run_stages(Path(args.config), data, [*flags, *args.overrides])
     cfg = load_config(args.config, [*flags, *args.overrides])
     # The console is for people: library chatter goes to the run's log file, rank 0 prints the set-up, one line
     # per step and the progress bar; other ranks print only errors. RANK/WORLD_SIZE: torchrun's (1 process else).
