@@ -219,14 +219,30 @@ class CheckpointConfig:
     auto_resume: bool = True
 
 
+WANDB_MODES = (None, "online", "offline")
+
+
 @dataclass
 class LoggingConfig:
     tensorboard: bool = True
+    # Weights & Biases beside TensorBoard (needs `pip install wandb`): the same scalars, one W&B run per training
+    # run (a resumed run continues it). Files under $WANDB_DIR/wandb/ if set, else <output_dir>/wandb/.
+    wandb: bool = False
+    wandb_project: str = "megatron_pz"
+    wandb_entity: str | None = None
+    # null = the run's `name`.
+    wandb_name: str | None = None
+    # online | offline (no network: files for `wandb sync`) | null = wandb's own choice ($WANDB_MODE, else online).
+    wandb_mode: str | None = None
     log_interval: int = 1
     # Write full prompt/response texts of a few samples every K steps (0 = never).
     sample_interval: int = 10
     samples_per_log: int = 4
     progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in WANDB_MODES:
+            raise ConfigError(f"logging.wandb_mode must be online, offline or null, got {self.wandb_mode!r}")
 
 
 SPAN_OBJECTIVES = ("pretrainzero", "random_span", "sft_span")
