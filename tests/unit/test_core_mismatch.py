@@ -129,3 +129,24 @@ def test_config_reads_the_modes():
     assert (c.loss.mismatch, c.loss.mismatch_band) == ("mis_sequence", [0.99, 1.01])
     d = load_config(None)
     assert (d.loss.mismatch, d.loss.mismatch_band, d.loss.tis_cap) == ("tis", [0.5, 5.0], 2.0)
+
+
+def test_step_metrics_sum_the_counts_and_weight_the_means_by_tokens():
+    # two micro-batches of one rank: 3 and 1 loss tokens; counts add up, means are token-weighted
+    from megatron_pz.trainer.step import _combine, _step_counts
+
+    reports = [{"mis_weight_mean": 1.0, "mis_masked_tokens": 1.0, "mis_masked_seqs": 1.0, "mis_seqs": 2.0,
+                "num_tokens": 3.0, "_tokens": 3},
+               {"mis_weight_mean": 0.0, "mis_masked_tokens": 1.0, "mis_masked_seqs": 1.0, "mis_seqs": 1.0,
+                "num_tokens": 1.0, "_tokens": 1}]
+    out = _combine(reports)
+    _step_counts(out)  # one process: no data-parallel peers to add
+    assert out["train/mis_weight_mean"] == pytest.approx(3 / 4)
+    assert (out["train/mis_masked_tokens"], out["train/mis_masked_seqs"], out["train/mis_seqs"]) == (2, 2, 3)
+    assert out["train/mis_masked_token_frac"] == pytest.approx(2 / 4)
+    assert out["train/mis_masked_seq_frac"] == pytest.approx(2 / 3)
+    # a rank whose micro-batches hold no loss token still reports its (zero) counts, for the collective
+    empty = _combine([{**reports[1], "mis_masked_tokens": 0.0, "mis_masked_seqs": 0.0, "mis_seqs": 0.0,
+                       "_tokens": 0}])
+    assert empty == {"train/tokens": 0.0, "train/mis_masked_tokens": 0.0, "train/mis_masked_seqs": 0.0,
+                     "train/mis_seqs": 0.0}
