@@ -7,6 +7,7 @@ with a 7-byte header: CRC, little-endian length, type 1 = full / 2 first / 3 mid
 """
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,8 @@ def _records(path: Path):
             pos += left
             continue
         length, kind = struct.unpack_from("<HB", data, pos + 4)
+        if pos + 7 + length > len(data):  # a record still being written
+            return
         chunk += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # full, or the last piece of a record split over blocks
@@ -48,17 +51,25 @@ def _records(path: Path):
             chunk = b""
 
 
-def _history(run_file: Path) -> list[dict]:
+def _history(run_file: Path, wait_s: float = 60.0) -> list[dict]:
+    """The logged rows, once the run's closing ``exit`` record is in the file: W&B's service process writes the
+    file on its own and may still be at it when ``finish()`` has returned."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    rows = []
-    for data in _records(run_file):
-        rec = pb.Record()
-        rec.ParseFromString(data)
-        if rec.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in rec.history.item})
-    return rows
+    deadline = time.monotonic() + wait_s
+    while True:
+        rows, closed = [], False
+        for data in _records(run_file):
+            rec = pb.Record()
+            rec.ParseFromString(data)
+            kind = rec.WhichOneof("record_type")
+            closed |= kind == "exit"
+            if kind == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in rec.history.item})
+        if closed or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
 
 
 def test_scalars_land_in_the_offline_run_and_a_resume_continues_it(tmp_path, offline):
