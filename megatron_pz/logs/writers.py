@@ -153,7 +153,8 @@ class WandbLog:
         import wandb
 
         id_file = out_dir / self.RUN_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)  # W&B's own id form: 8 lowercase alphanumerics
+        # 8 lowercase hex digits: the form of W&B's own run ids
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         atomic_write_text(id_file, run_id + "\n")
         self._run = wandb.init(project=project, entity=entity, name=name, id=run_id, resume="allow", mode=mode,
                                dir=os.environ.get("WANDB_DIR") or str(out_dir), config=config,

@@ -58,7 +58,8 @@ def check_wandb(enabled: bool) -> None:
         import importlib.util
 
         if importlib.util.find_spec("wandb") is None:
-            raise ConfigError("logging.wandb=true needs the wandb package: pip install wandb (or set logging.wandb=false)")
+            raise ConfigError("logging.wandb=true needs the wandb package: pip install wandb "
+                              "(or set logging.wandb=false)")
 
 
 # ------------------------------------------------------------------ weights

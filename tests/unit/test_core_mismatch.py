@@ -115,7 +115,8 @@ def test_band_edges_one_are_allowed():
 
 
 @pytest.mark.parametrize("override,match", [
-    (["loss.mismatch_band=[2.0, 5.0]"], r"overrides: loss\.mismatch_band=\[2\.0, 5\.0\]: expected 0 < low <= 1 <= high"),
+    (["loss.mismatch_band=[2.0, 5.0]"],
+     r"overrides: loss\.mismatch_band=\[2\.0, 5\.0\]: expected 0 < low <= 1 <= high"),
     (["loss.mismatch=icepop"], r"overrides: loss\.mismatch='icepop': expected one of tis, mis_token, mis_sequence"),
 ])
 def test_config_errors_are_one_line_naming_the_key(override, match):
