@@ -15,6 +15,9 @@ The PretrainZero step loop [PZ §3.3, §4.1]. One step:
 
 Every stage takes the typed run (trainer/run.py) built once by trainer/setup.py.
 
+A rollout server the trainer launched (rollout.backend=embedded) that dies is restarted with the current weights and
+the step's rollout or sync retried, up to rollout.max_engine_restarts times (trainer/connect.py recover_rollout).
+
 The same command resumes a killed run from <output_dir>/checkpoints. It stops early, after a checkpoint and with
 exit status 0, on SIGUSR1/SIGTERM or when another step would pass ``train.exit_duration_mins`` (trainer/deadline.py).
 """
@@ -100,8 +103,10 @@ def announce_stop(run: Run, step: int, deadline: Deadline) -> None:
 # ------------------------------------------------------------------ stages
 def rollout(run: Run, step: int) -> tuple[list[Sample], dict[str, float]]:
     """Data owners collect this DP rank's samples; every rank of the model-parallel group gets them."""
+    from megatron_pz.errors import RolloutError
     from megatron_pz.parallel import share_samples
     from megatron_pz.trainer.collect import StepContext, collect
+    from megatron_pz.trainer.connect import recover_rollout
 
     samples, metrics = None, {}
     if run.is_data_owner:
@@ -110,8 +115,16 @@ def rollout(run: Run, step: int) -> tuple[list[Sample], dict[str, float]]:
         ctx = StepContext(encode=run.tokenizer.encode, decode=run.tokenizer.decode,
                           chat_template=run.chat_template, step=step, dp_rank=run.dp_rank,
                           eos_token_id=run.tokenizer.eos_token_id)
-        samples, metrics = collect(paragraphs, run.cfg, run.engine, ctx)
-        metrics = {f"rollout/{k}": v for k, v in metrics.items()}
+    while True:  # again, on the same paragraphs and seeds, after a launched server that died is restarted
+        error = None
+        if run.is_data_owner:
+            try:
+                samples, metrics = collect(paragraphs, run.cfg, run.engine, ctx)
+                metrics = {f"rollout/{k}": v for k, v in metrics.items()}
+            except RolloutError as exc:
+                error = exc
+        if not recover_rollout(run, error, f"step {step + 1}: rollout"):
+            break
     return share_samples(samples), metrics
 
 
@@ -173,8 +186,19 @@ def check_on_policy(run: Run, samples: list[Sample]) -> dict[str, float]:
 
 
 def sync_weights(run: Run) -> None:
-    """Push the updated policy to the rollout engine as weight version + 1 (collective gather, rank 0 pushes)."""
-    run.weights.push(run.chunks)
+    """Push the updated policy to the rollout engine as weight version + 1 (collective gather, rank 0 pushes).
+
+    A launched server that died is restarted from the new version's folder, which holds the pushed weights."""
+    from megatron_pz.errors import RolloutError
+    from megatron_pz.trainer.connect import recover_rollout
+
+    state = run.weights.export(run.chunks)  # collective
+    error = None
+    try:
+        run.weights.publish(state)
+    except RolloutError as exc:
+        error = exc
+    recover_rollout(run, error, f"weight sync to version {run.weight_version}")
 
 
 def should_save(run: Run, step: int, stop: bool = False) -> bool:
@@ -235,6 +259,8 @@ def log(run: Run, step: int, samples: list[Sample], metrics: dict[str, float]) -
     scalars = {k: sum(v) / len(v) for k, v in merged.items()}  # mean over the ranks that report a metric
     scalars.update(sample_scalars(all_samples))
     scalars["weight_version"] = float(run.weight_version)
+    if run.engine_restarts:
+        scalars["rollout/engine_restarts"] = float(run.engine_restarts)  # so far in this process
     sync = run.weights.last_report
     if sync is not None:
         scalars["time/sync_s_per_100m_params"] = sync.seconds_per_100m_params
