@@ -54,6 +54,9 @@ class Sample:
     weight_version: int = -1
     reward: float | None = None
     advantage: float | None = None
+    # MoE routing replay: the experts the rollout engine routed each token to, int array (P + R - 1, L * K)
+    # (rollout/protocol.py GenerationResult.routed_experts); None when not recorded.
+    routed_experts: Any = None
     # Task payload: paragraph id/text, span, masked paragraph, target answer, ... (JSON-serialisable).
     metadata: dict[str, Any] = field(default_factory=dict)
 

@@ -13,7 +13,8 @@ Decoding, the KV cache and sampling are transformers' ``generate``; this module 
 * one prefill per distinct prompt (a request for n samples arrives as n identical rows);
 * per-row sampling seeds (``SeededSampler``): each seeded row draws from its own generator, so rows with different
   seeds share one batch and a row's response depends on its seed and its own logits only, not on its neighbours;
-* a prompt's own log-probs (``prompt_logprobs``): SGLang's ``input_token_logprobs`` / ``input_top_logprobs``.
+* a prompt's own log-probs (``prompt_logprobs``): SGLang's ``input_token_logprobs`` / ``input_top_logprobs``;
+* MoE models: the experts each fed token was routed to (``routing.py``), SGLang's ``routed_experts``.
 
 Shapes: B = rows (prompts x samples) of one batch, L = padded prompt length, T = new tokens, V = vocabulary.
 """
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from megatron_pz.engine.model import LoadedModel
+from megatron_pz.engine.routing import RoutingRecorder, assemble
 from megatron_pz.engine.wire import PromptLogprobs
 from megatron_pz.rollout.protocol import GenerationResult, SamplingParams
 
@@ -191,33 +193,47 @@ def generate_rows(lm: LoadedModel, rows: list[Sequence[int]], params: SamplingPa
         eos_token_id=None if params.ignore_eos else sorted(eos_token_ids) or None,
     )
     input_ids, attention_mask = input_ids.to(lm.device), attention_mask.to(lm.device)
-    cache = shared_prompt_cache(lm, rows, input_ids, attention_mask)
-    cache_arg = {lm.cache_kw: cache} if cache is not None else {}
-    sequences = lm.model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, **cache_arg,
-        generation_config=gen_cfg, logits_processor=LogitsProcessorList([recorder, *samplers]),
-        stopping_criteria=StoppingCriteriaList([stopper]),
-    ).cpu()
+    with RoutingRecorder(lm.model) as routing:  # records nothing for a dense model
+        cache = shared_prompt_cache(lm, rows, input_ids, attention_mask)
+        cache_arg = {lm.cache_kw: cache} if cache is not None else {}
+        sequences = lm.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, **cache_arg,
+            generation_config=gen_cfg, logits_processor=LogitsProcessorList([recorder, *samplers]),
+            stopping_criteria=StoppingCriteriaList([stopper]),
+        ).cpu()
     elapsed = time.perf_counter() - t0
     new_tokens = sequences[:, prompt_len:]  # (B, T)
     logprobs = torch.stack(stopper.logprobs, dim=1)[:, :new_tokens.shape[1]].float() if stopper.logprobs \
         else torch.zeros((len(rows), 0))  # (B, T)
-    out = []
+    ends = []
     for r in range(len(rows)):
         end = stopper.end_step[r]
         if end >= 0:
-            n_keep, reason, matched = end + 1, "stop", stopper.matched[r]
+            ends.append((end + 1, "stop", stopper.matched[r]))
         elif stopper.aborted:
-            n_keep, reason, matched = new_tokens.shape[1], "abort", None
+            ends.append((new_tokens.shape[1], "abort", None))
         else:
-            n_keep, reason, matched = new_tokens.shape[1], "length", None
+            ends.append((new_tokens.shape[1], "length", None))
+    routed = [None] * len(rows)
+    if routing.calls:
+        shared = None if cache is None else _distinct_index(rows)
+        routed = assemble(routing.calls, [len(r) for r in rows], [n for n, _, _ in ends], shared)
+    out = []
+    for r, (n_keep, reason, matched) in enumerate(ends):
         ids = new_tokens[r, :n_keep].tolist()
         out.append(GenerationResult(
             prompt_index=-1, response_ids=ids, logprobs=logprobs[r, :n_keep].tolist(), finish_reason=reason,
             weight_version=version, text=response_text(lm.tokenizer, ids, matched, params), matched_stop=matched,
-            extra={"e2e_latency": elapsed},
+            extra={"e2e_latency": elapsed}, routed_experts=routed[r],
         ))
     return out
+
+
+def _distinct_index(rows: Sequence[Sequence[int]]) -> list[int]:
+    """Row -> index of its prompt among the distinct prompts in order of first appearance (the rows of
+    ``shared_prompt_cache``'s prefill)."""
+    first: dict[tuple[int, ...], int] = {}
+    return [first.setdefault(tuple(r), len(first)) for r in rows]
 
 
 @torch.no_grad()
@@ -251,11 +267,10 @@ def shared_prompt_cache(lm: LoadedModel, rows: list[Sequence[int]], input_ids: t
 
     if input_ids.shape[1] < 2 or not lm.share_prompts:
         return None
-    first: dict[tuple[int, ...], int] = {}
-    index = [first.setdefault(tuple(r), len(first)) for r in rows]
-    if len(first) == len(rows):
+    index = _distinct_index(rows)
+    if max(index) + 1 == len(rows):
         return None
-    rep = [0] * len(first)
+    rep = [0] * (max(index) + 1)
     for row, u in enumerate(index):
         if rep[u] == 0:
             rep[u] = row + 1

@@ -45,6 +45,10 @@ class ModelConfig:
     # dtype of the router logits: null = the model dtype (as HF and SGLang compute them, so the trainer routes
     # tokens as the rollout engine did) | fp32 | fp64.
     moe_router_dtype: str | None = None
+    # Routing replay (R3): the rollout engine returns the experts it routed each token to and the policy forward
+    # routes the same way (Megatron-Core's moe_enable_routing_replay; trainer/routing_replay.py). SGLang servers
+    # need --enable-return-routed-experts. See docs/training.md.
+    moe_routing_replay: bool = False
     # Extra TransformerConfig fields, passed through verbatim (escape hatch for Megatron options).
     transformer_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -67,6 +71,9 @@ class ModelConfig:
                               f"got {self.moe_token_dispatcher!r}")
         if self.moe_router_dtype not in (None, "fp32", "fp64"):
             raise ConfigError(f"model.moe_router_dtype must be null, fp32 or fp64, got {self.moe_router_dtype!r}")
+        if self.moe_routing_replay and self.recompute_granularity == "full":
+            raise ConfigError("model.moe_routing_replay=true cannot be combined with recompute_granularity=full: the "
+                              "recomputed forward in backward would route anew (use selective or none)")
         if self.moe_aux_loss_coeff < 0:
             raise ConfigError(f"model.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
 
@@ -214,6 +221,7 @@ def _moe_kwargs(arch: ModelArch, cfg: ModelConfig, etp: int) -> dict[str, Any]:
         moe_token_dispatcher_type=cfg.moe_token_dispatcher,
         moe_grouped_gemm=use_grouped_gemm(cfg),
         expert_tensor_parallel_size=etp,
+        moe_enable_routing_replay=cfg.moe_routing_replay,
     )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from megatron_pz.errors import ConfigError
 from megatron_pz.types import Sample, Status
@@ -107,6 +107,10 @@ class GenerationResult:
     server: str | None = None
     """URL of the server that produced the sample (None in-process)."""
     extra: dict = field(default_factory=dict)
+    routed_experts: Any = None
+    """MoE models, when asked for (routing replay): int ``numpy`` array ``(P + R - 1, L * K)``, row t the top-k
+    expert ids of every layer (layer-major) for token t of prompt + response (the last response token is never
+    fed, so it has no row). SGLang's ``meta_info.routed_experts``; None otherwise."""
 
     @property
     def status(self) -> Status:
@@ -125,6 +129,7 @@ def fill_sample(sample: Sample, result: GenerationResult) -> Sample:
     sample.finish_reason = result.finish_reason
     sample.status = result.status
     sample.weight_version = result.weight_version
+    sample.routed_experts = result.routed_experts
     if result.weight_version < 0 or result.mixed_versions:
         if sample.status != Status.ABORTED:
             logger.warning("sample from %s has weight version %d%s: marked aborted (launch SGLang with "

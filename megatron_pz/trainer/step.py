@@ -15,6 +15,7 @@ from megatron_pz.algo.loss import LossConfig, policy_loss, sft_loss
 from megatron_pz.algo.mismatch import COUNT_METRICS
 from megatron_pz.trainer.batching import MicroBatch
 from megatron_pz.trainer.logprobs import scaled_logits, token_entropy, token_logprobs
+from megatron_pz.trainer.routing_replay import set_replay
 
 
 def _forward_backward(model: list[torch.nn.Module], microbatches: list[MicroBatch], loss_cfg: LossConfig,
@@ -28,6 +29,7 @@ def _forward_backward(model: list[torch.nn.Module], microbatches: list[MicroBatc
 
     def forward_step(data_iterator, chunk):
         mb = next(data_iterator).to(dev)
+        set_replay(chunk, mb.routed_experts)  # MoE routing replay: the engine's experts, or the router's own
         output = chunk(mb.tokens, mb.position_ids, attention_mask=None)
 
         def loss_func(logits: torch.Tensor):
