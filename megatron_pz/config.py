@@ -282,6 +282,9 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        if self.model.moe_routing_replay and self.train.objective == "sft_span":
+            raise ConfigError("model.moe_routing_replay=true replays the rollout engine's routing, and "
+                              "train.objective=sft_span trains on teacher-forced text with no rollout: turn it off")
         # A paragraph that already holds the mask token can never be masked (spans.MASK_TOKEN_IN_TEXT): drop it at
         # the corpus, where it is counted (stats "dropped_substring"), not once per rollout. The corpus default
         # names "[mask]" only, so a custom span.mask_token is added here.

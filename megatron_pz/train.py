@@ -135,8 +135,11 @@ def microbatches_for(run: Run, samples: list[Sample]) -> list[MicroBatch]:
 
     p = run.cfg.parallel
     multiple = 8 * (p.tensor_model_parallel_size if p.sequence_parallel else 1) * 2 * p.context_parallel_size
+    # MoE routing replay: every micro-batch carries the engine's experts, layers x top-k per token
+    width = run.arch.num_layers * run.arch.moe_router_topk if run.cfg.model.moe_routing_replay else None
     return build_microbatches(samples, run.cfg.train.micro_batch_size, run.tokenizer.eos_token_id or 0,
-                              seq_multiple=multiple, same_length=p.pipeline_model_parallel_size > 1)
+                              seq_multiple=multiple, same_length=p.pipeline_model_parallel_size > 1,
+                              routing_width=width)
 
 
 def update_policy(run: Run, samples: list[Sample]) -> dict[str, float]:

@@ -143,6 +143,7 @@ class Endpoints:
                 self.engine.check_prompts([prompts[i]], p)
         except UserError as exc:
             raise HTTPError(400, str(exc)) from None
+        routed_start = self._routed_experts_start(req, prompts)
         prompt_lps = [None] * len(prompts)
         if with_prompt_logprobs:  # one forward per prompt in a worker thread: the event loop stays free
             prompt_lps = await asyncio.to_thread(self.engine.prompt_logprobs, prompts, top_k)
@@ -161,8 +162,20 @@ class Endpoints:
             for i, group in zip(indices, groups):
                 for j, res in enumerate(group):
                     items[offsets[i] + j] = generate_response_item(res, len(prompts[i]), return_logprob, token_text,
-                                                                   prompt_lps[i])
+                                                                   prompt_lps[i], routed_start)
         return reply(200, items[0] if single else items)
+
+    def _routed_experts_start(self, req: GenerateReqInput, prompts: list[list[int]]) -> int | None:
+        """``routed_experts_start_len`` when the request asks for the routing (None when not); 400 for a dense model
+        or a start outside [0, shortest prompt] (SGLang aborts such a request)."""
+        if not req.return_routed_experts:
+            return None
+        if not self.engine.is_moe:
+            raise HTTPError(400, "return_routed_experts: this server's model is not a mixture of experts")
+        start = req.routed_experts_start_len
+        if not 0 <= start <= min(len(p) for p in prompts):
+            raise HTTPError(400, f"routed_experts_start_len={start} must be in [0, the prompt's length]")
+        return start
 
     def _prompts(self, req: GenerateReqInput) -> tuple[list[list[int]], bool]:
         """(prompts as token ids, whether the body held a single prompt)."""

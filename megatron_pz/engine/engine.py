@@ -21,6 +21,7 @@ import torch
 
 from megatron_pz.engine.generation import generate_rows, prompt_logprobs
 from megatron_pz.engine.model import load_model
+from megatron_pz.engine.routing import moe_blocks
 from megatron_pz.engine.weights import StagedUpdate, StateSpec, read_safetensors_dir, validate_state
 from megatron_pz.engine.wire import PromptLogprobs
 from megatron_pz.errors import ConfigError, RolloutError
@@ -53,6 +54,8 @@ class EmbeddedEngine:
         self.max_positions = self._lm.max_positions
         self.eos_token_ids = set(self._lm.eos_token_ids)  # generation reads it per call (tests may override it)
         self.pad_token_id = self._lm.pad_token_id
+        # MoE: every result carries the experts its tokens were routed to (routing.py; SGLang's routed_experts)
+        self.is_moe = bool(moe_blocks(self.model))
         self._spec = StateSpec.of(self.model)
         self._lock = threading.Lock()  # held while generating or swapping weights
         self._version = int(weight_version)

@@ -13,6 +13,11 @@ SGLang in production. Shapes are taken from the pinned SGLang release (0.5.23):
   row of K such entries per prompt token, both ``None`` at the first token (no context), as SGLang's
   ``SchedulerLogprobResultProcessor`` lays them out. Other ``logprob_start_len`` values are refused (400), and
   ``output_top_logprobs`` is not computed (the rollout client never asks for it);
+* routed experts (MoE, ``return_routed_experts``): ``meta_info.routed_experts`` is a base64 string of int32 ids,
+  row-major ``(prompt + response - 1 - routed_experts_start_len, layers, top_k)``: every fed token (the last
+  response token is never fed), each layer's top-k expert ids (``RoutedExpertsCapturer`` in
+  ``sglang/srt/state_capturer/routed_experts.py``, ``_maybe_collect_routed_experts`` in
+  ``sglang/srt/managers/scheduler_components/batch_result_processor.py``, base64 in ``DetokenizerManager``);
 * ``/generate`` response: one dict per sample (a list for batch input, prompt-major with ``n`` samples per prompt,
   as ``TokenizerManager._handle_batch_request`` orders them), each ``{"text", "output_ids", "meta_info"}``;
   ``meta_info`` as built in ``TokenizerManager._handle_batch_output`` (``sglang/srt/managers/tokenizer_manager.py``):
@@ -26,6 +31,7 @@ Where we are stricter or looser than SGLang, the field says why.
 """
 from __future__ import annotations
 
+import base64
 import math
 import reprlib
 import uuid
@@ -33,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, field_validator
 
 from megatron_pz.errors import UserError
@@ -74,6 +81,11 @@ class GenerateReqInput(BaseModel):
     top_logprobs_num: int | list[int] | None = None
     """K > 0 with ``logprob_start_len=0``: the top-K log-probs at every prompt position (``input_top_logprobs``)."""
     return_text_in_logprobs: bool = False
+    return_routed_experts: bool = False
+    """MoE models: ``meta_info.routed_experts``, the top-k expert ids of every fed token and layer (see
+    ``routed_experts_b64``); 400 for a dense model (SGLang returns nothing there)."""
+    routed_experts_start_len: int = 0
+    """The routing starts at this prompt position (SGLang: ``[start_len, seqlen - 1)``, 0 <= start_len <= prompt)."""
     stream: bool = False
     """SGLang streams server-sent events; the embedded engine answers 400 to ``stream=true``."""
     rid: str | list[str] | None = None
@@ -345,10 +357,17 @@ def _entry(lp: float | None, tok: int, token_text: Callable[[int], str] | None) 
     return [None if lp is None else float(lp), int(tok), token_text(tok) if token_text else None]
 
 
+def routed_experts_b64(routed: Any, start_len: int = 0) -> str:
+    """SGLang's ``meta_info.routed_experts``: the rows from ``start_len`` on, as int32 bytes in base64."""
+    return base64.b64encode(np.ascontiguousarray(np.asarray(routed)[start_len:], dtype=np.int32).tobytes()).decode()
+
+
 def generate_response_item(result: GenerationResult, prompt_len: int, return_logprob: bool,
-                           token_text: Callable[[int], str] | None, prompt: PromptLogprobs | None = None) -> dict:
+                           token_text: Callable[[int], str] | None, prompt: PromptLogprobs | None = None,
+                           routed_experts_start_len: int | None = None) -> dict:
     """One ``/generate`` output dict, shaped like SGLang's (see module docstring); ``prompt``: the prompt's own
-    log-probs when the request asked for them."""
+    log-probs when the request asked for them; ``routed_experts_start_len``: the request asked for the routing
+    (None: it did not)."""
     version = str(result.weight_version)
     meta: dict[str, Any] = {
         "id": uuid.uuid4().hex,
@@ -370,4 +389,6 @@ def generate_response_item(result: GenerationResult, prompt_len: int, return_log
         meta["output_token_logprobs"] = [_entry(lp, tok, token_text)
                                          for lp, tok in zip(result.logprobs, result.response_ids)]
         meta["output_token_logprobs_length"] = len(result.response_ids)
+    if routed_experts_start_len is not None and result.routed_experts is not None:
+        meta["routed_experts"] = routed_experts_b64(result.routed_experts, routed_experts_start_len)
     return {"text": result.text or "", "output_ids": list(result.response_ids), "meta_info": meta}

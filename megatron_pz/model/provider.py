@@ -133,6 +133,11 @@ def build_transformer_config(arch: ModelArch, cfg: ModelConfig, parallel: Any | 
         # process group exists rather than at the first training step.
         raise ConfigError(f"an MoE model with tensor_model_parallel_size={tp} needs parallel.sequence_parallel: "
                           f"true (Megatron-Core's MoE layer refuses to train with TP > 1 without it)")
+    if cfg.moe_routing_replay and not arch.is_moe:
+        raise ConfigError(f"model.moe_routing_replay=true needs a mixture-of-experts model; {arch.family} is dense")
+    if cfg.moe_routing_replay and cp > 1:
+        raise ConfigError(f"model.moe_routing_replay=true with context_parallel_size={cp}: replaying the routing "
+                          f"of context-parallel sequence chunks is not supported")
     te = use_transformer_engine(cfg)
     if sequence_parallel and not te:
         raise ConfigError("parallel.sequence_parallel needs Transformer Engine (a CUDA node): Megatron-Core's local "

@@ -49,6 +49,8 @@ class ClientConfig:
     backoff_max_s: float = 8.0
     max_total_s: float = 1800.0
     """No new attempt starts after this many seconds since the first one."""
+    return_routed_experts: bool = False
+    """Ask /generate for the experts each token was routed to (MoE routing replay)."""
 
     def backoff(self, attempt: int) -> float:
         """Delay before retry ``attempt`` (1-based), without jitter."""

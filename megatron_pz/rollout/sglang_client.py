@@ -67,7 +67,8 @@ class SGLangClient:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[GenerationResult]]:
         if not prompts:
             return []
-        data = self.request("POST", "/generate", generate_payload(prompts, params),
+        data = self.request("POST", "/generate",
+                            generate_payload(prompts, params, return_routed_experts=self.config.return_routed_experts),
                             timeout_s=self.config.generate_timeout_s)
         results = parse_generate_response(data, prompts, params, where=f"POST {self.base_url}/generate")
         for group in results:

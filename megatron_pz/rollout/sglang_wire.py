@@ -12,8 +12,11 @@ never trained on.
 """
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from megatron_pz.rollout.http_transport import BadResponse
 from megatron_pz.rollout.protocol import GenerationResult, SamplingParams
@@ -55,15 +58,20 @@ def sampling_params_payload(params: SamplingParams) -> dict:
 
 
 def generate_payload(prompts: Sequence[Sequence[int]], params: SamplingParams,
-                     return_text_in_logprobs: bool = False) -> dict:
-    """/generate body (GenerateReqInput). Always a batch, so the response is always a list."""
-    return {
+                     return_text_in_logprobs: bool = False, return_routed_experts: bool = False) -> dict:
+    """/generate body (GenerateReqInput). Always a batch, so the response is always a list.
+
+    ``return_routed_experts``: MoE routing replay; the server must run with ``--enable-return-routed-experts``."""
+    out: dict[str, Any] = {
         "input_ids": [list(map(int, p)) for p in prompts],
         "sampling_params": sampling_params_payload(params),
         "return_logprob": True,
         "return_text_in_logprobs": return_text_in_logprobs,
         "stream": False,
     }
+    if return_routed_experts:
+        out["return_routed_experts"] = True  # from the first prompt token (routed_experts_start_len 0)
+    return out
 
 
 def input_logprobs_payload(prompts: Sequence[Sequence[int]], top_k: int) -> dict:
@@ -155,14 +163,26 @@ def parse_generate_response(data: Any, prompts: Sequence[Sequence[int]], params:
     results: list[list[GenerationResult]] = [[] for _ in prompts]
     for k, item in enumerate(data):
         try:
-            results[k // params.n].append(_parse_item(item, k // params.n))
+            results[k // params.n].append(_parse_item(item, k // params.n, len(prompts[k // params.n])))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BadResponse(f"{where}: output {k} is malformed ({type(exc).__name__}: {exc}): "
                               f"{str(item)[:200]}") from None
     return results
 
 
-def _parse_item(item: dict, prompt_index: int) -> GenerationResult:
+def parse_routed_experts(raw: str, prompt_len: int, response_len: int) -> np.ndarray:
+    """SGLang's ``meta_info.routed_experts`` (base64 int32, from prompt position 0) -> ``(P + R - 1, L * K)``
+    int32: one row per fed token, each layer's top-k expert ids (layer-major). ValueError when the size is not
+    a whole number of rows."""
+    flat = np.frombuffer(base64.b64decode(raw), dtype=np.int32)
+    rows = prompt_len + response_len - 1
+    if rows <= 0 or flat.size % rows or flat.size == 0:
+        raise ValueError(f"routed_experts holds {flat.size} ids, not a whole number of rows for {rows} fed tokens "
+                         f"(prompt {prompt_len} + response {response_len} - 1)")
+    return flat.reshape(rows, -1)
+
+
+def _parse_item(item: dict, prompt_index: int, prompt_len: int = 0) -> GenerationResult:
     meta = item["meta_info"]
     output_ids = [int(t) for t in item["output_ids"]]
     entries = meta["output_token_logprobs"]
@@ -179,7 +199,9 @@ def _parse_item(item: dict, prompt_index: int) -> GenerationResult:
         raise ValueError(f"unknown finish_reason {reason!r}")
     spans = meta.get("weight_versions") or []
     first_version = spans[0]["version"] if spans else meta.get("weight_version")
+    routed = meta.get("routed_experts")
     return GenerationResult(
+        routed_experts=None if routed is None else parse_routed_experts(routed, prompt_len, len(output_ids)),
         prompt_index=prompt_index, response_ids=output_ids, logprobs=logprobs, finish_reason=kind,
         weight_version=parse_weight_version(first_version), text=item.get("text"),
         matched_stop=reason.get("matched") if kind == "stop" else None, mixed_versions=len(spans) > 1,

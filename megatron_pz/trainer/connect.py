@@ -62,7 +62,9 @@ def start_rollout(run: Run) -> None:
                               split_seeded=r.backend == "sglang")
         run.engine = RolloutPool(box[0], pool_cfg,
                                  ClientConfig(api_key=r.api_key, generate_timeout_s=r.timeout_s,
-                                              max_retries=r.max_retries), router_url=r.router_url)
+                                              max_retries=r.max_retries,
+                                              return_routed_experts=run.cfg.model.moe_routing_replay),
+                                 router_url=r.router_url)
         run.weights.engine = run.engine
     if torch.distributed.get_rank() == 0:
         run.weights.sync = make_weight_sync(run, weights_dir)
