@@ -71,9 +71,6 @@ class ModelConfig:
                               f"got {self.moe_token_dispatcher!r}")
         if self.moe_router_dtype not in (None, "fp32", "fp64"):
             raise ConfigError(f"model.moe_router_dtype must be null, fp32 or fp64, got {self.moe_router_dtype!r}")
-        if self.moe_routing_replay and self.recompute_granularity == "full":
-            raise ConfigError("model.moe_routing_replay=true cannot be combined with recompute_granularity=full: the "
-                              "recomputed forward in backward would route anew (use selective or none)")
         if self.moe_aux_loss_coeff < 0:
             raise ConfigError(f"model.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
 

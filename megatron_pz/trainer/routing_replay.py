@@ -12,7 +12,8 @@ This module feeds it, per micro-batch and per local MoE layer, ids laid out as t
     micro-batch routed_experts [B, S, L*K]  ->  layer l: [S_local * B, K], sequence-major (the router's input is
     [S_local, B, H] flattened), S_local = S / TP with sequence parallelism (rank r: rows r*S/TP ..), else S.
 
-Pipeline stages replay only their own layers (``layer_number`` is global). Rows the engine did not record (the
+Pipeline stages replay only their own layers (``layer_number`` is global). With activation recomputation the
+backward's recomputed forward replays the same ids (``after_forward``). Rows the engine did not record (the
 last response token and padding, -1) get experts 0..K-1: they come after every loss position, and causal
 attention keeps them from changing any earlier token.
 """
@@ -50,21 +51,32 @@ def layer_indices(routed: torch.Tensor, layer: int, topk: int, sp_rank: int = 0,
     return ids
 
 
+def start_replay(model: list[torch.nn.Module]) -> None:
+    """Before a step's forward/backward: forget whatever an earlier step left armed (targets, the backward list;
+    a RECORD action set by the caller stays)."""
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+    for chunk in model:
+        for _, router in replayed_routers(chunk):
+            router.router_replay.clear_indices()
+            if router.router_replay.router_replay_action != RouterReplayAction.RECORD:
+                router.router_replay.clear_router_replay_action()
+
+
 def set_replay(chunk: torch.nn.Module, routed: torch.Tensor | None) -> None:
     """Arm the chunk's routers with ``routed`` ([B, S, L*K], see ``layer_indices``) for its next forward, or, for
     None, let them route by their own logits. Call right before each micro-batch's forward (cheap for a dense
-    model: no router, nothing to do)."""
+    model: no router, nothing to do); ``after_forward`` right after it."""
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
     from megatron_pz.model.provider import unwrap
 
     routers = replayed_routers(chunk)
-    if routed is None:  # stop replaying (a RECORD action set by the caller stays)
+    if routed is None:  # route by the router's own logits (a RECORD action set by the caller stays)
         for _, router in routers:
             if router.router_replay.router_replay_action in (RouterReplayAction.REPLAY_FORWARD,
                                                              RouterReplayAction.REPLAY_BACKWARD):
-                router.router_replay.clear_indices()
                 router.router_replay.clear_router_replay_action()
         return
     if not routers:
@@ -74,10 +86,31 @@ def set_replay(chunk: torch.nn.Module, routed: torch.Tensor | None) -> None:
     sp_size = ps.get_tensor_model_parallel_world_size() if sp else 1
     sp_rank = ps.get_tensor_model_parallel_rank() if sp else 0
     for layer, router in routers:
-        replay = router.router_replay
-        replay.clear_indices()  # also empties its backward list, which set_target_indices appends to
-        replay.set_target_indices(layer_indices(routed, layer, router.topk, sp_rank, sp_size))
-        replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        # set_target_indices also queues the ids for a recomputed forward in backward (REPLAY_BACKWARD pops them
+        # in micro-batch order, which is the order Megatron's schedules run backward passes in)
+        router.router_replay.set_target_indices(layer_indices(routed, layer, router.topk, sp_rank, sp_size))
+        router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+
+
+def after_forward(chunk: torch.nn.Module, backward: bool) -> None:
+    """Right after a micro-batch's forward. Activation recomputation (``model.recompute_granularity``) runs the
+    layers' forward again during ``backward``: those recomputed routers must replay this micro-batch's ids, queued
+    by ``set_replay``, so the routers switch to REPLAY_BACKWARD. Otherwise nothing reads the ids again: drop them.
+    """
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+    from megatron_pz.model.provider import unwrap
+
+    routers = replayed_routers(chunk)
+    if not routers or routers[0][1].router_replay.router_replay_action != RouterReplayAction.REPLAY_FORWARD:
+        return
+    recompute = backward and unwrap(chunk).config.recompute_granularity is not None
+    for _, router in routers:
+        if recompute:
+            router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+        else:
+            router.router_replay.clear_indices()
+            router.router_replay.clear_router_replay_action()
 
 
 def flip_rate(a: torch.Tensor, b: torch.Tensor, topk: int) -> float:

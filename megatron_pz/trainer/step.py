@@ -15,7 +15,7 @@ from megatron_pz.algo.loss import LossConfig, policy_loss, sft_loss
 from megatron_pz.algo.mismatch import COUNT_METRICS
 from megatron_pz.trainer.batching import MicroBatch
 from megatron_pz.trainer.logprobs import scaled_logits, token_entropy, token_logprobs
-from megatron_pz.trainer.routing_replay import set_replay
+from megatron_pz.trainer.routing_replay import after_forward, set_replay, start_replay
 
 
 def _forward_backward(model: list[torch.nn.Module], microbatches: list[MicroBatch], loss_cfg: LossConfig,
@@ -31,6 +31,7 @@ def _forward_backward(model: list[torch.nn.Module], microbatches: list[MicroBatc
         mb = next(data_iterator).to(dev)
         set_replay(chunk, mb.routed_experts)  # MoE routing replay: the engine's experts, or the router's own
         output = chunk(mb.tokens, mb.position_ids, attention_mask=None)
+        after_forward(chunk, backward=not forward_only)
 
         def loss_func(logits: torch.Tensor):
             # logits: [B, S, V_pad / TP] on the last stage. Only the response positions enter the loss: take
@@ -67,6 +68,7 @@ def _forward_backward(model: list[torch.nn.Module], microbatches: list[MicroBatc
         return output, loss_func
 
     seq_len = max(mb.tokens.shape[1] for mb in microbatches)
+    start_replay(model)
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(microbatches), model=model,
         num_microbatches=len(microbatches), seq_length=seq_len, micro_batch_size=microbatches[0].tokens.shape[0],

@@ -157,10 +157,56 @@ def test_routing_replay_config_errors():
     from megatron_pz.model.arch import ModelArch
     from megatron_pz.model.provider import ModelConfig, build_transformer_config
 
-    with pytest.raises(ConfigError, match="recompute_granularity=full"):
-        ModelConfig(moe_routing_replay=True, recompute_granularity="full")
     dense = ModelArch(family="qwen3", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
                       num_query_groups=2, head_dim=16, vocab_size=300, qk_norm=True,
                       max_position_embeddings=128)
     with pytest.raises(ConfigError, match="needs a mixture-of-experts model; qwen3 is dense"):
         build_transformer_config(dense, ModelConfig(dtype="fp32", moe_routing_replay=True))
+    from megatron_pz.config import load_config
+
+    with pytest.raises(ConfigError, match="sft_span trains on teacher-forced text"):
+        load_config(None, ["model.moe_routing_replay=true", "train.objective=sft_span"])
+
+
+def _fake_chunk(recompute: str | None, layers: int = 2):
+    """A model chunk as ``routing_replay`` sees it: decoder layers whose routers own Megatron's RouterReplay."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    routers = [SimpleNamespace(router_replay=RouterReplay(), topk=TOPK) for _ in range(layers)]
+    decoder = SimpleNamespace(layers=[SimpleNamespace(layer_number=i + 1, mlp=SimpleNamespace(router=r))
+                                      for i, r in enumerate(routers)])
+    config = SimpleNamespace(sequence_parallel=False, recompute_granularity=recompute)
+    return SimpleNamespace(decoder=decoder, config=config), routers
+
+
+def test_recomputed_backward_replays_each_micro_batch_in_order():
+    """With activation recomputation, Megatron reruns each layer's forward in backward, micro-batch by micro-batch
+    in forward order: the routers must replay the ids of that micro-batch (REPLAY_BACKWARD pops them in order)."""
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+    from megatron_pz.trainer.routing_replay import after_forward, set_replay, start_replay
+
+    chunk, routers = _fake_chunk("full")
+    mbs = [torch.randint(0, EXPERTS, (1, 3, LAYERS * TOPK), generator=torch.Generator().manual_seed(i))
+           for i in range(2)]
+    start_replay([chunk])
+    scores = torch.randn(3, EXPERTS)
+    for mb in mbs:  # two forwards (as 1F1B's warm-up runs them), then the two backward recomputations
+        set_replay(chunk, mb)
+        fwd, ids = routers[1].router_replay.get_replay_topk(scores, TOPK)
+        assert torch.equal(ids, layer_indices(mb, 1, TOPK))
+        after_forward(chunk, backward=True)
+    assert routers[0].router_replay.router_replay_action == RouterReplayAction.REPLAY_BACKWARD
+    for mb in mbs:
+        _, ids = routers[1].router_replay.get_replay_topk(scores, TOPK)
+        assert torch.equal(ids, layer_indices(mb, 1, TOPK))
+    # without recomputation (or forward only) nothing is kept after the forward, and routing is the router's own
+    chunk, routers = _fake_chunk(None)
+    set_replay(chunk, mbs[0])
+    after_forward(chunk, backward=True)
+    assert routers[0].router_replay.replay_backward_list == [] and routers[0].router_replay.router_replay_action is None
+    start_replay([chunk])
+    set_replay(chunk, None)
+    assert routers[0].router_replay.router_replay_action is None
