@@ -11,7 +11,7 @@ import torch
 
 from megatron_pz.parallel import spawn_local
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]  # 60-120 s on 2 shared cores (20 s of CPU)
 TEMPERATURE = 1.0
 LAYERS, EXPERTS, TOPK = 4, 32, 4  # more, closer experts than test_moe's 4 / top-2: routing near ties, as at scale
 

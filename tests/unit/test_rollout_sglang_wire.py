@@ -246,7 +246,10 @@ def _record_client_requests() -> list[tuple[str, str, Any]]:
             return [[0.0]]
         return {"success": True, "message": "ok"}
 
-    client = SGLangClient("http://127.0.0.1:1")
+    from megatron_pz.rollout.sglang_client import ClientConfig
+
+    # return_routed_experts: the MoE routing replay request flag rides along on /generate
+    client = SGLangClient("http://127.0.0.1:1", ClientConfig(return_routed_experts=True))
     client.request = types.MethodType(fake_request, client)
     # Every public method of the client, with representative arguments.
     client.generate(prompts, params)
@@ -330,6 +333,7 @@ def test_generate_body_passes_sglang_json_contract():
     api, _ = _load_api_types()
     payloads = [p for _, e, p in _record_client_requests() if e == "/generate"]
     assert len(payloads) == 2 and payloads[1]["logprob_start_len"] == 0 and payloads[1]["top_logprobs_num"] == 2
+    assert payloads[0]["return_routed_experts"] is True
     for payload in payloads:  # a generation, then the prompts' own top-K log-probs (input_top_logprobs)
         decoded = api.decode_GenerateRequest(payload)  # raises JsonContractError (an HTTP 400 in SGLang)
         assert decoded.input_ids == payload["input_ids"]
@@ -381,6 +385,7 @@ def test_launcher_flags_are_sglang_server_args():
                                     tp_size=2, weight_version=0))
     flags = [a for a in cmd if a.startswith("--")]
     assert flags and set(flags) <= known, f"not SGLang ServerArgs: {set(flags) - known}"
+    assert "--enable-return-routed-experts" in known  # the server flag docs/training.md names for routing replay
 
 
 def test_embedded_server_only_serves_sglang_routes():
