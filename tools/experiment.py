@@ -8,7 +8,7 @@
 ``run`` trains each arm (``examples/smollm2_restate_<arm>.yaml``) once per seed from the warm-up's checkpoint
 (weights only, fresh optimizer), ``<root>/<arm>_s<seed>``; seed s sets ``train.seed = 1000 + s`` and
 ``corpus.seed = 1 + s``. A finished run is skipped and an interrupted one resumes, so the experiment can span
-sessions. ``eval`` scores the warm-up's checkpoint (the base arm: greedy, so one evaluation) and every run's final
+sessions. ``eval`` scores the pretrained model, the warm-up's checkpoint (the base arm: greedy, so one evaluation) and every run's final
 checkpoint on held-out ``wiki_span`` and ``squad_span`` (the restated prompt, as in training), keeping per-item
 records. ``report`` prints and writes ``<out>.md`` (tables) and ``<out>.png`` (curves):
   * the share of predictor groups with mixed rewards per arm and step, pooled over seeds (95 % Wilson);
@@ -119,7 +119,7 @@ def eval_cmd(load: Path, out: Path, limit: int) -> list[str]:
 def cmd_eval(args) -> int:
     root = Path(args.root)
     exp = json.loads((root / "experiment.json").read_text())
-    targets = [("base", Path(exp["warmup"]))] + [(f"{a}_s{s}", run_dir(root, a, s)) for a in ARMS
+    targets = [("pretrained", Path("smollm2")), ("base", Path(exp["warmup"]))] + [(f"{a}_s{s}", run_dir(root, a, s)) for a in ARMS
                                                  for s in exp["seeds"]]
     jobs = [(f"eval {name}", eval_cmd(run, root / "eval" / name, args.limit), root / "eval" / f"{name}.log")
             for name, run in targets if not (root / "eval" / name / f"eval_{SUITES[-1]}.json").is_file()]
@@ -180,7 +180,7 @@ def cmd_report(args) -> int:
     lines += ["", "## Held-out accuracy (greedy, restated prompt; mean, 95 % bootstrap over seeds and items)", "",
               "| arm | " + " | ".join(f"{s} {m}" for s in SUITES for m in ("strict", "lenient")) + " |",
               "|---|" + "---:|" * (2 * len(SUITES))]
-    arms_eval = {"base (warm-up, step 0)": ["base"]} | {f"{a} (step {exp['steps']})": [f"{a}_s{s}" for s in seeds]
+    arms_eval = {"SmolLM2-135M-Instruct (before the warm-up)": ["pretrained"], "base (warm-up, step 0)": ["base"]} | {f"{a} (step {exp['steps']})": [f"{a}_s{s}" for s in seeds]
                                                         for a in ARMS}
     for title, names in arms_eval.items():
         cells = []
