@@ -9,7 +9,7 @@
 (weights only, fresh optimizer), ``<root>/<arm>_s<seed>``; seed s sets ``train.seed = 1000 + s`` and
 ``corpus.seed = 1 + s``. A finished run is skipped and an interrupted one resumes, so the experiment can span
 sessions. ``eval`` scores the pretrained model, the warm-up's checkpoint (the base arm: greedy, so one evaluation) and every run's final
-checkpoint on held-out ``wiki_span`` and ``squad_span`` (the restated prompt, as in training), keeping per-item
+checkpoint on held-out ``wiki_word`` (one-word spans, as trained), ``wiki_span`` and ``squad_span`` (the restated prompt, as in training), keeping per-item
 records. ``report`` prints and writes ``<out>.md`` (tables) and ``<out>.png`` (curves):
   * the share of predictor groups with mixed rewards per arm and step, pooled over seeds (95 % Wilson);
   * the generator's curriculum per step (valid-mask rate, span length, accuracy on its own spans, its reward);
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 ARMS = ("random_span", "pretrainzero")
-SUITES = ("wiki_span", "squad_span")
+SUITES = ("wiki_word", "wiki_span", "squad_span")
 PRED_TASK = {"random_span": "random_span", "pretrainzero": "mask_pred"}
 
 
