@@ -111,19 +111,28 @@ def cmd_run(args) -> int:
     return 1 if launch(jobs, args.jobs) else 0
 
 
-def eval_cmd(load: Path, out: Path, limit: int) -> list[str]:
-    return [sys.executable, "-m", "megatron_pz.cli", "eval", "--load", str(load), "--suite", ",".join(SUITES),
+def eval_cmd(load: Path, out: Path, limit: int, suites: list[str]) -> list[str]:
+    return [sys.executable, "-m", "megatron_pz.cli", "eval", "--load", str(load), "--suite", ",".join(suites),
             "--limit", str(limit), "--restate", "--max-new-tokens", "6", "--temperature", "0", "--out", str(out)]
 
 
 def cmd_eval(args) -> int:
     root = Path(args.root)
     exp = json.loads((root / "experiment.json").read_text())
-    targets = [("pretrained", Path("smollm2")), ("base", Path(exp["warmup"]))] + [(f"{a}_s{s}", run_dir(root, a, s)) for a in ARMS
-                                                 for s in exp["seeds"]]
-    jobs = [(f"eval {name}", eval_cmd(run, root / "eval" / name, args.limit), root / "eval" / f"{name}.log")
-            for name, run in targets if not (root / "eval" / name / f"eval_{SUITES[-1]}.json").is_file()]
-    return 1 if launch(jobs, args.jobs) else 0
+    targets = [("pretrained", Path("smollm2")), ("base", Path(exp["warmup"]))]
+    targets += [(f"{a}_s{s}", run_dir(root, a, s)) for a in ARMS for s in exp["seeds"]]
+    jobs = []
+    for name, run in targets:  # only the suites a target still lacks (an interrupted eval keeps what it finished)
+        missing = [s for s in SUITES if not (root / "eval" / name / f"eval_{s}.json").is_file()]
+        if missing:
+            cmd = eval_cmd(run, root / "eval" / name / "part", args.limit, missing)
+            jobs.append((f"eval {name} ({', '.join(missing)})", cmd, root / "eval" / f"{name}.log"))
+    rc = launch(jobs, args.jobs)
+    for name, _ in targets:  # each eval writes its suites' files into part/: move them up
+        part = root / "eval" / name / "part"
+        for f in part.glob("eval_*.json") if part.is_dir() else []:
+            f.replace(part.parent / f.name)
+    return 1 if rc else 0
 
 
 def item_scores(path: Path, key: str) -> list[float]:
