@@ -66,7 +66,7 @@ def train_cmd(root: Path, warmup: Path, arm: str, seed: int, steps: int) -> list
     return [sys.executable, "-m", "megatron_pz.cli", "train", "--config",
             str(ROOT / "examples" / f"smollm2_restate_{arm}.yaml"), f"policy.load={warmup / 'checkpoints'}",
             f"output_dir={run_dir(root, arm, seed)}", f"train.seed={1000 + seed}", f"corpus.seed={1 + seed}",
-            f"train.steps={steps}"]
+            f"train.steps={steps}", "train.micro_batch_size=2"]  # memory: two runs share 24 GB; same gradient
 
 
 def finished(run: Path, steps: int) -> bool:
