@@ -1,6 +1,7 @@
 """One optimizer step on a list of micro-batches through Megatron's pipeline schedule.
 
-forward_step (every stage) -> loss_func (last stage: vocab-parallel log-probs -> GRPO policy loss, a token
+forward_step (every stage; the last stage's output layer runs from the first response position only,
+``model/logit_window.py``) -> loss_func (last stage: vocab-parallel log-probs -> GRPO policy loss, a token
 sum) -> Megatron backward -> finalize_model_grads (DP reduction, / global token count) -> optimizer.step.
 One on-policy PPO update per step: the ratio is taken against the trainer's own log-probs of the same forward
 (detached), so it is exactly 1 and the engine/trainer mismatch is handled by truncated importance sampling.
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from megatron_pz.algo.loss import LossConfig, policy_loss, sft_loss
+from megatron_pz.model.logit_window import logits_from
 from megatron_pz.trainer.batching import MicroBatch
 from megatron_pz.trainer.logprobs import scaled_logits, token_entropy, token_logprobs
 
@@ -26,22 +28,27 @@ def _forward_backward(model: list[torch.nn.Module], microbatches: list[MicroBatc
     dev = device.default_device()
 
     def forward_step(data_iterator, chunk):
-        mb = next(data_iterator).to(dev)
-        output = chunk(mb.tokens, mb.position_ids, attention_mask=None)
+        batch = next(data_iterator)
+        start = logits_start(batch.loss_mask)  # on the host copy: no device sync
+        mb = batch.to(dev)
+        # The output layer runs from the first position whose logit any row's loss reads (the model computes
+        # no logits for the prompt prefix shared by all rows); s0 = 0 when the model declines (SP/CP, MTP).
+        with logits_from(chunk, start) as s0:
+            output = chunk(mb.tokens, mb.position_ids, attention_mask=None)
 
         def loss_func(logits: torch.Tensor):
-            # logits: [B, S, V_pad / TP] on the last stage. Only the response positions enter the loss: take
-            # them out first ([B, R, V], R = the longest response) so that the fp32 copy, temperature, log-softmax
-            # and entropy passes over the vocabulary skip the prompt positions.
-            win = response_window(mb.loss_mask) if logits.shape[:2] == mb.loss_mask.shape else None
-            labels, loss_mask, rollout = mb.labels, mb.loss_mask, mb.rollout_logprobs
+            # logits: [B, S - s0, V_pad / TP] on the last stage (positions s0 ..). Only the response positions
+            # enter the loss: take them out first ([B, R, V], R = the longest response) so that the fp32 copy,
+            # temperature, log-softmax and entropy passes over the vocabulary skip the prompt positions.
+            labels, loss_mask, rollout = (t[:, s0:] for t in (mb.labels, mb.loss_mask, mb.rollout_logprobs))
+            win = response_window(loss_mask) if logits.shape[:2] == loss_mask.shape else None
             if win is not None:
                 rows, cols, valid = win
                 logits = logits[rows, cols]
                 labels, rollout = labels[rows, cols], rollout[rows, cols]
                 loss_mask = loss_mask[rows, cols] * valid
             z = scaled_logits(logits, vocab_size, temperature)
-            logp = token_logprobs(z, labels)  # [B, R] (or [B, S])
+            logp = token_logprobs(z, labels)  # [B, R] (or [B, S - s0])
             ent = token_entropy(z.detach(), finite=not _vocab_padded(z, vocab_size))
             # num_global_tokens=1: the loss stays a token sum; Megatron divides by the global count.
             if supervised:  # teacher-forced targets (train.objective=sft_span): cross-entropy, no advantages
@@ -53,11 +60,14 @@ def _forward_backward(model: list[torch.nn.Module], microbatches: list[MicroBatc
             ntok = loss_mask.sum().to(torch.int)
             report = {k: float(v) for k, v in metrics.items()}
             report["_tokens"] = int(ntok)
-            if forward_only:
+            if forward_only:  # back to [B, S] positions (callers index with mb.loss_mask)
                 full = logp.detach()
-                if win is not None:  # back to [B, S] positions (callers index with mb.loss_mask)
+                if win is not None or s0 > 0:
                     full = torch.zeros(mb.loss_mask.shape, dtype=logp.dtype, device=logp.device)
-                    full[rows[valid], cols[valid]] = logp.detach()[valid]
+                    if win is not None:
+                        full[rows[valid], cols[valid] + s0] = logp.detach()[valid]
+                    else:
+                        full[:, s0:] = logp.detach()
                 report["_logprobs"] = full
             return loss, ntok, report
 
@@ -68,6 +78,16 @@ def _forward_backward(model: list[torch.nn.Module], microbatches: list[MicroBatc
         forward_step_func=forward_step, data_iterator=iter(microbatches), model=model,
         num_microbatches=len(microbatches), seq_length=seq_len, micro_batch_size=microbatches[0].tokens.shape[0],
         forward_only=forward_only)
+
+
+def logits_start(loss_mask: torch.Tensor) -> int:
+    """The first position of ``[B, S]`` whose logit some row's loss reads: min over rows of (response start - 1).
+
+    The logit at t predicts token t + 1, so a row with prompt length P needs positions P - 1 onwards
+    (``batching.build_microbatches``). 0 (full logits) for a micro-batch without loss tokens.
+    """
+    cols = (loss_mask > 0).any(0).nonzero()
+    return int(cols[0]) if len(cols) else 0
 
 
 def response_window(loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
