@@ -78,8 +78,15 @@ class TrainConfig:
     masks_per_paragraph: int = 8
     # Answers per mask, span or next-token position: the predictor's GRPO group size (unused by sft_span).
     predictions_per_mask: int = 8
-    # Sequences per micro-batch on one DP rank (Megatron's micro_batch_size).
+    # Samples per micro-batch on one DP rank (Megatron's micro_batch_size counts rows: with shared_prompt, the
+    # rows of the micro-batch's groups).
     micro_batch_size: int = 4
+    # Shared-prompt group training: the samples of a micro-batch that share a prompt (a GRPO group) share one row,
+    # [prompt, response_1, ..., response_k], whose attention mask lets each response see the prompt and its own
+    # causal past only; the prompt is computed once per micro-batch instead of once per sample. Exactly the
+    # unshared loss and gradients (trainer/shared_prompt.py; docs/performance.md change 5 for the measured effect).
+    # Needs parallel.context_parallel_size 1.
+    shared_prompt: bool = False
     # The prompt cap [PZ §4.1: 1536] is corpus.max_prompt_tokens: paragraphs whose prompt exceeds it are skipped.
     max_response_tokens: int = 4096
     # Seeds sampling, span choice and data order (the corpus has its own seed for shuffling).
@@ -264,6 +271,10 @@ class RunConfig:
         # names "[mask]" only, so a custom span.mask_token is added here.
         if self.train.objective in SPAN_OBJECTIVES and self.span.mask_token not in self.corpus.drop_if_contains:
             self.corpus.drop_if_contains = [*self.corpus.drop_if_contains, self.span.mask_token]
+        if self.train.shared_prompt and self.parallel.context_parallel_size > 1:
+            raise ConfigError(f"train.shared_prompt needs parallel.context_parallel_size 1, got "
+                              f"{self.parallel.context_parallel_size}: shared-prompt rows attend through an explicit "
+                              "mask with per-row rotary positions, which context-parallel attention does not split")
 
     # -------------------------------------------------------------- derived
     @property

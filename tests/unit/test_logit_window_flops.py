@@ -25,7 +25,7 @@ def _step_flops(mbs, window: bool) -> tuple[float, float]:
     out_total = model_total = 0.0
     for mb in mbs:
         b, s = mb.tokens.shape
-        s0 = logits_start(mb.loss_mask) if window else 0
+        s0 = logits_start(mb) if window else 0
         out = 2 * b * (s - s0) * H * VOCAB
         attn = 2 * 2 * b * s * s * HEADS * HEAD_DIM  # QK^T and AV, full S x S as the local spec computes them
         model_total += 3 * (LAYERS * (b * s * per_token_layer + attn) + out)
@@ -45,7 +45,7 @@ def _report(name, mbs):
 def test_output_layer_flops_saved_on_quickstart_shapes():
     # The profiled shape of docs/performance.md: 4 micro-batches of 4 sequences, 144 prompt + 48 response tokens.
     uniform = build_microbatches(_samples([(144, 48)] * 16), micro_batch_size=4)
-    assert [logits_start(mb.loss_mask) for mb in uniform] == [143] * 4
+    assert [logits_start(mb) for mb in uniform] == [143] * 4
     saved = _report("profiled shape (16 x 144 + 48)", uniform)
     assert 0.10 < saved < 0.20
     # Mixed lengths as the quickstart produces them (prompts up to corpus.max_prompt_tokens = 320 plus the
@@ -56,6 +56,6 @@ def test_output_layer_flops_saved_on_quickstart_shapes():
                for _ in range(32)]
     mixed = build_microbatches(_samples(lengths), micro_batch_size=4)
     for mb in mixed:
-        prompts = [int((mb.loss_mask[j] > 0).nonzero()[0]) + 1 for j in range(mb.tokens.shape[0])]
-        assert logits_start(mb.loss_mask) == min(prompts) - 1
+        prompts = [int(mb.cols[j, 0]) + 1 for j in range(mb.tokens.shape[0])]
+        assert logits_start(mb) == min(prompts) - 1
     _report("mixed quickstart-like lengths (32 samples, prompts 120-359, responses 16-96)", mixed)

@@ -39,32 +39,20 @@ def test_entropy_finite_flag_skips_the_guard_without_changing_values():
     assert torch.allclose(token_entropy(z, finite=True), token_entropy(z), atol=1e-6)
 
 
-def test_response_window_picks_exactly_the_loss_positions():
-    from megatron_pz.trainer.step import response_window
-
-    mask = torch.zeros(3, 10)
-    mask[0, 2:6] = 1  # 4 response positions
-    mask[1, 7:9] = 1  # 2
-    # row 2: all masked (a padded row)
-    rows, cols, valid = response_window(mask)
-    assert rows.shape == cols.shape == valid.shape == (3, 4)
-    picked = mask[rows, cols] * valid
-    assert picked.sum() == mask.sum() and bool((picked == valid.float()).all())
-    assert cols[0].tolist() == [2, 3, 4, 5] and cols[1, :2].tolist() == [7, 8] and valid[1].tolist() == [1, 1, 0, 0]
-    x = torch.randn(3, 10)
-    assert torch.equal(torch.sort(x[rows[valid], cols[valid]]).values, torch.sort(x[mask > 0]).values)
-    full = torch.ones(2, 4)
-    assert response_window(full) is None  # nothing to trim
-
-
 def test_logits_start_is_the_first_loss_position_of_any_row():
+    from megatron_pz.trainer.batching import build_microbatches
     from megatron_pz.trainer.step import logits_start
+    from megatron_pz.types import Sample, Status, Task
 
-    mask = torch.zeros(3, 10)
-    mask[0, 5:8] = 1  # prompt of 6 tokens: its first logit read is at 5
-    mask[1, 3:4] = 1  # prompt of 4 tokens
-    assert logits_start(mask) == 3
-    assert logits_start(torch.zeros(2, 8)) == 0  # no loss token: full logits
+    def sample(p, r):
+        return Sample(task=Task.MASK_PRED, group_id=f"g{p}", prompt_ids=[1] * p, response_ids=[2] * r,
+                      status=Status.COMPLETED, advantage=1.0)
+
+    # prompts of 6 and 4 tokens: their first logits read are at 5 and 3
+    (mb,) = build_microbatches([sample(6, 3), sample(4, 1)], micro_batch_size=2)
+    assert logits_start(mb) == 3
+    mb.loss_mask.zero_()
+    assert logits_start(mb) == 0  # no loss token: full logits
 
 
 class _TinyLM(torch.nn.Module):
