@@ -84,9 +84,11 @@ class TrainConfig:
     # Shared-prompt group training: the samples of a micro-batch that share a prompt (a GRPO group) share one row,
     # [prompt, response_1, ..., response_k], whose attention mask lets each response see the prompt and its own
     # causal past only; the prompt is computed once per micro-batch instead of once per sample. Exactly the
-    # unshared loss and gradients (trainer/shared_prompt.py; docs/performance.md change 5 for the measured effect).
-    # Needs parallel.context_parallel_size 1.
-    shared_prompt: bool = False
+    # unshared loss and gradients (trainer/shared_prompt.py). null = on with Megatron's local spec (CPU: forward +
+    # backward -50..-61 % on quickstart-shaped groups, docs/performance.md change 5), off with Transformer Engine
+    # (its fused attention takes no arbitrary mask: an S x S unfused fallback, not measured) and with context
+    # parallelism or sft_span. true needs parallel.context_parallel_size 1.
+    shared_prompt: bool | None = None
     # The prompt cap [PZ §4.1: 1536] is corpus.max_prompt_tokens: paragraphs whose prompt exceeds it are skipped.
     max_response_tokens: int = 4096
     # Seeds sampling, span choice and data order (the corpus has its own seed for shuffling).
@@ -277,6 +279,19 @@ class RunConfig:
                               "mask with per-row rotary positions, which context-parallel attention does not split")
 
     # -------------------------------------------------------------- derived
+    def shared_prompt_on(self, transformer_engine: bool | None = None) -> bool:
+        """``train.shared_prompt`` resolved (null: see TrainConfig). ``transformer_engine``: whether the model
+        uses TE's layer spec (None: as ``model.transformer_impl`` resolves on this machine)."""
+        if self.train.shared_prompt is not None:
+            return self.train.shared_prompt
+        if self.parallel.context_parallel_size > 1 or self.train.objective == "sft_span":
+            return False
+        if transformer_engine is None:
+            from megatron_pz.model.provider import use_transformer_engine
+
+            transformer_engine = use_transformer_engine(self.model)
+        return not transformer_engine
+
     @property
     def gen_max_new_tokens(self) -> int:
         return self.rollout.gen_max_new_tokens or self.train.max_response_tokens

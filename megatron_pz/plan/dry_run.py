@@ -136,7 +136,8 @@ def validate(config: str, overrides: list[str], world_size: int, model: str | No
     layout = Layout(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, dp=dp,
                     cp=p.context_parallel_size, ep=p.expert_model_parallel_size,
                     etp=p.expert_tensor_parallel_size, sequence_parallel=p.sequence_parallel)
-    rows, seq = microbatch_shape(cfg)  # shared-prompt rows: fewer, longer (plan/archs.py)
+    te = target == "gpu" and cfg.model.transformer_impl != "local"  # as _transformer_config assumes
+    rows, seq = microbatch_shape(cfg, cfg.shared_prompt_on(te))  # shared-prompt rows: fewer, longer
     work = Workload(micro_batch_size=rows, seq_length=seq, num_microbatches=nmb,
                     dtype=cfg.model.dtype, distributed_optimizer=cfg.optim.use_distributed_optimizer,
                     recompute=rc, flash_attention=target == "gpu", fused_swiglu=target == "gpu")
@@ -163,10 +164,11 @@ def _transformer_config(arch: Any, cfg: Any, target: str) -> str:
     from megatron_pz.model import provider
 
     if target != "gpu":
-        provider.build_transformer_config(arch, cfg.model, cfg.parallel, shared_prompt=cfg.train.shared_prompt)
+        provider.build_transformer_config(arch, cfg.model, cfg.parallel, shared_prompt=cfg.shared_prompt_on(False))
         return "TransformerConfig accepted"
     with mock.patch.object(provider, "use_transformer_engine", lambda _c: cfg.model.transformer_impl != "local"):
-        provider.build_transformer_config(arch, cfg.model, cfg.parallel, shared_prompt=cfg.train.shared_prompt)
+        provider.build_transformer_config(arch, cfg.model, cfg.parallel,
+                                          shared_prompt=cfg.shared_prompt_on(cfg.model.transformer_impl != "local"))
     return "TransformerConfig accepted (GPU target: Transformer Engine assumed)"
 
 

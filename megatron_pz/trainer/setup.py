@@ -105,6 +105,7 @@ def setup(cfg: RunConfig) -> Run:
     from megatron_pz.trainer.optimizer import setup_training
 
     preflight(cfg)  # every input path, before process groups, model or servers
+    cfg.train.shared_prompt = cfg.shared_prompt_on()  # null resolved here, recorded so in config.json
     init_distributed(cfg.parallel)
     rank = torch.distributed.get_rank()
     dp_size = cfg.validate_world(torch.distributed.get_world_size())

@@ -104,7 +104,9 @@ def test_pretrainzero_tp1_two_steps(tiny_policy, tmp_path):
 
 
 @pytest.mark.parametrize("layout", [["parallel.pipeline_model_parallel_size=2"],
-                                    ["parallel.tensor_model_parallel_size=2"]], ids=["pp2", "tp2"])
+                                    ["parallel.tensor_model_parallel_size=2"],
+                                    ["parallel.pipeline_model_parallel_size=2", "train.shared_prompt=true"]],
+                         ids=["pp2", "tp2", "pp2-shared-prompt"])
 def test_random_span_two_ranks_trains(tiny_policy, tmp_path, layout):
     out = tmp_path / "run"
     run(command(out, tiny_policy, "train.steps=2", "train.objective=random_span",

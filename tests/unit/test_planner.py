@@ -153,17 +153,17 @@ def test_microbatch_flops_counts_rows_and_logit_positions():
 def test_microbatch_shape_with_shared_prompts():
     from megatron_pz.plan.archs import microbatch_shape
 
-    def cfg(objective="pretrainzero", shared=True, mbs=4, masks=4, preds=8):
+    def cfg(objective="pretrainzero", mbs=4, masks=4, preds=8):
         train = SimpleNamespace(objective=objective, micro_batch_size=mbs, masks_per_paragraph=masks,
-                                predictions_per_mask=preds, shared_prompt=shared)
+                                predictions_per_mask=preds)
         return SimpleNamespace(train=train, corpus=SimpleNamespace(max_prompt_tokens=300), gen_max_new_tokens=40,
                                pred_max_new_tokens=20)
 
-    assert microbatch_shape(cfg(shared=False)) == (4, 340)
-    assert microbatch_shape(cfg()) == (1, 300 + 4 * 40)  # mbs 4 <= both groups: one row of 4 responses
-    assert microbatch_shape(cfg(mbs=8, masks=2, preds=4)) == (4, 300 + 4 * 40)  # groups of 2 .. 4
-    assert microbatch_shape(cfg(objective="rpt", mbs=8, preds=8)) == (1, 300 + 8 * 40)
-    assert microbatch_shape(cfg(objective="sft_span")) == (4, 340)  # no shared prompts
+    assert microbatch_shape(cfg(), shared=False) == (4, 340)
+    assert microbatch_shape(cfg(), shared=True) == (1, 300 + 4 * 40)  # mbs 4 <= both groups: 4 responses a row
+    assert microbatch_shape(cfg(mbs=8, masks=2, preds=4), shared=True) == (4, 300 + 4 * 40)  # groups of 2 .. 4
+    assert microbatch_shape(cfg(objective="rpt", mbs=8, preds=8), shared=True) == (1, 300 + 8 * 40)
+    assert microbatch_shape(cfg(objective="sft_span"), shared=True) == (4, 340)  # no shared prompts
 
 
 def test_peak_tflops_table():
