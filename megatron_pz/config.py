@@ -89,6 +89,12 @@ class TrainConfig:
     # (its fused attention takes no arbitrary mask: an S x S unfused fallback, not measured) and with context
     # parallelism or sft_span. true needs parallel.context_parallel_size 1.
     shared_prompt: bool | None = None
+    # Token-budget micro-batches: null = micro_batch_size samples per micro-batch, each padded to its longest row.
+    # A number: samples (or, with shared_prompt, groups) packed into one row of at most this many tokens (rounded
+    # up to the sequence multiple), each attending only to itself through the row's mask; micro_batch_size is then
+    # unused. No padding but the row's tail; the loss stays normalised by the global token count, so the gradient
+    # does not depend on the packing. Needs parallel.context_parallel_size 1 (docs/performance.md change 6).
+    max_tokens_per_microbatch: int | None = None
     # The prompt cap [PZ §4.1: 1536] is corpus.max_prompt_tokens: paragraphs whose prompt exceeds it are skipped.
     max_response_tokens: int = 4096
     # Seeds sampling, span choice and data order (the corpus has its own seed for shuffling).
@@ -104,6 +110,9 @@ class TrainConfig:
                      "micro_batch_size", "max_response_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens_per_microbatch is not None and self.max_tokens_per_microbatch < 1:
+            raise ConfigError(f"train.max_tokens_per_microbatch must be >= 1 (null = micro_batch_size samples), "
+                              f"got {self.max_tokens_per_microbatch}")
         if self.exit_duration_mins is not None and not self.exit_duration_mins > 0:
             raise ConfigError(f"train.exit_duration_mins must be > 0 (null = no limit), got {self.exit_duration_mins}")
         groups = {"pretrainzero": ("masks_per_paragraph", "predictions_per_mask"),
@@ -273,10 +282,11 @@ class RunConfig:
         # names "[mask]" only, so a custom span.mask_token is added here.
         if self.train.objective in SPAN_OBJECTIVES and self.span.mask_token not in self.corpus.drop_if_contains:
             self.corpus.drop_if_contains = [*self.corpus.drop_if_contains, self.span.mask_token]
-        if self.train.shared_prompt and self.parallel.context_parallel_size > 1:
-            raise ConfigError(f"train.shared_prompt needs parallel.context_parallel_size 1, got "
-                              f"{self.parallel.context_parallel_size}: shared-prompt rows attend through an explicit "
-                              "mask with per-row rotary positions, which context-parallel attention does not split")
+        for name in ("shared_prompt", "max_tokens_per_microbatch"):
+            if getattr(self.train, name) and self.parallel.context_parallel_size > 1:
+                raise ConfigError(f"train.{name} needs parallel.context_parallel_size 1, got "
+                                  f"{self.parallel.context_parallel_size}: its rows attend through an explicit mask "
+                                  "with per-row rotary positions, which context-parallel attention does not split")
 
     # -------------------------------------------------------------- derived
     def shared_prompt_on(self, transformer_engine: bool | None = None) -> bool:
@@ -291,6 +301,14 @@ class RunConfig:
 
             transformer_engine = use_transformer_engine(self.model)
         return not transformer_engine
+
+    def masked_rows_on(self, transformer_engine: bool | None = None) -> bool:
+        """Whether micro-batch rows bring their own attention mask: shared-prompt or packed rows."""
+        return self.shared_prompt_on(transformer_engine) or self.train.max_tokens_per_microbatch is not None
+
+    @property
+    def masked_rows(self) -> bool:
+        return self.masked_rows_on()
 
     @property
     def gen_max_new_tokens(self) -> int:

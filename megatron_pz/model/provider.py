@@ -106,14 +106,15 @@ def use_grouped_gemm(cfg: ModelConfig) -> bool:
 
 
 def build_transformer_config(arch: ModelArch, cfg: ModelConfig, parallel: Any | None = None, *,
-                             training: bool = True, shared_prompt: bool = False) -> Any:
+                             training: bool = True, masked_rows: bool = False) -> Any:
     """Map the architecture + run options to Megatron's ``TransformerConfig``.
 
     ``parallel`` is a ``ParallelConfig`` (or None for TP=PP=1). ``training=False`` (conversion, evaluation)
     lifts the MoE TP>1 => sequence-parallel requirement, which Megatron enforces only in training mode.
-    ``shared_prompt``: the model will see shared-prompt rows (``trainer/shared_prompt.py``): per-row rotary
-    positions (``model/rotary_positions.py``), which the fused RoPE kernels do not take, so RoPE stays unfused;
-    context parallelism is refused (its rotary angles and sequence chunks are split per rank).
+    ``masked_rows``: the model will see rows that bring their own attention mask and rotary positions
+    (shared-prompt or packed rows, ``trainer/shared_prompt.py``): per-row rotary positions
+    (``model/rotary_positions.py``) are not taken by the fused RoPE kernels, so RoPE stays unfused; context
+    parallelism is refused (its rotary angles and sequence chunks are split per rank).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -124,10 +125,10 @@ def build_transformer_config(arch: ModelArch, cfg: ModelConfig, parallel: Any | 
     etp = parallel.expert_tensor_size if parallel else 1
     sequence_parallel = bool(parallel and parallel.sequence_parallel)
     arch.validate_parallel(tp, pp, cp, ep, etp)
-    if shared_prompt and cp > 1:
-        raise ConfigError(f"train.shared_prompt needs parallel.context_parallel_size 1, got {cp}: shared-prompt "
-                          "rows attend through an explicit mask with per-row rotary positions, which Megatron-Core's "
-                          "context-parallel attention does not split; set train.shared_prompt: false")
+    if masked_rows and cp > 1:
+        raise ConfigError(f"train.shared_prompt and train.max_tokens_per_microbatch need parallel."
+                          f"context_parallel_size 1, got {cp}: their rows attend through an explicit mask with "
+                          "per-row rotary positions, which Megatron-Core's context-parallel attention does not split")
     if arch.is_moe and tp > 1 and not sequence_parallel and training:
         # Megatron's MoELayer refuses to train with TP > 1 and no sequence parallelism; say so before any
         # process group exists rather than at the first training step.
@@ -174,7 +175,7 @@ def build_transformer_config(arch: ModelArch, cfg: ModelConfig, parallel: Any | 
         masked_softmax_fusion=on_gpu,
         persist_layer_norm=on_gpu,
         bias_dropout_fusion=on_gpu,
-        apply_rope_fusion=on_gpu and te and not shared_prompt,
+        apply_rope_fusion=on_gpu and te and not masked_rows,
         gradient_accumulation_fusion=False,  # needs apex/TE fused wgrad; Megatron-LM enables it explicitly
         cross_entropy_loss_fusion=False,
         recompute_granularity=cfg.recompute_granularity,
@@ -304,23 +305,23 @@ def model_provider(arch: ModelArch, cfg: ModelConfig, transformer_config: Any, *
 
 
 def build_model(arch: ModelArch, cfg: ModelConfig, parallel: Any | None = None, *,
-                training: bool = True, shared_prompt: bool = False) -> list[torch.nn.Module]:
+                training: bool = True, masked_rows: bool = False) -> list[torch.nn.Module]:
     """The model chunks this rank owns (one chunk without virtual pipelining), on the training device.
 
     Must be called after ``parallel.init_distributed``. Returns a list for Megatron's schedules.
     ``training=False`` for models that only run forward passes (see ``build_transformer_config``).
-    ``shared_prompt``: built for shared-prompt rows (``train.shared_prompt``): attention takes the caller's mask,
-    RoPE unfused. Every forward must then pass its ``attention_mask``: an arbitrary-mask layer builds no causal
-    mask of its own.
+    ``masked_rows``: built for shared-prompt or packed rows (``train.shared_prompt``,
+    ``train.max_tokens_per_microbatch``): attention takes the caller's mask, RoPE unfused. Every forward must
+    then pass its ``attention_mask``: an arbitrary-mask layer builds no causal mask of its own.
     """
     from megatron.core import parallel_state
 
-    tcfg = build_transformer_config(arch, cfg, parallel, training=training, shared_prompt=shared_prompt)
+    tcfg = build_transformer_config(arch, cfg, parallel, training=training, masked_rows=masked_rows)
     model = model_provider(
         arch, cfg, tcfg,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
-        arbitrary_mask=shared_prompt,
+        arbitrary_mask=masked_rows,
     )
     model.to(device.default_device())
     return [model]

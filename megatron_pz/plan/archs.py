@@ -88,10 +88,13 @@ def microbatch_shape(cfg: Any, shared: bool) -> tuple[int, int]:
     has up to ceil(micro_batch_size / min(micro_batch_size, smallest group)) rows: fewer tokens when prompts
     dominate, but a longer row (the local spec's S x S attention grows with it). Groups: the generator's
     ``masks_per_paragraph`` and the predictor's ``predictions_per_mask`` (pretrainzero), ``predictions_per_mask``
-    (random_span, rpt); sft_span samples share no prompt.
+    (random_span, rpt); sft_span samples share no prompt. ``train.max_tokens_per_microbatch``: one packed row of
+    that many tokens (rounded up to 8).
     """
     t = cfg.train
     mbs = t.micro_batch_size
+    if getattr(t, "max_tokens_per_microbatch", None):
+        return 1, -(-t.max_tokens_per_microbatch // 8) * 8
     if not shared or t.objective == "sft_span":
         return mbs, seq_length_of(cfg)
     groups = ([t.masks_per_paragraph, t.predictions_per_mask] if t.objective == "pretrainzero"

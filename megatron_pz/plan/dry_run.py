@@ -132,6 +132,8 @@ def validate(config: str, overrides: list[str], world_size: int, model: str | No
     dp = box["dp"]
     mbs = cfg.train.micro_batch_size
     nmb = math.ceil(samples_per_dp_rank(cfg, dp) / mbs)
+    if cfg.train.max_tokens_per_microbatch:  # packed rows: about every sample at its length cap, packed full
+        nmb = math.ceil(samples_per_dp_rank(cfg, dp) * seq_length_of(cfg) / cfg.train.max_tokens_per_microbatch)
     rc = cfg.model.recompute_granularity
     layout = Layout(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, dp=dp,
                     cp=p.context_parallel_size, ep=p.expert_model_parallel_size,
@@ -151,8 +153,8 @@ def validate(config: str, overrides: list[str], world_size: int, model: str | No
     if rc == "full" and (cfg.model.recompute_num_layers or 1) != 1:
         note = " (planned as recompute_num_layers=1)"
     if (rows, seq) != (mbs, seq_length_of(cfg)):
-        note += (f"; shared-prompt rows: {rows} x {seq} tokens instead of {mbs} x {seq_length_of(cfg)} "
-                 f"(longest micro-batch)")
+        note += (f"; {'packed' if cfg.train.max_tokens_per_microbatch else 'shared-prompt'} rows: {rows} x {seq} "
+                 f"tokens instead of {mbs} x {seq_length_of(cfg)} (longest micro-batch)")
     checks.append(Check("memory", bool(fit), f"{fit.reason}; {nmb} micro-batches of {mbs} per DP rank{note}"))
     return Report(checks, plan)
 
@@ -164,11 +166,11 @@ def _transformer_config(arch: Any, cfg: Any, target: str) -> str:
     from megatron_pz.model import provider
 
     if target != "gpu":
-        provider.build_transformer_config(arch, cfg.model, cfg.parallel, shared_prompt=cfg.shared_prompt_on(False))
+        provider.build_transformer_config(arch, cfg.model, cfg.parallel, masked_rows=cfg.masked_rows_on(False))
         return "TransformerConfig accepted"
     with mock.patch.object(provider, "use_transformer_engine", lambda _c: cfg.model.transformer_impl != "local"):
         provider.build_transformer_config(arch, cfg.model, cfg.parallel,
-                                          shared_prompt=cfg.shared_prompt_on(cfg.model.transformer_impl != "local"))
+                                          masked_rows=cfg.masked_rows_on(cfg.model.transformer_impl != "local"))
     return "TransformerConfig accepted (GPU target: Transformer Engine assumed)"
 
 

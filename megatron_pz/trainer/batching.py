@@ -102,7 +102,7 @@ def empty_microbatch(seq_len: int) -> MicroBatch:
 
 def build_microbatches(samples: Sequence[Sample], micro_batch_size: int, pad_id: int = 0,
                        seq_multiple: int = 8, same_length: bool = False,
-                       shared_prompt: bool = False) -> list[MicroBatch]:
+                       shared_prompt: bool = False, max_tokens: int | None = None) -> list[MicroBatch]:
     """Pack trainable samples into micro-batches of ``micro_batch_size`` samples.
 
     ``seq_multiple``: pad S to a multiple of this (TP sequence parallelism / CP need divisibility).
@@ -111,8 +111,14 @@ def build_microbatches(samples: Sequence[Sample], micro_batch_size: int, pad_id:
     only to its own longest sequence.
     ``shared_prompt``: samples of one micro-batch that share a prompt share one row
     (``trainer/shared_prompt.py``); otherwise one sample per row.
+    ``max_tokens`` (``train.max_tokens_per_microbatch``): token-budget micro-batches instead, one packed row of
+    samples (or shared-prompt groups) each, ``micro_batch_size`` unused (``shared_prompt.build_packed_microbatches``).
     With no trainable sample, returns one all-masked micro-batch (``empty_microbatch``).
     """
+    if max_tokens is not None:
+        from megatron_pz.trainer.shared_prompt import build_packed_microbatches
+
+        return build_packed_microbatches(samples, max_tokens, pad_id, seq_multiple, same_length, shared_prompt)
     if shared_prompt:
         from megatron_pz.trainer.shared_prompt import build_shared_microbatches
 

@@ -124,7 +124,7 @@ def setup(cfg: RunConfig) -> Run:
     count = lambda s: len(tokenizer.encode(s))  # noqa: E731
     overhead = template_overhead_tokens(count, cfg.prompt, tokenizer_chat_template(cfg, tokenizer))
     validate_lengths(cfg, arch, overhead)
-    training = setup_training(build_model(arch, cfg.model, cfg.parallel, shared_prompt=cfg.train.shared_prompt),
+    training = setup_training(build_model(arch, cfg.model, cfg.parallel, masked_rows=cfg.masked_rows),
                               cfg.optim, cfg.train.steps)
     layout = DataLayout(dp_rank=ps.get_data_parallel_rank(), dp_size=dp_size, is_data_owner=rank == data_owner_rank())
     run = Run(cfg=cfg, out=out, arch=arch, tokenizer=tokenizer, training=training, layout=layout,

@@ -26,7 +26,7 @@ def _trainer_logprobs_worker(mcore_dir: str, samples_path: str, tp: int, shared:
     par = ParallelConfig(tensor_model_parallel_size=tp)
     init_distributed(par)
     arch = ckpt.read_arch(mcore_dir)
-    model = build_model(arch, ModelConfig(dtype="fp32"), par, shared_prompt=shared)
+    model = build_model(arch, ModelConfig(dtype="fp32"), par, masked_rows=shared)
     ckpt.load(mcore_dir, model, arch)
     samples = torch.load(samples_path, weights_only=False)
     mbs = build_microbatches(samples, micro_batch_size=4, shared_prompt=shared)

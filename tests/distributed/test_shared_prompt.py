@@ -1,11 +1,13 @@
-"""Shared-prompt rows give the unshared layout's loss, gradients and log-probs (fp32, gloo; TP1, TP2, PP2).
+"""Shared-prompt and packed rows give the unshared padded layout's loss, gradients and log-probs (fp32, gloo;
+TP1, TP2, PP2).
 
-Two models with the same weights in one process group: the reference built and fed as before (one sample per
-row, causal), the other built with ``shared_prompt=True`` (arbitrary-mask attention, unfused RoPE) and fed
-shared-prompt rows (``trainer/shared_prompt.py``). Both run ``step._forward_backward`` (Megatron DDP, per-token
-loss, finalize_model_grads) on the same samples, three GRPO groups with two DAPO-dropped samples. The micro-batches
-hold different samples in the two layouts, so the loss metrics are compared over the step (token means weighted
-over micro-batches, the loss as its sum), the log-probs per sample, and every parameter gradient (per tensor
+Models with the same weights in one process group: the reference built and fed as before (one sample per row,
+causal), the others built with ``masked_rows=True`` (arbitrary-mask attention, unfused RoPE) and fed shared-prompt
+rows, packed rows (``train.max_tokens_per_microbatch``) and packed shared-prompt groups
+(``trainer/shared_prompt.py``). All run ``step._forward_backward`` (Megatron DDP, per-token loss,
+finalize_model_grads) on the same samples, three GRPO groups with two DAPO-dropped samples. The micro-batches hold
+different samples in each layout, so the loss metrics are compared over the step (token means weighted over
+micro-batches, the loss as its sum), the log-probs per sample, and every parameter gradient (per tensor
 max|diff| / max|ref|).
 """
 import pytest
@@ -16,6 +18,9 @@ from megatron_pz.parallel import spawn_local
 pytestmark = pytest.mark.multiproc
 REL_TOL = 1e-5
 TEMPERATURE = 0.7
+BUDGET = 40  # tokens per packed micro-batch (samples are 7 to 20 tokens)
+LAYOUTS = {"shared": dict(shared_prompt=True), "packed": dict(max_tokens=BUDGET),
+           "packed-shared": dict(shared_prompt=True, max_tokens=BUDGET)}
 
 
 def _samples():
@@ -57,12 +62,11 @@ def _step_worker(hf_dir: str, tp: int, pp: int, out_path: str) -> None:
     arch = ModelArch.from_hf_config(hf.config())
     samples = _samples()
 
-    def run(shared: bool) -> dict:
-        model = build_model(arch, ModelConfig(dtype="fp32"), par, shared_prompt=shared)
+    def run(layout: dict) -> dict:
+        model = build_model(arch, ModelConfig(dtype="fp32"), par, masked_rows=bool(layout))
         load_hf_into_model(model, hf.get, arch)
         state = setup_training(model, OptimConfig(lr=1e-6), total_steps=1)
-        mbs = build_microbatches(samples, micro_batch_size=3, seq_multiple=8, same_length=pp > 1,
-                                 shared_prompt=shared)
+        mbs = build_microbatches(samples, micro_batch_size=3, seq_multiple=8, same_length=pp > 1, **layout)
         for m in state.model:
             m.train()
             m.zero_grad_buffer()
@@ -85,22 +89,25 @@ def _step_worker(hf_dir: str, tp: int, pp: int, out_path: str) -> None:
             metrics["loss_sum"] = sum(r["loss"] for r in reports)
             metrics["mismatch_abs_max"] = max(r["mismatch_abs_max"] for r in reports)
         return {"metrics": metrics, "grads": grads, "logps": per_sample,
-                "tokens": sum(mb.tokens.numel() for mb in mbs)}
+                "tokens": sum(mb.tokens.numel() for mb in mbs), "microbatches": len(mbs)}
 
-    ref, new = run(False), run(True)
+    ref = run({})
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
-    result = {
-        "grad_rel": {n: rel(new["grads"][n], g) for n, g in ref["grads"].items()},
-        "grad_nonzero": all(float(g.abs().max()) > 0 for g in ref["grads"].values()),
-        "metric_rel": {k: abs(new["metrics"][k] - v) / max(abs(v), 1e-30) for k, v in ref["metrics"].items()},
-        "metrics": ref["metrics"],
-        "logp_keys": (sorted(ref["logps"]) == sorted(new["logps"])) and len(ref["logps"]),
-        "logp_rel": [rel(new["logps"][k], v) for k, v in ref["logps"].items()],
-        "tokens": (ref["tokens"], new["tokens"]),
-    }
+    def compare(new: dict) -> dict:
+        return {
+            "grad_rel": {n: rel(new["grads"][n], g) for n, g in ref["grads"].items()},
+            "metric_rel": {k: abs(new["metrics"][k] - v) / max(abs(v), 1e-30) for k, v in ref["metrics"].items()},
+            "logp_keys": (sorted(ref["logps"]) == sorted(new["logps"])) and len(ref["logps"]),
+            "logp_rel": [rel(new["logps"][k], v) for k, v in ref["logps"].items()],
+            "tokens": (ref["tokens"], new["tokens"]), "microbatches": new["microbatches"],
+        }
+
+    result = {name: compare(run(layout)) for name, layout in LAYOUTS.items()}
+    result["grad_nonzero"] = all(float(g.abs().max()) > 0 for g in ref["grads"].values())
+    result["metrics"] = ref["metrics"]
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
         torch.save(result, out_path)
     else:  # other stages / TP ranks: their gradients too (embedding and first layers live on stage 0 at PP2)
@@ -108,23 +115,26 @@ def _step_worker(hf_dir: str, tp: int, pp: int, out_path: str) -> None:
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
-def test_shared_prompt_step_equals_unshared(tiny_qwen3_hf, tmp_path, tp, pp):
+def test_shared_and_packed_steps_equal_unshared(tiny_qwen3_hf, tmp_path, tp, pp):
     out = tmp_path / "result.pt"
     spawn_local(_step_worker, tp * pp, (tiny_qwen3_hf, tp, pp, str(out)))
     last = torch.load(out)
     others = [torch.load(p) for p in tmp_path.glob("result.pt.*")]
     assert len(others) == tp * pp - 1
     assert last["metrics"]["train/tokens"] == 5 + 3 + 7 + 4 + 9 + 2 + 6 + 3 + 5 + 1  # the dropped two are out
-    assert last["logp_keys"] == 10 and len(last["metric_rel"]) > 3
-    ref_tokens, shared_tokens = last["tokens"]
-    assert shared_tokens < ref_tokens
-    worst = max(last["metric_rel"].values())
-    print(f"\nTP{tp}/PP{pp}: tokens {ref_tokens} -> {shared_tokens}; loss metrics max rel diff {worst:.2e}; "
-          f"log-probs {max(last['logp_rel']):.2e}; "
-          f"grads max rel diff {max(max(r['grad_rel'].values()) for r in [last, *others]):.2e}")
-    assert worst <= REL_TOL, last["metric_rel"]
-    assert max(last["logp_rel"]) <= REL_TOL
     for r in [last, *others]:
         assert r["grad_nonzero"]
-        bad = {n: v for n, v in r["grad_rel"].items() if v > REL_TOL}
-        assert not bad, bad
+    for name in LAYOUTS:
+        res = last[name]
+        assert res["logp_keys"] == 10 and len(res["metric_rel"]) > 3
+        ref_tokens, new_tokens = res["tokens"]
+        assert new_tokens < ref_tokens
+        worst = max(res["metric_rel"].values())
+        print(f"\nTP{tp}/PP{pp} {name}: row tokens {ref_tokens} -> {new_tokens} in {res['microbatches']} "
+              f"micro-batches; loss metrics max rel diff {worst:.2e}; log-probs {max(res['logp_rel']):.2e}; "
+              f"grads max rel diff {max(max(r[name]['grad_rel'].values()) for r in [last, *others]):.2e}")
+        assert worst <= REL_TOL, (name, res["metric_rel"])
+        assert max(res["logp_rel"]) <= REL_TOL, name
+        for r in [last, *others]:
+            bad = {n: v for n, v in r[name]["grad_rel"].items() if v > REL_TOL}
+            assert not bad, (name, bad)

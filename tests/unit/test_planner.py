@@ -155,7 +155,7 @@ def test_microbatch_shape_with_shared_prompts():
 
     def cfg(objective="pretrainzero", mbs=4, masks=4, preds=8):
         train = SimpleNamespace(objective=objective, micro_batch_size=mbs, masks_per_paragraph=masks,
-                                predictions_per_mask=preds)
+                                predictions_per_mask=preds, max_tokens_per_microbatch=None)
         return SimpleNamespace(train=train, corpus=SimpleNamespace(max_prompt_tokens=300), gen_max_new_tokens=40,
                                pred_max_new_tokens=20)
 
@@ -164,6 +164,9 @@ def test_microbatch_shape_with_shared_prompts():
     assert microbatch_shape(cfg(mbs=8, masks=2, preds=4), shared=True) == (4, 300 + 4 * 40)  # groups of 2 .. 4
     assert microbatch_shape(cfg(objective="rpt", mbs=8, preds=8), shared=True) == (1, 300 + 8 * 40)
     assert microbatch_shape(cfg(objective="sft_span"), shared=True) == (4, 340)  # no shared prompts
+    packed = cfg()
+    packed.train.max_tokens_per_microbatch = 1000
+    assert microbatch_shape(packed, shared=True) == microbatch_shape(packed, shared=False) == (1, 1000)
 
 
 def test_peak_tflops_table():

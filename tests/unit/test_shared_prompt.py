@@ -23,8 +23,7 @@ def test_one_group_row_by_hand():
     assert mb.tokens.tolist() == [[11, 12, 13, 21, 22, 31, 32, 33, 41, 0]]
     assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 3, 9]]
     allowed = (~mb.attention_mask[0, 0]).int()
-    # rows: queries; columns: keys. Prompt causal; each response sees the prompt and its own past; pad: the
-    # prompt and itself.
+    # rows: queries; columns: keys. Prompt causal; each response sees the prompt and its own past; pad: itself.
     assert allowed.tolist() == [
         [1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -35,7 +34,7 @@ def test_one_group_row_by_hand():
         [1, 1, 1, 0, 0, 1, 1, 0, 0, 0],
         [1, 1, 1, 0, 0, 1, 1, 1, 0, 0],
         [1, 1, 1, 0, 0, 0, 0, 0, 1, 0],
-        [1, 1, 1, 0, 0, 0, 0, 0, 0, 1],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
     ]
     # first response token of every sample: the prompt's last logit (column 2); then its own positions
     assert mb.cols.tolist() == [[2, 3, 3], [2, 5, 6], [2, 2, 2]]
@@ -82,6 +81,42 @@ def test_every_predicted_token_sees_the_context_of_its_unshared_row(mbs, same_le
         assert len({tuple(mb.tokens.shape) for mb in shared}) == 1
 
 
+def _three_groups():
+    g = torch.Generator().manual_seed(3)
+    samples = []
+    for gi, (p, sizes) in enumerate([(7, [3, 5, 2]), (4, [6, 1]), (9, [2, 2, 4, 3])]):
+        prompt = torch.randint(1, 100, (p,), generator=g).tolist()
+        for r in sizes:
+            samples.append(_sample(f"g{gi}", prompt, torch.randint(100, 200, (r,), generator=g).tolist(),
+                                   advantage=float(torch.randn(1, generator=g))))
+    samples.append(_sample("g0", samples[0].prompt_ids, [150, 151], status=Status.FILTERED))  # DAPO-dropped
+    return samples
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("budget,same_length", [(16, False), (24, True), (200, False)])
+def test_packed_rows_keep_every_context_and_the_budget(shared, budget, same_length):
+    samples = _three_groups()
+    ref = build_microbatches(samples, micro_batch_size=2, seq_multiple=8)
+    packed = build_microbatches(samples, micro_batch_size=2, seq_multiple=8, same_length=same_length,
+                                shared_prompt=shared, max_tokens=budget)
+    assert sorted(c for mb in ref for c in _contexts(mb)) == sorted(c for mb in packed for c in _contexts(mb))
+    real = [int((mb.tokens > 0).sum()) for mb in packed]  # pad id 0, tokens >= 1
+    assert all(mb.tokens.shape[0] == 1 for mb in packed) and max(real) <= budget
+    # no padding but each row's tail (to the multiple of 8, or to the longest row under same_length)
+    width = max(real) if same_length else None
+    assert all(mb.tokens.shape[1] == -(-(width or n) // 8) * 8 for mb, n in zip(packed, real))
+    if not shared:  # every sample's prompt and response once
+        assert sum(real) == sum(s.num_tokens for s in samples if s.trainable)
+    if budget == 200:  # everything fits one row
+        assert len(packed) == 1
+
+
+def test_packing_refuses_a_sample_longer_than_the_budget():
+    with pytest.raises(ValueError, match=r"max_tokens_per_microbatch=10 is smaller than a sample of 12 tokens"):
+        build_microbatches([_sample("g", [1] * 8, [2] * 4)], 4, max_tokens=10)
+
+
 def test_prompts_that_differ_do_not_share_a_row():
     a, b = _sample("g", [1, 2], [5]), _sample("g", [1, 3], [6])  # same group id, different prompt tokens
     (mb,) = build_microbatches([a, b], micro_batch_size=2, seq_multiple=1, shared_prompt=True)
@@ -107,3 +142,9 @@ def test_shared_prompt_with_context_parallelism_is_a_config_error():
 
     with pytest.raises(ConfigError, match="train.shared_prompt needs parallel.context_parallel_size 1"):
         RunConfig(train=TrainConfig(shared_prompt=True), parallel=ParallelConfig(context_parallel_size=2))
+    with pytest.raises(ConfigError, match="train.max_tokens_per_microbatch needs parallel.context_parallel_size 1"):
+        RunConfig(train=TrainConfig(max_tokens_per_microbatch=64), parallel=ParallelConfig(context_parallel_size=2))
+    # null resolves off under CP, on with the local spec
+    assert not RunConfig(parallel=ParallelConfig(context_parallel_size=2)).shared_prompt_on(transformer_engine=False)
+    assert RunConfig().shared_prompt_on(transformer_engine=False)
+    assert not RunConfig().shared_prompt_on(transformer_engine=True)
