@@ -50,6 +50,8 @@ setup(
             "gguf>=0.10",
             "accelerate>=1.0",
             "matplotlib>=3.8",
+            # logging.wandb's writer is tested against W&B's offline run files (tests/unit/test_logs_wandb.py).
+            "wandb>=0.19",
         ],
     },
     entry_points={"console_scripts": ["megatron-pz=megatron_pz.cli:main"]},

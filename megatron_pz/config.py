@@ -165,6 +165,10 @@ class RolloutConfig:
     api_key: str | None = None
     timeout_s: float = 600.0
     max_retries: int = 3
+    # backend=embedded: a rollout server this trainer launched that dies (after the client's retries) is started
+    # again from the current weight version and the step's rollout (or weight sync) is retried, at most this many
+    # times per process; 0 = stop with exit status 3 as for external servers, which are never restarted.
+    max_engine_restarts: int = 3
     max_concurrency_per_server: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
@@ -207,6 +211,9 @@ class RolloutConfig:
         if self.weights_dtype is None:
             self.weights_dtype = self.embedded_dtype if self.backend == "embedded" else _default_push_dtype()
         self.weights_dtype = _dtype_field("rollout.weights_dtype", self.weights_dtype)
+        if self.max_engine_restarts < 0:
+            raise ConfigError(f"rollout.max_engine_restarts must be >= 0 (0 = never restart), "
+                              f"got {self.max_engine_restarts}")
         if not 0 < self.top_p <= 1 or self.temperature < 0:
             raise ConfigError(f"rollout: need temperature >= 0 and 0 < top_p <= 1 (got {self.temperature}, {self.top_p})")
 
@@ -237,14 +244,30 @@ class CheckpointConfig:
     auto_resume: bool = True
 
 
+WANDB_MODES = (None, "online", "offline")
+
+
 @dataclass
 class LoggingConfig:
     tensorboard: bool = True
+    # Weights & Biases beside TensorBoard (needs `pip install wandb`): the same scalars, one W&B run per training
+    # run (a resumed run continues it). Files under $WANDB_DIR/wandb/ if set, else <output_dir>/wandb/.
+    wandb: bool = False
+    wandb_project: str = "megatron_pz"
+    wandb_entity: str | None = None
+    # null = the run's `name`.
+    wandb_name: str | None = None
+    # online | offline (no network: files for `wandb sync`) | null = wandb's own choice ($WANDB_MODE, else online).
+    wandb_mode: str | None = None
     log_interval: int = 1
     # Write full prompt/response texts of a few samples every K steps (0 = never).
     sample_interval: int = 10
     samples_per_log: int = 4
     progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in WANDB_MODES:
+            raise ConfigError(f"logging.wandb_mode must be online, offline or null, got {self.wandb_mode!r}")
 
 
 SPAN_OBJECTIVES = ("pretrainzero", "random_span", "sft_span")
@@ -287,6 +310,11 @@ class RunConfig:
                 raise ConfigError(f"train.{name} needs parallel.context_parallel_size 1, got "
                                   f"{self.parallel.context_parallel_size}: its rows attend through an explicit mask "
                                   "with per-row rotary positions, which context-parallel attention does not split")
+        # A restated prompt ends mid-sentence: the answer is the continuation, never a \boxed{}, so the boxed
+        # rewards would score 0 on every sample and DAPO would drop every group, silently.
+        if self.prompt.pred_restate and self.reward.pred_reward in ("exact_match", "exact_match_lenient"):
+            raise ConfigError(f"prompt.pred_restate=true answers by continuation, not \\boxed{{}}: set "
+                              f"reward.pred_reward=continuation_match (got {self.reward.pred_reward!r})")
 
     # -------------------------------------------------------------- derived
     def shared_prompt_on(self, transformer_engine: bool | None = None) -> bool:

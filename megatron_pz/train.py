@@ -15,6 +15,9 @@ The PretrainZero step loop [PZ §3.3, §4.1]. One step:
 
 Every stage takes the typed run (trainer/run.py) built once by trainer/setup.py.
 
+A rollout server the trainer launched (rollout.backend=embedded) that dies is restarted with the current weights and
+the step's rollout or sync retried, up to rollout.max_engine_restarts times (trainer/connect.py recover_rollout).
+
 The same command resumes a killed run from <output_dir>/checkpoints. It stops early, after a checkpoint and with
 exit status 0, on SIGUSR1/SIGTERM or when another step would pass ``train.exit_duration_mins`` (trainer/deadline.py).
 """
@@ -100,8 +103,10 @@ def announce_stop(run: Run, step: int, deadline: Deadline) -> None:
 # ------------------------------------------------------------------ stages
 def rollout(run: Run, step: int) -> tuple[list[Sample], dict[str, float]]:
     """Data owners collect this DP rank's samples; every rank of the model-parallel group gets them."""
+    from megatron_pz.errors import RolloutError
     from megatron_pz.parallel import share_samples
     from megatron_pz.trainer.collect import StepContext, collect
+    from megatron_pz.trainer.connect import recover_rollout
 
     samples, metrics = None, {}
     if run.is_data_owner:
@@ -110,8 +115,16 @@ def rollout(run: Run, step: int) -> tuple[list[Sample], dict[str, float]]:
         ctx = StepContext(encode=run.tokenizer.encode, decode=run.tokenizer.decode,
                           chat_template=run.chat_template, step=step, dp_rank=run.dp_rank,
                           eos_token_id=run.tokenizer.eos_token_id)
-        samples, metrics = collect(paragraphs, run.cfg, run.engine, ctx)
-        metrics = {f"rollout/{k}": v for k, v in metrics.items()}
+    while True:  # again, on the same paragraphs and seeds, after a launched server that died is restarted
+        error = None
+        if run.is_data_owner:
+            try:
+                samples, metrics = collect(paragraphs, run.cfg, run.engine, ctx)
+                metrics = {f"rollout/{k}": v for k, v in metrics.items()}
+            except RolloutError as exc:
+                error = exc
+        if not recover_rollout(run, error, f"step {step + 1}: rollout"):
+            break
     return share_samples(samples), metrics
 
 
@@ -176,8 +189,19 @@ def check_on_policy(run: Run, samples: list[Sample]) -> dict[str, float]:
 
 
 def sync_weights(run: Run) -> None:
-    """Push the updated policy to the rollout engine as weight version + 1 (collective gather, rank 0 pushes)."""
-    run.weights.push(run.chunks)
+    """Push the updated policy to the rollout engine as weight version + 1 (collective gather, rank 0 pushes).
+
+    A launched server that died is restarted from the new version's folder, which holds the pushed weights."""
+    from megatron_pz.errors import RolloutError
+    from megatron_pz.trainer.connect import recover_rollout
+
+    state = run.weights.export(run.chunks)  # collective
+    error = None
+    try:
+        run.weights.publish(state)
+    except RolloutError as exc:
+        error = exc
+    recover_rollout(run, error, f"weight sync to version {run.weight_version}")
 
 
 def should_save(run: Run, step: int, stop: bool = False) -> bool:
@@ -209,7 +233,8 @@ def evaluate(run: Run) -> dict[str, float]:
 
     if torch.distributed.get_rank() != 0 or not run.is_data_owner:
         return {}
-    results = run_suites(run.engine, run.tokenizer.encode, run.chat_template, run.cfg.eval, run.cfg.prompt.style)
+    results = run_suites(run.engine, run.tokenizer.encode, run.chat_template, run.cfg.eval, run.cfg.prompt.style,
+                         restate=run.cfg.prompt.pred_restate)
     return flat_metrics(results)
 
 
@@ -237,6 +262,8 @@ def log(run: Run, step: int, samples: list[Sample], metrics: dict[str, float]) -
     scalars = {k: sum(v) / len(v) for k, v in merged.items()}  # mean over the ranks that report a metric
     scalars.update(sample_scalars(all_samples))
     scalars["weight_version"] = float(run.weight_version)
+    if run.engine_restarts:
+        scalars["rollout/engine_restarts"] = float(run.engine_restarts)  # so far in this process
     sync = run.weights.last_report
     if sync is not None:
         scalars["time/sync_s_per_100m_params"] = sync.seconds_per_100m_params
@@ -283,6 +310,15 @@ def main_from_args(args: argparse.Namespace) -> int:
     if args.config is None and not any(o.startswith("policy.load=") for o in [*flags, *args.overrides]):
         raise ConfigError("give a run file (--config FILE) or the weights to start from (--load CKPT or "
                           "policy.load=...); nothing else is needed for the paper's defaults")
+    if args.config is not None:
+        from pathlib import Path
+
+        from megatron_pz.config import read_yaml
+        from megatron_pz.trainer.stages import is_staged, run_stages
+
+        data = read_yaml(Path(args.config))
+        if is_staged(data):
+            return run_stages(Path(args.config), data, [*flags, *args.overrides])
     cfg = load_config(args.config, [*flags, *args.overrides])
     # The console is for people: library chatter goes to the run's log file, rank 0 prints the set-up, one line
     # per step and the progress bar; other ranks print only errors. RANK/WORLD_SIZE: torchrun's (1 process else).

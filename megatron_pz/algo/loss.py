@@ -8,6 +8,7 @@ Per valid token (``loss_mask == 1``), with r = exp(logp - old_logp):
 
     pg    = max(-A * r, -A * clamp(r, 1 - eps_low, 1 + eps_high))        [PZ Eq. 11; DAPO clip-higher]
     w     = min(exp(old_logp - rollout_logp), tis_cap), detached          truncated IS (rollout engine vs trainer)
+            or, with ``mismatch`` mis_token / mis_sequence, the masked IS weight of algo/mismatch.py
     loss  = w * pg + kl_coef * KL(logp, ref_logp) - entropy_coef * H
 
     total = sum(loss over valid tokens) / num_global_tokens
@@ -27,10 +28,11 @@ Padding may hold any value, even inf/NaN: inputs are zeroed outside the mask bef
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from megatron_pz.algo.mismatch import MISMATCH_MODES, check_band, masked_is_weights
 from megatron_pz.errors import ConfigError
 
 KL_ESTIMATORS = (None, "k1", "k3")
@@ -51,7 +53,12 @@ class LossConfig:
     entropy_coef: float = 0.0
     """Entropy bonus weight (0 = entropy only logged; needs an ``entropy`` tensor with grad when > 0)."""
     tis_cap: float | None = 2.0
-    """Truncated importance sampling cap C in min(pi_old / pi_rollout, C); None disables TIS."""
+    """Truncated importance sampling cap C in min(pi_old / pi_rollout, C); None disables TIS (mismatch=tis only)."""
+    mismatch: str = "tis"
+    """The train/rollout mismatch correction (algo/mismatch.py): tis (capped at tis_cap), mis_token (tokens whose
+    ratio leaves mismatch_band are dropped, IcePop) or mis_sequence (sequences whose geometric-mean ratio leaves it)."""
+    mismatch_band: list[float] = field(default_factory=lambda: [0.5, 5.0])
+    """[low, high] of the ratios the mis_* modes keep, 0 < low <= 1 <= high (IcePop's [0.5, 5]); unused by tis."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.eps_low < 1.0:
@@ -66,6 +73,9 @@ class LossConfig:
             raise ConfigError(f"LossConfig.entropy_coef={self.entropy_coef!r}: expected >= 0")
         if self.tis_cap is not None and not self.tis_cap > 0:
             raise ConfigError(f"LossConfig.tis_cap={self.tis_cap!r}: expected > 0 or None")
+        if self.mismatch not in MISMATCH_MODES:
+            raise ConfigError(f"LossConfig.mismatch={self.mismatch!r}: expected one of {', '.join(MISMATCH_MODES)}")
+        self.mismatch_band = list(check_band(self.mismatch_band, "LossConfig.mismatch_band"))
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -119,14 +129,15 @@ def policy_loss(
         num_global_tokens: valid tokens of the whole step (all micro-batches, all DP ranks); 0 only if none.
             A float, or a scalar tensor already on the device (avoids a host sync).
         cfg: clip / KL / entropy / TIS settings.
-        rollout_logprobs: [B, T] log-probs reported by the rollout engine, for TIS and mismatch metrics.
+        rollout_logprobs: [B, T] log-probs reported by the rollout engine, for TIS / MIS and mismatch metrics.
         ref_logprobs: [B, T] reference-policy log-probs; required when ``cfg.kl`` is set.
         entropy: [B, T] per-token entropy of pi_theta; logged, and a bonus when ``cfg.entropy_coef > 0``.
 
     Returns:
         ``(loss, metrics)``: scalar loss = sum over this micro-batch's valid tokens / ``num_global_tokens``
         (0 with zero gradients when there are no valid tokens); metrics are detached scalars averaged over
-        this micro-batch's valid tokens (``num_tokens`` gives the weight for combining micro-batches).
+        this micro-batch's valid tokens (``num_tokens`` gives the weight for combining micro-batches), except
+        the counts named in ``algo.mismatch.COUNT_METRICS`` (mis_* modes), which are to be summed.
     """
     mask = loss_mask.bool()
     n_local = mask.sum()
@@ -160,7 +171,11 @@ def policy_loss(
         diff = old - rollout
         metrics["mismatch_abs_mean"] = mean(diff.abs())
         metrics["mismatch_abs_max"] = _masked(diff.abs(), mask).max().detach() if diff.numel() else diff.sum()
-        if cfg.tis_cap is not None:
+        if cfg.mismatch != "tis":
+            weight, mis = masked_is_weights(diff, mask, cfg.mismatch, (cfg.mismatch_band[0], cfg.mismatch_band[1]))
+            per_token = per_token * weight
+            metrics.update(mis)
+        elif cfg.tis_cap is not None:
             raw_w = torch.exp(diff)
             weight = torch.clamp(raw_w, max=cfg.tis_cap)
             per_token = per_token * weight

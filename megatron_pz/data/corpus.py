@@ -14,8 +14,9 @@ Order of one epoch (fixed by ``seed`` and the epoch number alone):
 an uninterrupted reader would have yielded from paragraph ``k + 1`` on.
 
 Length filter [PZ §4.1: prompts are capped at 1536 tokens; method §6 item 2]: with ``n = count_tokens(text)``,
-a paragraph is kept when ``n >= min_paragraph_tokens`` and ``n + prompt_overhead_tokens + prompt_margin_tokens
-<= max_prompt_tokens``. Pass the tokenizer's counter and ``prompts.template_overhead_tokens(...)``; without a
+a paragraph is kept when ``n >= min_paragraph_tokens`` and ``paragraph_copies * n + prompt_overhead_tokens +
+prompt_margin_tokens <= max_prompt_tokens`` (``paragraph_copies`` = 2 when the prompt restates part of the
+paragraph, ``prompt.pred_restate``). Pass the tokenizer's counter and ``prompts.template_overhead_tokens(...)``; without a
 counter a tokenizer-free over-estimate is used (``estimate_tokens``: UTF-8 bytes / 3).
 """
 from __future__ import annotations
@@ -100,6 +101,7 @@ class CorpusReader:
         *,
         count_tokens: Callable[[str], int] | None = None,
         prompt_overhead_tokens: int = 0,
+        paragraph_copies: int = 1,
         dp_rank: int = 0,
         dp_world_size: int = 1,
     ) -> None:
@@ -108,6 +110,7 @@ class CorpusReader:
         self.cfg = cfg
         self.count_tokens = count_tokens or estimate_tokens
         self.prompt_overhead_tokens = int(prompt_overhead_tokens)
+        self.paragraph_copies = int(paragraph_copies)
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
         self.shards = resolve_shards(cfg.paths or [str(sample_corpus_path("train"))])
         # Position: next raw record is record `pos` of the `shard_pos`-th shard of epoch `epoch`'s order;
@@ -186,7 +189,8 @@ class CorpusReader:
         if n < self.cfg.min_paragraph_tokens:
             self.stats["too_short"] += 1
             return None
-        if n + self.prompt_overhead_tokens + self.cfg.prompt_margin_tokens > self.cfg.max_prompt_tokens:
+        if self.paragraph_copies * n + self.prompt_overhead_tokens + self.cfg.prompt_margin_tokens \
+                > self.cfg.max_prompt_tokens:
             self.stats["too_long"] += 1
             return None
         return paragraph

@@ -183,9 +183,10 @@ class SftConfig:
     ``\\mask{span}`` (after ``prompt.gen_response_prefix``). Off: the warm-up trains the predictor only."""
 
 
-def sft_answer(span: str) -> str:
-    """The teacher-forced prediction answer: the span in ``\\boxed{}``, nothing else (no reasoning)."""
-    return "\\boxed{" + span + "}"
+def sft_answer(span: str, restate: bool = False) -> str:
+    """The teacher-forced prediction answer: the span in ``\\boxed{}``, nothing else (no reasoning). After a
+    restated prompt (``prompt.pred_restate``) the answer is the continuation itself: " " + span."""
+    return " " + span if restate else "\\boxed{" + span + "}"
 
 
 def sft_mask_answer(span: str, response_prefix: str = "") -> str:
@@ -220,7 +221,7 @@ def sft_span_samples(
     pred = Sample(task=Task.SFT_SPAN, group_id=group_id, status=Status.COMPLETED, advantage=1.0,
                   prompt_text=prompts.prediction_prompt(result.masked_text, prompt_cfg, chat_template,
                                                         span_cfg.mask_token),
-                  response_text=sft_answer(result.span),
+                  response_text=sft_answer(result.span, prompt_cfg.pred_restate),
                   metadata={**meta, "role": "predict", "masked_paragraph": result.masked_text})
     if not generator_samples:
         return result, [pred]

@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "repeatable")
     p.add_argument("--prompt-style", choices=["chat", "plain"], default="chat",
                    help="chat: one user turn in the tokenizer's chat template; plain: raw text (base models)")
+    p.add_argument("--restate", action="store_true",
+                   help="span suites: restated prompt, answer by continuation (a run's prompt.pred_restate)")
     p.add_argument("--url", nargs="+", default=None, help="SGLang / embedded server URL(s) instead of in-process")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     p.add_argument("--out", default=None, help="report folder (default: runs/eval/<model name>)")
@@ -189,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
     for s in suites:
         res = run_suite(engine, tok.encode, chat_template, s, limit=args.limit, samples=args.samples,
                         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                        seed=args.seed, data_path=data.get(s), prompt_style=args.prompt_style)
+                        seed=args.seed, data_path=data.get(s), prompt_style=args.prompt_style,
+                        restate=args.restate)
         results.append(res)
         # Written after every suite, so an interrupted run keeps the suites it finished.
         header["wall_seconds"] = round(time.perf_counter() - t_start, 1)

@@ -112,9 +112,12 @@ def _engine_max_positions(engine: Any) -> int | None:
 def run_suite(engine: Any, encode: Callable[[str], list[int]], chat_template: ChatTemplateFn | None, suite: str,
               *, limit: int | None = None, samples: int | None = None, temperature: float | None = None,
               top_p: float | None = None, max_new_tokens: int | None = None, seed: int = 0,
-              data_path: str | None = None, prompt_style: str = "chat",
+              data_path: str | None = None, prompt_style: str = "chat", restate: bool = False,
               progress: Callable[[str], None] | None = None) -> SuiteResult:
-    """Evaluate one suite; None arguments take the suite's defaults (recorded in ``SuiteResult.config``)."""
+    """Evaluate one suite; None arguments take the suite's defaults (recorded in ``SuiteResult.config``).
+
+    ``restate`` (span suites; the run's ``prompt.pred_restate``): the response starts with the masked sentence
+    up to its first mask, and the answer is the continuation, as in training."""
     spec = get_suite(suite)
     if prompt_style not in PROMPT_STYLES:
         raise ConfigError(f"prompt style {prompt_style!r}: expected one of {PROMPT_STYLES}")
@@ -132,6 +135,8 @@ def run_suite(engine: Any, encode: Callable[[str], list[int]], chat_template: Ch
     skipped = 0
     for it in items:
         text = wrap(it.prompt_text, pcfg, chat_template)
+        if restate and spec.kind == "span":
+            text += it.metadata.get("restated", "")
         ids = list(encode(text))
         if max_pos is not None and len(ids) + max_new > max_pos:
             skipped += 1
@@ -153,7 +158,7 @@ def run_suite(engine: Any, encode: Callable[[str], list[int]], chat_template: Ch
             responses = []
             for r in res:
                 resp = r.text or ""
-                sc = score_response(it.kind, resp, it.target, it.metadata)
+                sc = score_response(it.kind, resp, it.target, it.metadata, restate and spec.kind == "span")
                 responses.append({"response": resp, "extracted": sc.extracted, "correct": sc.correct,
                                   "lenient_correct": sc.lenient, "tokens": len(r.response_ids),
                                   "finish_reason": r.finish_reason})
@@ -188,18 +193,19 @@ def run_suite(engine: Any, encode: Callable[[str], list[int]], chat_template: Ch
         metrics["pass@1"] = mean_pass_at_k(correct, 1)
     config = {"suite": suite, "kind": spec.kind, "data": str(data_path) if data_path else f"(shipped) {spec.sample}",
               "limit": limit, "samples": k, "temperature": temp, "top_p": top_p, "max_new_tokens": max_new,
-              "seed": seed, "prompt_style": prompt_style, "chat_template": chat_template is not None}
+              "seed": seed, "prompt_style": prompt_style, "chat_template": chat_template is not None,
+              "restate": restate and spec.kind == "span"}
     return SuiteResult(suite, config, metrics, records)
 
 
 def evaluate(engine: Any, encode: Callable[[str], list[int]], chat_template: ChatTemplateFn | None, cfg: EvalConfig,
-             prompt_style: str = "chat") -> dict[str, dict[str, float]]:
+             prompt_style: str = "chat", restate: bool = False) -> dict[str, dict[str, float]]:
     """Run every suite of ``cfg``; returns ``{suite: metrics}`` (accuracy, lenient_accuracy for spans, n, ...)."""
     out: dict[str, dict[str, float]] = {}
     for suite in cfg.suites:
         res = run_suite(engine, encode, chat_template, suite, limit=cfg.limit, samples=cfg.samples,
                         temperature=cfg.temperature, top_p=None, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                        data_path=cfg.data.get(suite), prompt_style=prompt_style)
+                        data_path=cfg.data.get(suite), prompt_style=prompt_style, restate=restate)
         out[suite] = res.metrics
     return out
 

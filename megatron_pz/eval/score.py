@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from megatron_pz.data.parsers import extract_boxed
 from megatron_pz.eval.extract import extract_answer, extract_choice, math_equal
-from megatron_pz.rewards.span import normalize_lenient, normalize_strict
+from megatron_pz.rewards.span import continuation_answer, normalize_lenient, normalize_strict
 
 KINDS = ("span", "math", "choice")
 
@@ -32,8 +32,13 @@ class Score:
     lenient: bool
 
 
-def score_span(response: str, target: str) -> Score:
-    answer = extract_boxed(response) if isinstance(response, str) else None
+def score_span(response: str, target: str, restate: bool = False) -> Score:
+    """The last ``\\boxed{}``; after a restated prompt (``prompt.pred_restate``) the continuation's first words
+    (``rewards.span.continuation_answer``), so strict accuracy is the training reward ``continuation_match``."""
+    if restate:
+        answer = continuation_answer(response, target)
+    else:
+        answer = extract_boxed(response) if isinstance(response, str) else None
     if answer is None:
         return Score(None, False, False)
     return Score(answer, normalize_strict(answer) == normalize_strict(target),
@@ -52,10 +57,11 @@ def score_choice(response: str, target: str, num_options: int = 10) -> Score:
     return Score(letter, ok, ok)
 
 
-def score_response(kind: str, response: str, target: str, metadata: dict | None = None) -> Score:
-    """Dispatch on the suite kind (``span`` | ``math`` | ``choice``)."""
+def score_response(kind: str, response: str, target: str, metadata: dict | None = None,
+                   restate: bool = False) -> Score:
+    """Dispatch on the suite kind (``span`` | ``math`` | ``choice``); ``restate`` applies to span suites."""
     if kind == "span":
-        return score_span(response, target)
+        return score_span(response, target, restate)
     if kind == "math":
         return score_math(response, target)
     if kind == "choice":

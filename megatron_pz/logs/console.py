@@ -130,6 +130,12 @@ def step_line(step: int, total: int, values: Mapping[str, float | int | None], i
     if "groups_mixed/mask_pred" in v or "groups_mixed/random_span" in v:
         t = "mask_pred" if "groups_mixed/mask_pred" in v else "random_span"
         parts.append(f"mixed groups {int(v[f'groups_mixed/{t}'])}/{int(v[f'groups/{t}'])}")
+    entropies = [f"{k.split('/', 1)[1]} {x:.2f}" for k, x in v.items() if k.startswith("entropy/")]
+    if entropies:  # a collapse shows here first
+        parts.append("entropy " + " ".join(entropies))
+    truncs = [f"{k.split('/', 1)[1]} {x:.0%}" for k, x in v.items() if k.startswith("trunc_rate/") and x > 0]
+    if truncs:  # answers cut at the token cap score 0 whatever they would have said
+        parts.append("truncated " + " ".join(truncs))
     if "train/target_prob" in v:  # sft_span: how much of the teacher-forced answer the policy already predicts
         parts.append(f"nll {_fmt(v['train/loss'])} p(target) {_fmt(v['train/target_prob'])}")
     if "train/tokens" in v:

@@ -9,7 +9,8 @@ Files under ``out_dir`` (see ``logs.writers``):
     uninterrupted one);
   * ``tensorboard/``: event files, the scalar names are the tags;
   * ``samples/step_{step:07d}.jsonl``: up to ``k`` samples per task, every time the trainer calls
-    ``log_samples`` (it decides the period).
+    ``log_samples`` (it decides the period);
+  * with ``wandb`` (the keyword arguments of ``logs.writers.WandbLog``): the scalars in a W&B run as well.
 Console: where the run starts (fresh or resumed), one line per logged step on stdout (``logs.console.step_line``)
 and, optionally, a progress bar on stderr.
 """
@@ -18,9 +19,10 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from megatron_pz.logs.console import ProgressBar, say, step_line
-from megatron_pz.logs.writers import SampleDump, StepLog, TensorBoardLog, sample_markdown, to_number
+from megatron_pz.logs.writers import SampleDump, StepLog, TensorBoardLog, WandbLog, sample_markdown, to_number
 from megatron_pz.types import Sample
 
 
@@ -42,6 +44,7 @@ class RunLogger:
         start_step: int = 0,
         steps_done: int | None = None,
         tensorboard: bool = True,
+        wandb: dict[str, Any] | None = None,
         progress_bar: bool = True,
         enabled: bool = True,
         resumed_from: str | Path | None = None,
@@ -54,6 +57,7 @@ class RunLogger:
         self._metrics: StepLog | None = None
         self._data: StepLog | None = None
         self._tb: TensorBoardLog | None = None
+        self._wandb: WandbLog | None = None
         self._bar: ProgressBar | None = None
         if not enabled:
             return
@@ -63,6 +67,8 @@ class RunLogger:
         self._samples = SampleDump(self.out_dir / "samples", start_step)
         if tensorboard:
             self._tb = TensorBoardLog(self.out_dir / "tensorboard", start_step)
+        if wandb is not None:
+            self._wandb = WandbLog(self.out_dir, **wandb)
         if self.steps_done:
             where = f"resumed from {resumed_from}" if resumed_from else "the last checkpoint"
             say(f"resume   after step {self.steps_done} of {total_steps} ({where})")
@@ -90,6 +96,8 @@ class RunLogger:
         if self._tb is not None:
             self._tb.scalars(step, values)
             self._tb.histograms(step, histograms or {})
+        if self._wandb is not None:
+            self._wandb.scalars(step, values)
         initial = step < self.start_step
         done = self.steps_done + step - self.start_step + 1
         say(step_line(done, self.total_steps, values, initial=initial))
@@ -119,7 +127,7 @@ class RunLogger:
 
     def close(self) -> None:
         """Flush and close everything; safe to call twice."""
-        for part in (self._bar, self._tb, self._metrics, self._data):
+        for part in (self._bar, self._tb, self._wandb, self._metrics, self._data):
             if part is not None:
                 part.close()
-        self._metrics = self._data = self._tb = self._bar = None
+        self._metrics = self._data = self._tb = self._wandb = self._bar = None

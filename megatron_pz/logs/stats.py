@@ -32,6 +32,9 @@ def sample_scalars(samples: Sequence[Sample]) -> dict[str, float]:
       ``abort_rate/t``; ``filtered_frac/t``; ``groups/t`` (GRPO groups with a scored generated sample),
       ``groups_mixed/t`` (of those, groups whose rewards are not all equal: the ones DAPO keeps and GRPO learns
       from) and ``groups_mixed_frac/t`` (their share). Counts, so shares can be pooled over steps with their n.
+      ``entropy/t``: mean of -log pi_rollout over the generated response tokens, an unbiased estimate of the
+      per-token entropy of the distribution sampled from (tokens are drawn from it; the recorded log-probs are
+      of that tempered distribution). A collapse shows as entropy falling towards 0.
     Generator (MASK_GEN metadata set by ``data.tasks.prediction_samples``): ``mask/valid_rate`` over samples
     that carry ``mask_valid``; ``mask/span_words_mean``, ``mask/span_chars_mean`` over valid spans.
     Predictor: ``acc/mask_pred`` = mean MASK_PRED reward (exact match, so the accuracy).
@@ -47,6 +50,9 @@ def sample_scalars(samples: Sequence[Sample]) -> dict[str, float]:
         if lengths:
             out[f"length/{t}_mean"] = _mean(lengths)
             out[f"length/{t}_max"] = float(max(lengths))
+        token_logps = [lp for s in group if s.status in GENERATED for lp in s.rollout_logprobs]
+        if token_logps:
+            out[f"entropy/{t}"] = -_mean(token_logps)
         truncated = sum(s.status is Status.TRUNCATED or s.finish_reason == "length" for s in group)
         out[f"trunc_rate/{t}"] = truncated / n
         out[f"abort_rate/{t}"] = sum(s.status is Status.ABORTED for s in group) / n

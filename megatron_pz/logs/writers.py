@@ -1,4 +1,5 @@
-"""The run folder's metric files: ``metrics.jsonl`` / ``data_order.jsonl``, TensorBoard events, sample dumps.
+"""The run folder's metric files: ``metrics.jsonl`` / ``data_order.jsonl``, TensorBoard events, sample dumps, and
+the optional Weights & Biases run (one writer per backend).
 
 Each writer owns one file (or folder) and its resume rule: what a killed run wrote at or after the step this
 process starts from is dropped, so after a resume each step appears exactly once. Values are converted to
@@ -10,6 +11,8 @@ import contextlib
 import enum
 import json
 import math
+import os
+import secrets
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -129,6 +132,41 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self._writer.close()
+
+
+class WandbLog:
+    """The run's scalars in a Weights & Biases run (``logging.wandb``); online, or offline files to upload later
+    with ``wandb sync``.
+
+    The W&B run id is kept in ``<out_dir>/wandb_run_id.txt``, so a resumed training run continues the same W&B run
+    (W&B itself ignores a step at or below the last one it holds, which a killed run may have logged already).
+    Files go under ``$WANDB_DIR/wandb/`` when that is set, else ``<out_dir>/wandb/``. W&B's console capture is off:
+    the console is ours (``logs.console``). Only scalars are sent; histograms and sample texts stay in TensorBoard
+    and ``samples/``.
+    """
+
+    RUN_ID_FILE = "wandb_run_id.txt"
+
+    def __init__(self, out_dir: Path, *, project: str, entity: str | None = None, name: str | None = None,
+                 mode: str | None = None, config: dict[str, Any] | None = None) -> None:
+        # Imported here: only runs with logging.wandb need the wandb package.
+        import wandb
+
+        id_file = out_dir / self.RUN_ID_FILE
+        # 8 lowercase hex digits: the form of W&B's own run ids
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        atomic_write_text(id_file, run_id + "\n")
+        self._run = wandb.init(project=project, entity=entity, name=name, id=run_id, resume="allow", mode=mode,
+                               dir=os.environ.get("WANDB_DIR") or str(out_dir), config=config,
+                               settings=wandb.Settings(console="off", silent=True))
+
+    def scalars(self, step: int, values: dict[str, int | float | None]) -> None:
+        finite = {tag: value for tag, value in values.items() if value is not None}
+        if finite:
+            self._run.log(finite, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
 
 
 # ---------------------------------------------------------------------------- sample dumps

@@ -23,6 +23,7 @@ RewardFn = Callable[..., float]
 _BUILTIN: dict[str, str] = {
     "exact_match": "megatron_pz.rewards.span:exact_match",
     "exact_match_lenient": "megatron_pz.rewards.span:exact_match_lenient",
+    "continuation_match": "megatron_pz.rewards.span:continuation_match",
     "brevity": "megatron_pz.rewards.format:brevity",
     "format_boxed": "megatron_pz.rewards.format:format_boxed",
     "rpt_prefix": "megatron_pz.rewards.rpt:rpt_prefix",

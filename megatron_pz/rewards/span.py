@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_pz.data.parsers import extract_boxed
+from megatron_pz.data.spans import word_offsets
 from megatron_pz.errors import ConfigError
 from megatron_pz.rewards.registry import RewardFn, get_reward
 from megatron_pz.types import Sample, Status, Task
@@ -69,6 +70,31 @@ def exact_match_lenient(response: str, target: str, **info: Any) -> float:
     """r_pred = 1[x̂ = x] on the last ``\\boxed{}``, lenient normalisation (see module docstring)."""
     answer = extract_boxed(response)
     return float(answer is not None and normalize_lenient(answer) == normalize_lenient(target))
+
+
+def continuation_answer(response: str, target: str) -> str | None:
+    """The response's first k whole words as written (k = words in ``target``; ``continuation_match``), or None
+    when the response has fewer words or starts with something else than a word (after whitespace)."""
+    want = word_offsets(target)
+    if not want or not isinstance(response, str):
+        return None
+    got = word_offsets(response[: 4 * len(target) + 64])  # the answer is at the start; bound the scan
+    if len(got) < len(want) or response[: got[0][0]].strip():
+        return None  # "(Paris" or "- Paris" is not the continuation " Paris"
+    return response[got[0][0]: got[len(want) - 1][1]]
+
+
+def continuation_match(response: str, target: str, **info: Any) -> float:
+    """1 if the response's first k whole words, as written, equal the target's k words (strict).
+
+    For ``prompt.pred_restate``: the prompt ends mid-sentence right before the masked span, so the answer is the
+    continuation (" Paris, the capital" answers "Paris"; "Pari" or " Paris-Nord" do not). Words and their
+    boundaries are the span rules' (``data.spans.word_offsets``); the text between the first and the k-th word
+    is compared verbatim after stripping, so "New  York" does not match "New York". A target without words
+    scores 0.
+    """
+    answer = continuation_answer(response, target)
+    return float(answer is not None and answer == target.strip())
 
 
 def generator_reward(accuracy: float | None, zero_acc_rule: bool = True, invalid_mask_reward: float = 0.0) -> float:

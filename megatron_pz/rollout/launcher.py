@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -214,6 +214,21 @@ def launch(specs: Sequence[ServerSpec], endpoints_file: str | Path | None = None
         write_endpoints_file(endpoints_file, [s.url for s in servers])
         logger.info("wrote %d endpoint(s) to %s", len(servers), endpoints_file)
     return servers
+
+
+def relaunch(server: LaunchedServer, model_path: str, weight_version: int,
+             health_timeout_s: float = 900.0) -> LaunchedServer:
+    """Start a server that died again, on the same port (its URL stays valid for every client), from
+    ``model_path`` at ``weight_version``; wait until it is healthy. The dead process is reaped first (a server that
+    is somehow still running is stopped). Raises RolloutError if the new one does not come up (it is stopped)."""
+    server.stop(grace_s=10.0)
+    new = start_server(replace(server.spec, model_path=model_path, weight_version=weight_version))
+    try:
+        wait_healthy(new, health_timeout_s)
+    except BaseException:
+        new.stop(grace_s=10.0)
+        raise
+    return new
 
 
 def stop_all(servers: Sequence[LaunchedServer], grace_s: float = 30.0) -> None:

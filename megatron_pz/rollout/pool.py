@@ -189,9 +189,26 @@ class RolloutPool:
 
     def _mark_dead(self, server: _Server, reason: str) -> None:
         with self._cond:
-            server.dead_until = time.monotonic() + self.config.dead_cooldown_s
+            now = time.monotonic()
+            newly = server.dead_until <= now  # requests failing together on one server log it once
+            server.dead_until = now + self.config.dead_cooldown_s
             server.last_error = reason
-        logger.error("rollout server %s marked dead for %.0fs: %s", server.url, self.config.dead_cooldown_s, reason)
+        if newly:
+            logger.error("rollout server %s marked dead for %.0fs: %s", server.url, self.config.dead_cooldown_s,
+                         reason)
+
+    def revive(self, version: int, drain_timeout_s: float = 120.0) -> None:
+        """Take every server back at weight ``version``: after the servers were restarted with those weights
+        (``trainer/connect.py``). Waits (up to ``drain_timeout_s``) for requests of the failed attempt still in
+        flight, so that none of them marks a server dead again after this; then clears the dead and stale marks."""
+        with self._cond:
+            deadline = time.monotonic() + drain_timeout_s
+            while any(s.in_flight for s in self._gen_servers) and time.monotonic() < deadline:
+                self._cond.wait(timeout=0.5)
+            for s in [*self.servers, *([self.router] if self.router else [])]:
+                s.dead_until, s.last_error, s.stale, s.version = 0.0, "", False, version
+            self._target_version = version
+            self._cond.notify_all()
 
     # ---------------------------------------------------------------- fan-out calls
 

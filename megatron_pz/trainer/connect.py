@@ -1,7 +1,8 @@
 """Connect a run to its rollout engine: start the embedded server (or find the SGLang ones), open a pool on
-every data owner, and give global rank 0 the configured weight-sync strategy.
+every data owner, and give global rank 0 the configured weight-sync strategy; and restart a server this trainer
+launched when it dies (``recover_rollout``).
 
-Build-time only; the per-step push is ``weight_sync/publisher.py``.
+The per-step push is ``weight_sync/publisher.py``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from megatron_pz import checkpoint as ckpt
 from megatron_pz.dtypes import long_name
-from megatron_pz.errors import ConfigError
+from megatron_pz.errors import ConfigError, RolloutError
 from megatron_pz.parallel import free_port
 
 if TYPE_CHECKING:
@@ -101,6 +102,69 @@ def fresh_version_dir(writer: DiskWeightSync, state: dict[str, torch.Tensor], ve
     path = writer.weights_dir / version_dir_name(version)
     shutil.rmtree(path, ignore_errors=True)
     return writer.write(state.items(), version)[0]
+
+
+def recover_rollout(run: Run, error: RolloutError | None, where: str) -> bool:
+    """After a stage's calls to the rollout engine (``error``: this rank's failure, None if it had none): True when
+    a server was restarted and the caller should retry the stage, False when nothing failed. Collective.
+
+    With ``rollout.backend=embedded`` and ``rollout.max_engine_restarts > 0`` the ranks first agree whether any of
+    them failed. Then rank 0 restarts every server it launched that has died, on the same port, from the folder of
+    the weight version the run is at (the disk sync wrote it before any server loaded it; restarting from it is the
+    push of the current weights), and logs one line per event. Every data owner's pool takes the servers back at
+    that version (``RolloutPool.revive``). A failure with no dead launched server behind it (a bad answer, a server
+    that is up), or with the restart budget spent, or a restart that itself fails, is raised on every rank: the
+    rank's own error where it had one (``train.main_from_args`` turns it into exit status 3), a RolloutError that
+    names the stage elsewhere. External servers (``backend=sglang``) are never restarted: the error is raised as is.
+    """
+    from megatron_pz.trainer.deadline import any_rank
+
+    r = run.cfg.rollout
+    if r.backend != "embedded" or r.max_engine_restarts == 0:  # the same on every rank: no collective needed
+        if error is not None:
+            raise error
+        return False
+    if not any_rank(error is not None):
+        return False
+    verdict: list[str | None] = [None]  # None: restarted; else why not
+    if torch.distributed.get_rank() == 0:
+        verdict[0] = _restart_dead_servers(run, where, error)
+    torch.distributed.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        if error is not None:
+            raise error
+        raise RolloutError(f"{where}: the rollout failed on another rank ({verdict[0]})")
+    if run.engine is not None:
+        run.engine.revive(run.weight_version)
+    return True
+
+
+def _restart_dead_servers(run: Run, where: str, error: RolloutError | None) -> str | None:
+    """Rank 0: restart the launched servers that died; None when done, else why they were not restarted."""
+    from megatron_pz.rollout.launcher import relaunch
+    from megatron_pz.weight_sync.disk import version_dir_name
+
+    r = run.cfg.rollout
+    dead = [i for i, s in enumerate(run.servers) if not s.alive()]
+    if not dead:
+        return f"no rollout server this trainer launched has died: {error or 'a failure on another rank'}"
+    if run.engine_restarts + len(dead) > r.max_engine_restarts:
+        return (f"rollout server(s) {', '.join(run.servers[i].url for i in dead)} died again after "
+                f"{run.engine_restarts} restart(s), rollout.max_engine_restarts={r.max_engine_restarts}")
+    version = run.weight_version
+    model = Path(r.weights_dir or run.out / "weights").resolve() / version_dir_name(version)
+    for i in dead:
+        old = run.servers[i]
+        code = old.proc.poll()
+        run.engine_restarts += 1
+        logger.warning("%s: rollout server %s died (exit code %s); restarting it with weight version %d "
+                       "(restart %d of rollout.max_engine_restarts=%d), then retrying", where, old.url, code, version,
+                       run.engine_restarts, r.max_engine_restarts)
+        try:
+            run.servers[i] = relaunch(old, str(model), version, health_timeout_s=r.timeout_s)
+        except RolloutError as exc:
+            return f"restarting {old.url} failed: {exc}"
+    return None
 
 
 def stop_rollout(run: Run) -> None:

@@ -49,6 +49,17 @@ def preflight(cfg: RunConfig, rank: int | None = None) -> None:
     if (int(os.environ.get("RANK", "0")) if rank is None else rank) == 0:
         check_corpus(cfg.corpus)
         check_eval_data(cfg.eval)
+        check_wandb(cfg.logging.wandb)
+
+
+def check_wandb(enabled: bool) -> None:
+    """``logging.wandb`` needs the wandb package (rank 0 logs); say so before minutes of set-up, not after."""
+    if enabled:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.wandb=true needs the wandb package: pip install wandb "
+                              "(or set logging.wandb=false)")
 
 
 # ------------------------------------------------------------------ weights

@@ -50,6 +50,7 @@ class Run:
     corpus: CorpusReader | None = None  # data owners only
     engine: RolloutPool | None = None  # data owners only
     servers: list[LaunchedServer] = field(default_factory=list)  # embedded servers this process launched
+    engine_restarts: int = 0  # launched servers restarted after dying (rollout.max_engine_restarts bounds it)
     chat_template: ChatTemplate | None = None  # messages -> prompt text when prompt.style is "chat"
     start_step: int = 0  # completed steps when this process started (the resume point)
     stop_requested: bool = False  # set by SIGUSR1/SIGTERM: checkpoint after this step and stop

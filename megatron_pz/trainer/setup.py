@@ -8,6 +8,7 @@ import logging
 import shutil
 import signal
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -132,7 +133,9 @@ def setup(cfg: RunConfig) -> Run:
               weights=WeightPublisher(arch, torch_dtype(cfg.rollout.weights_dtype)))
     run.chat_template = chat_template_fn(run)
     if layout.is_data_owner:
+        # A restated prompt holds the paragraph and, at most, a second copy of its longest sentence.
         run.corpus = CorpusReader(cfg.corpus, count_tokens=count, prompt_overhead_tokens=overhead,
+                                  paragraph_copies=2 if cfg.prompt.pred_restate else 1,
                                   dp_rank=layout.dp_rank, dp_world_size=dp_size)
     if run.checkpointer.can_resume():
         run.checkpointer.load(run)
@@ -141,12 +144,22 @@ def setup(cfg: RunConfig) -> Run:
     # Logged step numbers count completed steps (1-based): the first one this process logs is start_step + 1,
     # so lines a killed run wrote after its last checkpoint (and only those) are dropped.
     run.logger = RunLogger(out, total_steps=cfg.train.steps, start_step=run.start_step + 1, steps_done=run.start_step,
-                           tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
+                           tensorboard=cfg.logging.tensorboard, wandb=wandb_settings(cfg) if rank == 0 else None,
+                           progress_bar=cfg.logging.progress_bar,
                            enabled=rank == 0, resumed_from=run.checkpointer.resumed_from)
     write_hf_meta(run, tok_dir)
     start_rollout(run)
     install_stop_signals(run)
     return run
+
+
+def wandb_settings(cfg: RunConfig) -> dict[str, Any] | None:
+    """``logs.writers.WandbLog``'s arguments when ``logging.wandb`` is on (the whole config as the W&B run config)."""
+    lg = cfg.logging
+    if not lg.wandb:
+        return None
+    return {"project": lg.wandb_project, "entity": lg.wandb_entity, "name": lg.wandb_name or cfg.name,
+            "mode": lg.wandb_mode, "config": cfg.to_dict()}
 
 
 def load_initial_weights(run: Run, src: ModelSource) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from megatron_pz.algo.loss import LossConfig, policy_loss, sft_loss
+from megatron_pz.algo.mismatch import COUNT_METRICS
 from megatron_pz.model.logit_window import logits_from
 from megatron_pz.model.rotary_positions import rotary_at
 from megatron_pz.trainer.batching import MicroBatch
@@ -89,15 +90,37 @@ def _vocab_padded(logits: torch.Tensor, vocab_size: int) -> bool:
 
 
 def _combine(reports: list[dict[str, Any]]) -> dict[str, float]:
-    """Token-weighted means of the per-micro-batch metrics (this rank, last stage)."""
+    """Token-weighted means of the per-micro-batch metrics (this rank, last stage); counts are summed."""
     total = sum(r["_tokens"] for r in reports)
     out: dict[str, float] = {"train/tokens": float(total)}
+    for k in reports[0]:
+        if k in COUNT_METRICS:
+            out[f"train/{k}"] = float(sum(r[k] for r in reports))
     if total == 0:
         return out
     for k in reports[0]:
-        if not k.startswith("_") and k != "num_tokens":
+        if not k.startswith("_") and k != "num_tokens" and k not in COUNT_METRICS:
             out[f"train/{k}"] = sum(r[k] * r["_tokens"] for r in reports) / total
     return out
+
+
+def _step_counts(out: dict[str, float]) -> None:
+    """Masked-IS counts of the whole step: summed over the data-parallel group, then the shares
+    ``train/mis_masked_token_frac`` (of the step's loss tokens) and ``train/mis_masked_seq_frac`` (of its sequences
+    with a loss token). Collective over the DP group of the last pipeline stage; every such rank has the counts
+    (``policy_loss`` reports them in every micro-batch when ``loss.mismatch`` is a mis_* mode)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_pz import device
+
+    keys = ["train/tokens", *(f"train/{k}" for k in COUNT_METRICS)]
+    t = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=device.default_device())
+    if torch.distributed.is_initialized() and ps.get_data_parallel_world_size() > 1:
+        torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
+    tokens, masked_tokens, masked_seqs, seqs = t.tolist()
+    out.update({"train/mis_masked_tokens": masked_tokens, "train/mis_masked_seqs": masked_seqs, "train/mis_seqs": seqs,
+                "train/mis_masked_token_frac": masked_tokens / max(tokens, 1.0),
+                "train/mis_masked_seq_frac": masked_seqs / max(seqs, 1.0)})
 
 
 def train_step(state: Any, microbatches: list[MicroBatch], loss_cfg: LossConfig, vocab_size: int,
@@ -129,6 +152,8 @@ def train_step(state: Any, microbatches: list[MicroBatch], loss_cfg: LossConfig,
     if ok:
         state.scheduler.step(increment=1)
     out = _combine(reports) if reports else {}
+    if "train/mis_seqs" in out:
+        _step_counts(out)
     out.update({"train/grad_norm": float(grad_norm or 0.0), "train/lr": lr,
                 "train/update_skipped": float(not ok)})
     return out

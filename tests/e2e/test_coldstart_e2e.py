@@ -52,3 +52,44 @@ def test_sft_span_trains_then_stage_two_starts_from_its_checkpoint_with_a_fresh_
     assert "optimizer, LR schedule, step and corpus position start fresh" in log
     stage1_meta = json.loads((one / "checkpoints" / "iter_0000003" / "megatron_pz.json").read_text())
     assert stage1_meta["scheduler"]["num_steps"] == 3  # what a resume would have continued from
+
+
+@pytest.mark.slow
+def test_a_staged_run_file_chains_the_stages_and_a_rerun_skips_the_finished_ones(tiny_policy, tmp_path):
+    """One command, two stages (trainer/stages.py): stage 2 starts from stage 1's weights; rerunning skips both."""
+    from test_train_e2e import REPO, SMALL
+
+    staged = tmp_path / "staged.yaml"
+    quick = REPO / "examples" / "quickstart_cpu.yaml"
+    staged.write_text(
+        f"name: two\noutput_dir: {tmp_path / 'out'}\nstages:\n"
+        f"  - config: {quick}\n    overrides: [name=warm, policy.load={tiny_policy}, train.objective=sft_span,"
+        f" train.steps=2, optim.lr=3e-3]\n"
+        f"  - config: {quick}\n    overrides: [name=rl, train.objective=random_span, train.steps=1,"
+        f" reward.pred_reward=plugin_rewards:odd_length]\n")
+    cmd = [*command(tmp_path / "unused", tiny_policy)[:4], "--config", str(staged), *SMALL, *FAST]
+    p = run(cmd)
+    one, two = tmp_path / "out" / "warm", tmp_path / "out" / "rl"
+    assert "stage 1/2 warm" in p.stdout and "stage 2/2 rl" in p.stdout and "from stage 1's weights" in p.stdout
+    assert [r["step"] for r in metrics(one)] == [1, 2] and [r["step"] for r in metrics(two)] == [1]
+    first, last = weights(two / "weights" / "v00000000"), weights(one / "weights" / "v00000002")
+    assert first.keys() == last.keys() and all(torch.equal(first[k], last[k]) for k in first)
+    p = run(cmd)
+    assert p.stdout.count("done earlier") == 2 and len(metrics(two)) == 1
+
+
+def test_staged_run_file_errors_name_the_culprit(tmp_path):
+    from megatron_pz.errors import ConfigError
+    from megatron_pz.trainer.stages import plan_stages
+
+    f = tmp_path / "s.yaml"
+    with pytest.raises(ConfigError, match="name, output_dir and stages only"):
+        plan_stages(f, {"stages": ["a.yaml"], "train": {}}, [])
+    with pytest.raises(ConfigError, match="non-empty list"):
+        plan_stages(f, {"stages": []}, [])
+    with pytest.raises(ConfigError, match=r"stages\[0\].config: no run file"):
+        plan_stages(f, {"stages": ["missing.yaml"]}, [])
+    with pytest.raises(ConfigError, match=r"stages\[0\] must be"):
+        plan_stages(f, {"stages": [{"config": "a.yaml", "steps": 3}]}, [])
+    with pytest.raises(ConfigError, match="set per stage"):
+        plan_stages(f, {"stages": ["a.yaml", "b.yaml"]}, ["output_dir=x"])

@@ -91,6 +91,36 @@ def test_run_suite_mean_and_pass_at_k_with_a_scripted_engine():
     assert [r["id"] for r in res.records] == [it.id for it in items]
 
 
+class ContinuingEngine:
+    """Continues every prompt: the right word for the first ``n_right`` items (by order of the call), else "zzz"."""
+
+    def __init__(self, targets_by_prompt, n_right):
+        self.targets, self.n_right, self.seen = targets_by_prompt, n_right, 0
+
+    def generate(self, prompts, params):
+        out = []
+        for i, p in enumerate(prompts):
+            word = self.targets[tuple(p)] if self.seen < self.n_right else "zzz"
+            self.seen += 1
+            out.append([GenerationResult(i, [1, 2], [0.0, 0.0], "length", 0, text=f" {word} and more")])
+        return out
+
+
+def test_run_suite_restated_prompt_scores_the_continuation():
+    """restate=True: the prompt ends with the item's restated sentence and the first words are the answer."""
+    from megatron_pz.eval.suites import load_suite
+
+    items = load_suite("wiki_span", limit=4, seed=3)
+    assert len(items) == 4 and all(it.metadata["restated"] for it in items)
+    encode = lambda s: [ord(c) % 250 for c in s]  # noqa: E731
+    targets = {tuple(encode(it.prompt_text + it.metadata["restated"])): it.target for it in items}
+    res = run_suite(ContinuingEngine(targets, n_right=3), encode, None, "wiki_span", limit=4, samples=1,
+                    max_new_tokens=4, seed=3, prompt_style="plain", restate=True)
+    assert res.config["restate"] is True and res.metrics["n"] == 4
+    assert [r["responses"][0]["correct"] for r in res.records] == [True, True, True, False]
+    assert res.metrics["accuracy"] == pytest.approx(0.75) and res.metrics["lenient_accuracy"] == pytest.approx(0.75)
+
+
 def test_evaluate_api_with_the_embedded_engine(tiny, one_thread):
     from megatron_pz.model.tokenizer import load_tokenizer
     from megatron_pz.engine.engine import EmbeddedEngine

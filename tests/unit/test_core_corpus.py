@@ -108,6 +108,10 @@ def test_token_length_filters(tmp_path):
     reader = CorpusReader(cfg, count_tokens=lambda t: len(t.split()), prompt_overhead_tokens=4)
     assert ids(reader) == ["3", "4", "5", "6"]
     assert reader.stats["too_short"] == 2 and reader.stats["too_long"] == 3
+    # A restating prompt (prompt.pred_restate) may hold the paragraph twice: 2n + 4 <= 10, so n = 3 only; the
+    # lower bound still reads one copy.
+    reader = CorpusReader(cfg, count_tokens=lambda t: len(t.split()), prompt_overhead_tokens=4, paragraph_copies=2)
+    assert ids(reader) == ["3"]
 
 
 def test_default_filter_is_the_1536_token_prompt_cap(tmp_path):

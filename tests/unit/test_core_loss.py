@@ -198,7 +198,9 @@ def grad_of(batch, slices, num_global_tokens, cfg):
     return W.grad
 
 
-@pytest.mark.parametrize("cfg", [LossConfig(), LossConfig(kl=None, tis_cap=None, eps_high=0.2)])
+@pytest.mark.parametrize("cfg", [LossConfig(), LossConfig(kl=None, tis_cap=None, eps_high=0.2),
+                                 LossConfig(mismatch="mis_token", mismatch_band=[0.8, 1.25]),
+                                 LossConfig(mismatch="mis_sequence", mismatch_band=[0.9, 1.1])])
 def test_four_micro_batches_give_the_one_batch_gradient(cfg):
     batch = toy_batch()
     n_global = batch[2].sum().item()

@@ -96,3 +96,34 @@ def test_template_overhead_counts_the_longest_template():
 def test_prompt_config_validation(kwargs):
     with pytest.raises(ConfigError, match="PromptConfig." + next(iter(kwargs))):
         PromptConfig(**kwargs)
+
+
+# ---------------------------------------------------------------- restated context (prompt.pred_restate)
+from megatron_pz.data.prompts import restated_context  # noqa: E402
+
+
+def test_restated_context_is_the_masks_sentence_up_to_the_mask():
+    assert restated_context("A b. The capital is [mask], a city.") == "The capital is"
+    assert restated_context("One! Two? Three [mask] four") == "Three"
+    assert restated_context('He said "no." Then [mask] ran') == "Then"  # closing quote ends the sentence
+    assert restated_context("x\ny [mask]") == "y"
+    assert restated_context("Version 3.5 of [mask] shipped") == "Version 3.5 of"  # no space after the dot
+    assert restated_context("[mask] is first") == ""
+    assert restated_context("no mask here") == ""
+    # Only the first occurrence counts: every occurrence is masked, the first one is the one to continue.
+    assert restated_context("The [mask] met. Later [mask] left", "[mask]") == "The"
+    assert restated_context("The <M> met", "<M>") == "The"
+
+
+def test_pred_restate_appends_the_context_after_the_assistant_opener():
+    plain = PromptConfig(style="chat")
+    restate = PromptConfig(style="chat", pred_restate=True)
+    masked = "Rome is old. The capital of Italy is [mask]."
+    base = prediction_prompt(masked, plain)
+    assert prediction_prompt(masked, restate) == base + "The capital of Italy is"
+    assert base.endswith("<|im_start|>assistant\n")
+
+
+def test_pred_restate_must_be_a_bool():
+    with pytest.raises(ConfigError, match="pred_restate"):
+        PromptConfig(pred_restate="yes")

@@ -193,3 +193,42 @@ def test_rpt_prefix_reward_extraction():
                metadata={"target": " Paris is", "gt_token_byte_ends": [6, 9], "position": 4})
     score_samples([s], RewardConfig())
     assert s.reward == 1.0
+
+
+# ---------------------------------------------------------------- continuation_match (prompt.pred_restate)
+from megatron_pz.rewards.span import continuation_match  # noqa: E402
+
+
+@pytest.mark.parametrize("response,target,want", [
+    (" Paris, the capital", "Paris", 1.0),     # the first word, punctuation after it is not part of it
+    ("Paris", "Paris", 1.0),
+    (" New York is big", "New York", 1.0),     # k = 2 words
+    (" New  York", "New York", 0.0),           # the text between the words must match too
+    (" Pari", "Paris", 0.0),
+    (" Paris-Nord", "Paris", 0.0),             # one hyphenated word is not "Paris"
+    (" paris", "Paris", 0.0),                  # strict: case matters
+    (" (Paris)", "Paris", 0.0),                # something before the first word
+    ("", "Paris", 0.0),
+    ("   ", "Paris", 0.0),
+    (" Paris", "", 0.0),                       # a target without words scores 0
+    (" Paris", " Paris ", 1.0),                # the target is stripped
+    (" it's here", "it's", 1.0),               # an apostrophe joins a word, as in the span rules
+])
+def test_continuation_match_by_hand(response, target, want):
+    assert continuation_match(response, target) == want
+
+
+def test_continuation_match_survives_anything():
+    for junk in ["\x00" * 10, "}" * 1000, "\\boxed{Paris}", "💥" * 50, "a" * 100_000]:
+        assert continuation_match(junk, "Paris") == 0.0
+
+
+def test_restate_needs_the_continuation_reward():
+    from megatron_pz.config import RunConfig
+    from megatron_pz.data.prompts import PromptConfig
+    from megatron_pz.errors import ConfigError
+    from megatron_pz.rewards.span import RewardConfig
+
+    with pytest.raises(ConfigError, match="reward.pred_reward=continuation_match"):
+        RunConfig(prompt=PromptConfig(pred_restate=True))
+    RunConfig(prompt=PromptConfig(pred_restate=True), reward=RewardConfig(pred_reward="continuation_match"))

@@ -16,6 +16,17 @@ def test_span_strict_and_lenient():
     assert s.extracted is None and not s.correct and not s.lenient
 
 
+def test_span_restated_scores_the_continuation():
+    s = score_span(" Denver Broncos won", "Denver Broncos", restate=True)
+    assert s.extracted == "Denver Broncos" and s.correct and s.lenient
+    s = score_span(" denver broncos.", "Denver Broncos", restate=True)
+    assert s.extracted == "denver broncos" and not s.correct and s.lenient
+    s = score_span(" \\boxed{Denver Broncos}", "Denver Broncos", restate=True)  # a box is not a continuation
+    assert s.extracted is None and not s.correct
+    assert not score_span(" Denver", "Denver Broncos", restate=True).lenient  # too few words
+    assert score_response("span", " Denver Broncos", "Denver Broncos", {}, restate=True).correct
+
+
 def test_math_and_choice_scores():
     assert score_math("so \\boxed{\\dfrac{1}{2}}", "0.5").correct
     assert not score_math("so \\boxed{2}", "0.5").correct

@@ -43,6 +43,15 @@ PAPER_RUNS = {
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_loads(path):
+    from megatron_pz.config import read_yaml
+    from megatron_pz.trainer.stages import is_staged, plan_stages
+
+    data = read_yaml(path)
+    if is_staged(data):  # every stage loads as it will run, chained to the previous one
+        stages = plan_stages(path, data, [])
+        assert data["name"] == path.stem and len(stages) >= 2
+        assert all(f"policy.load={a.output_dir / 'checkpoints'}" in b.overrides for a, b in zip(stages, stages[1:]))
+        return
     cfg = load_config(path)
     assert cfg.name == path.stem
 
@@ -168,6 +177,17 @@ def test_smollm2_cold_start_stages_chain_and_the_stage2_arms_differ_in_the_objec
     assert rs.prompt == stage1.prompt and rs.span == stage1.span and rs.random_span == stage1.random_span
     # other paragraphs and span draws than the warm-up's
     assert rs.corpus.seed != stage1.corpus.seed and rs.train.seed != stage1.train.seed
+    a, b = rs.to_dict(), pz.to_dict()
+    diff = {k for k in a if a[k] != b[k]} | {f"train.{k}" for k in a["train"] if a["train"][k] != b["train"][k]}
+    assert diff == {"name", "output_dir", "train", "train.objective"}
+
+
+def test_smollm2_restate_arms_differ_in_the_objective_only_and_answer_by_continuation():
+    """docs/coldstart.md "Restated prompt": the two arms are twins; the restated prompt uses the continuation reward."""
+    rs = load_config(EXAMPLES / "smollm2_restate_random_span.yaml")
+    pz = load_config(EXAMPLES / "smollm2_restate_pretrainzero.yaml")
+    assert (rs.train.objective, pz.train.objective) == ("random_span", "pretrainzero")
+    assert rs.prompt.pred_restate and rs.reward.pred_reward == "continuation_match"
     a, b = rs.to_dict(), pz.to_dict()
     diff = {k for k in a if a[k] != b[k]} | {f"train.{k}" for k in a["train"] if a["train"][k] != b["train"][k]}
     assert diff == {"name", "output_dir", "train", "train.objective"}

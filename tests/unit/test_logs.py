@@ -79,6 +79,16 @@ def test_mixed_groups_count_only_groups_whose_rewards_differ():
     assert got["groups_mixed_frac/mask_pred"] == pytest.approx(1 / 3)
 
 
+def test_entropy_estimate_is_minus_the_mean_rollout_logprob_of_generated_tokens():
+    a = _s(Task.RANDOM_SPAN, "a", 2, 1.0)
+    a.rollout_logprobs = [-0.5, -1.5]
+    b = _s(Task.RANDOM_SPAN, "a", 1, 0.0, Status.TRUNCATED, "length")
+    b.rollout_logprobs = [-3.0]
+    c = _s(Task.RANDOM_SPAN, "a", 0, None, Status.ABORTED, "abort")  # not generated: not counted
+    c.rollout_logprobs = [-100.0]
+    assert sample_scalars([a, b, c])["entropy/random_span"] == pytest.approx((0.5 + 1.5 + 3.0) / 3)
+
+
 def test_sample_scalars_skips_empty_sets():
     assert sample_scalars([]) == {}
     assert sample_histograms([]) == {}
@@ -287,6 +297,11 @@ def test_step_line_names_what_a_person_watches():
         "initial weights | eval wiki_span 0.500")
     assert log_console.step_line(1, 2, {"reward/random_span": 0.0, "time/step": 1.0}) == (
         "step 1/2 | reward random_span 0.000 | 1.0s")
+    # entropy per task always, truncation only where some answer was cut
+    assert log_console.step_line(2, 2, {"groups/random_span": 8.0, "groups_mixed/random_span": 3.0,
+                                        "entropy/random_span": 1.234, "trunc_rate/random_span": 0.125,
+                                        "trunc_rate/mask_gen": 0.0}) == (
+        "step 2/2 | mixed groups 3/8 | entropy random_span 1.23 | truncated random_span 12%")
 
 
 def test_run_logger_prints_one_line_per_step(tmp_path, capsys):

@@ -16,7 +16,7 @@ import torch
 from megatron_pz.algo.loss import sft_loss
 from megatron_pz.config import load_config
 from megatron_pz.data.corpus import Paragraph
-from megatron_pz.data.prompts import PromptConfig, generation_prompt, prediction_prompt
+from megatron_pz.data.prompts import PromptConfig, generation_prompt, prediction_prompt, restated_context
 from megatron_pz.data.spans import RandomSpanConfig, SpanConfig
 from megatron_pz.data.tasks import OBJECTIVES, sft_answer, sft_mask_answer, sft_span_samples
 from megatron_pz.logs.stats import sample_scalars
@@ -81,6 +81,14 @@ def test_sft_generator_samples_continue_the_forced_prefix():
     assert sft_answer("stakes") == "\\boxed{stakes}"
     assert sft_mask_answer("stakes") == "\\mask{stakes}"
     assert sft_mask_answer("stakes", "The masked words are: \\mask{") == "stakes}"
+
+
+def test_restated_prompt_teaches_the_continuation():
+    """prompt.pred_restate: the prompt ends mid-sentence before the span, and the answer is " span" (no box)."""
+    cfg = PromptConfig(pred_restate=True)
+    result, (pred,) = sft_span_samples(P, "g", SpanConfig(), ONE_WORD, cfg, random.Random(3))
+    assert pred.response_text == " " + result.span and sft_answer("stakes", restate=True) == " stakes"
+    assert pred.prompt_text.endswith(restated_context(result.masked_text))
 
 
 def test_collector_tokenises_answers_with_eos_and_cuts_at_the_cap():
