@@ -93,7 +93,9 @@ class TrainConfig:
     # A number: samples (or, with shared_prompt, groups) packed into one row of at most this many tokens (rounded
     # up to the sequence multiple), each attending only to itself through the row's mask; micro_batch_size is then
     # unused. No padding but the row's tail; the loss stays normalised by the global token count, so the gradient
-    # does not depend on the packing. Needs parallel.context_parallel_size 1 (docs/performance.md change 6).
+    # does not depend on the packing. Needs parallel.context_parallel_size 1. Off by default: with Megatron's local
+    # spec the packed row's S x S attention costs more than the padding it saves (x1.23 measured on CPU,
+    # docs/performance.md change 6).
     max_tokens_per_microbatch: int | None = None
     # The prompt cap [PZ §4.1: 1536] is corpus.max_prompt_tokens: paragraphs whose prompt exceeds it are skipped.
     max_response_tokens: int = 4096
