@@ -26,6 +26,11 @@ A micro-batch holds ``micro_batch_size`` samples, as in the unshared layout: sam
 group larger than the remaining room continues in the next micro-batch (its prompt then appears once in each).
 DAPO-filtered (untrainable) samples are dropped before grouping. Samples share a row only if they have the same
 ``group_id`` and the same prompt tokens.
+
+Packed rows (``train.max_tokens_per_microbatch``, ``build_packed_microbatches``) put several units (a sample, or
+a group behind its prompt) side by side in one row; a unit id per token keeps each unit's attention inside
+itself and positions restart at 0 per unit. Measured slower than padding with Megatron's local spec (the S x S
+attention of the whole row), so off by default: docs/performance.md change 6.
 """
 from __future__ import annotations
 
