@@ -130,13 +130,16 @@ def rollout(run: Run, step: int) -> tuple[list[Sample], dict[str, float]]:
 
 def microbatches_for(run: Run, samples: list[Sample]) -> list[MicroBatch]:
     """This run's micro-batches: sequence length padded so TP sequence parallelism and CP can split it, and one
-    length for all micro-batches under pipeline parallelism (fixed-shape p2p activations)."""
+    length for all micro-batches under pipeline parallelism (fixed-shape p2p activations); shared-prompt rows
+    with ``train.shared_prompt``, packed rows with ``train.max_tokens_per_microbatch``."""
     from megatron_pz.trainer.batching import build_microbatches
 
     p = run.cfg.parallel
     multiple = 8 * (p.tensor_model_parallel_size if p.sequence_parallel else 1) * 2 * p.context_parallel_size
     return build_microbatches(samples, run.cfg.train.micro_batch_size, run.tokenizer.eos_token_id or 0,
-                              seq_multiple=multiple, same_length=p.pipeline_model_parallel_size > 1)
+                              seq_multiple=multiple, same_length=p.pipeline_model_parallel_size > 1,
+                              shared_prompt=run.cfg.train.shared_prompt,
+                              max_tokens=run.cfg.train.max_tokens_per_microbatch)
 
 
 def update_policy(run: Run, samples: list[Sample]) -> dict[str, float]:
