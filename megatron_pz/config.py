@@ -78,8 +78,25 @@ class TrainConfig:
     masks_per_paragraph: int = 8
     # Answers per mask, span or next-token position: the predictor's GRPO group size (unused by sft_span).
     predictions_per_mask: int = 8
-    # Sequences per micro-batch on one DP rank (Megatron's micro_batch_size).
+    # Samples per micro-batch on one DP rank (Megatron's micro_batch_size counts rows: with shared_prompt, the
+    # rows of the micro-batch's groups).
     micro_batch_size: int = 4
+    # Shared-prompt group training: the samples of a micro-batch that share a prompt (a GRPO group) share one row,
+    # [prompt, response_1, ..., response_k], whose attention mask lets each response see the prompt and its own
+    # causal past only; the prompt is computed once per micro-batch instead of once per sample. Exactly the
+    # unshared loss and gradients (trainer/shared_prompt.py). null = on with Megatron's local spec (CPU: forward +
+    # backward -50..-61 % on quickstart-shaped groups, docs/performance.md change 5), off with Transformer Engine
+    # (its fused attention takes no arbitrary mask: an S x S unfused fallback, not measured) and with context
+    # parallelism or sft_span. true needs parallel.context_parallel_size 1.
+    shared_prompt: bool | None = None
+    # Token-budget micro-batches: null = micro_batch_size samples per micro-batch, each padded to its longest row.
+    # A number: samples (or, with shared_prompt, groups) packed into one row of at most this many tokens (rounded
+    # up to the sequence multiple), each attending only to itself through the row's mask; micro_batch_size is then
+    # unused. No padding but the row's tail; the loss stays normalised by the global token count, so the gradient
+    # does not depend on the packing. Needs parallel.context_parallel_size 1. Off by default: with Megatron's local
+    # spec the packed row's S x S attention costs more than the padding it saves (x1.23 measured on CPU,
+    # docs/performance.md change 6).
+    max_tokens_per_microbatch: int | None = None
     # The prompt cap [PZ §4.1: 1536] is corpus.max_prompt_tokens: paragraphs whose prompt exceeds it are skipped.
     max_response_tokens: int = 4096
     # Seeds sampling, span choice and data order (the corpus has its own seed for shuffling).
@@ -95,6 +112,9 @@ class TrainConfig:
                      "micro_batch_size", "max_response_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens_per_microbatch is not None and self.max_tokens_per_microbatch < 1:
+            raise ConfigError(f"train.max_tokens_per_microbatch must be >= 1 (null = micro_batch_size samples), "
+                              f"got {self.max_tokens_per_microbatch}")
         if self.exit_duration_mins is not None and not self.exit_duration_mins > 0:
             raise ConfigError(f"train.exit_duration_mins must be > 0 (null = no limit), got {self.exit_duration_mins}")
         groups = {"pretrainzero": ("masks_per_paragraph", "predictions_per_mask"),
@@ -285,11 +305,20 @@ class RunConfig:
         if self.model.moe_routing_replay and self.train.objective == "sft_span":
             raise ConfigError("model.moe_routing_replay=true replays the rollout engine's routing, and "
                               "train.objective=sft_span trains on teacher-forced text with no rollout: turn it off")
+        for name in ("shared_prompt", "max_tokens_per_microbatch"):
+            if self.model.moe_routing_replay and getattr(self.train, name):
+                raise ConfigError(f"model.moe_routing_replay=true lays out one sample per row; train.{name} packs "
+                                  f"several into one: leave train.{name} null")
         # A paragraph that already holds the mask token can never be masked (spans.MASK_TOKEN_IN_TEXT): drop it at
         # the corpus, where it is counted (stats "dropped_substring"), not once per rollout. The corpus default
         # names "[mask]" only, so a custom span.mask_token is added here.
         if self.train.objective in SPAN_OBJECTIVES and self.span.mask_token not in self.corpus.drop_if_contains:
             self.corpus.drop_if_contains = [*self.corpus.drop_if_contains, self.span.mask_token]
+        for name in ("shared_prompt", "max_tokens_per_microbatch"):
+            if getattr(self.train, name) and self.parallel.context_parallel_size > 1:
+                raise ConfigError(f"train.{name} needs parallel.context_parallel_size 1, got "
+                                  f"{self.parallel.context_parallel_size}: its rows attend through an explicit mask "
+                                  "with per-row rotary positions, which context-parallel attention does not split")
         # A restated prompt ends mid-sentence: the answer is the continuation, never a \boxed{}, so the boxed
         # rewards would score 0 on every sample and DAPO would drop every group, silently.
         if self.prompt.pred_restate and self.reward.pred_reward in ("exact_match", "exact_match_lenient"):
@@ -297,6 +326,28 @@ class RunConfig:
                               f"reward.pred_reward=continuation_match (got {self.reward.pred_reward!r})")
 
     # -------------------------------------------------------------- derived
+    def shared_prompt_on(self, transformer_engine: bool | None = None) -> bool:
+        """``train.shared_prompt`` resolved (null: see TrainConfig). ``transformer_engine``: whether the model
+        uses TE's layer spec (None: as ``model.transformer_impl`` resolves on this machine)."""
+        if self.train.shared_prompt is not None:
+            return self.train.shared_prompt
+        if (self.parallel.context_parallel_size > 1 or self.train.objective == "sft_span"
+                or self.model.moe_routing_replay):
+            return False
+        if transformer_engine is None:
+            from megatron_pz.model.provider import use_transformer_engine
+
+            transformer_engine = use_transformer_engine(self.model)
+        return not transformer_engine
+
+    def masked_rows_on(self, transformer_engine: bool | None = None) -> bool:
+        """Whether micro-batch rows bring their own attention mask: shared-prompt or packed rows."""
+        return self.shared_prompt_on(transformer_engine) or self.train.max_tokens_per_microbatch is not None
+
+    @property
+    def masked_rows(self) -> bool:
+        return self.masked_rows_on()
+
     @property
     def gen_max_new_tokens(self) -> int:
         return self.rollout.gen_max_new_tokens or self.train.max_response_tokens

@@ -130,7 +130,8 @@ def rollout(run: Run, step: int) -> tuple[list[Sample], dict[str, float]]:
 
 def microbatches_for(run: Run, samples: list[Sample]) -> list[MicroBatch]:
     """This run's micro-batches: sequence length padded so TP sequence parallelism and CP can split it, and one
-    length for all micro-batches under pipeline parallelism (fixed-shape p2p activations)."""
+    length for all micro-batches under pipeline parallelism (fixed-shape p2p activations); shared-prompt rows
+    with ``train.shared_prompt``, packed rows with ``train.max_tokens_per_microbatch``."""
     from megatron_pz.trainer.batching import build_microbatches
 
     p = run.cfg.parallel
@@ -139,7 +140,8 @@ def microbatches_for(run: Run, samples: list[Sample]) -> list[MicroBatch]:
     width = run.arch.num_layers * run.arch.moe_router_topk if run.cfg.model.moe_routing_replay else None
     return build_microbatches(samples, run.cfg.train.micro_batch_size, run.tokenizer.eos_token_id or 0,
                               seq_multiple=multiple, same_length=p.pipeline_model_parallel_size > 1,
-                              routing_width=width)
+                              shared_prompt=run.cfg.train.shared_prompt,
+                              max_tokens=run.cfg.train.max_tokens_per_microbatch, routing_width=width)
 
 
 def update_policy(run: Run, samples: list[Sample]) -> dict[str, float]:

@@ -8,8 +8,8 @@
 ``run`` trains each arm (``examples/smollm2_restate_<arm>.yaml``) once per seed from the warm-up's checkpoint
 (weights only, fresh optimizer), ``<root>/<arm>_s<seed>``; seed s sets ``train.seed = 1000 + s`` and
 ``corpus.seed = 1 + s``. A finished run is skipped and an interrupted one resumes, so the experiment can span
-sessions. ``eval`` scores the warm-up's checkpoint (the base arm: greedy, so one evaluation) and every run's final
-checkpoint on held-out ``wiki_span`` and ``squad_span`` (the restated prompt, as in training), keeping per-item
+sessions. ``eval`` scores the pretrained model, the warm-up's checkpoint (the base arm: greedy, so one evaluation) and every run's final
+checkpoint on held-out ``wiki_word`` (one-word spans, as trained), ``wiki_span`` and ``squad_span`` (the restated prompt, as in training), keeping per-item
 records. ``report`` prints and writes ``<out>.md`` (tables) and ``<out>.png`` (curves):
   * the share of predictor groups with mixed rewards per arm and step, pooled over seeds (95 % Wilson);
   * the generator's curriculum per step (valid-mask rate, span length, accuracy on its own spans, its reward);
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 ARMS = ("random_span", "pretrainzero")
-SUITES = ("wiki_span", "squad_span")
+SUITES = ("wiki_word", "wiki_span", "squad_span")
 PRED_TASK = {"random_span": "random_span", "pretrainzero": "mask_pred"}
 
 
@@ -66,7 +66,7 @@ def train_cmd(root: Path, warmup: Path, arm: str, seed: int, steps: int) -> list
     return [sys.executable, "-m", "megatron_pz.cli", "train", "--config",
             str(ROOT / "examples" / f"smollm2_restate_{arm}.yaml"), f"policy.load={warmup / 'checkpoints'}",
             f"output_dir={run_dir(root, arm, seed)}", f"train.seed={1000 + seed}", f"corpus.seed={1 + seed}",
-            f"train.steps={steps}"]
+            f"train.steps={steps}", "train.micro_batch_size=2"]  # memory: two runs share 24 GB; same gradient
 
 
 def finished(run: Path, steps: int) -> bool:
@@ -111,19 +111,28 @@ def cmd_run(args) -> int:
     return 1 if launch(jobs, args.jobs) else 0
 
 
-def eval_cmd(load: Path, out: Path, limit: int) -> list[str]:
-    return [sys.executable, "-m", "megatron_pz.cli", "eval", "--load", str(load), "--suite", ",".join(SUITES),
+def eval_cmd(load: Path, out: Path, limit: int, suites: list[str]) -> list[str]:
+    return [sys.executable, "-m", "megatron_pz.cli", "eval", "--load", str(load), "--suite", ",".join(suites),
             "--limit", str(limit), "--restate", "--max-new-tokens", "6", "--temperature", "0", "--out", str(out)]
 
 
 def cmd_eval(args) -> int:
     root = Path(args.root)
     exp = json.loads((root / "experiment.json").read_text())
-    targets = [("base", Path(exp["warmup"]))] + [(f"{a}_s{s}", run_dir(root, a, s)) for a in ARMS
-                                                 for s in exp["seeds"]]
-    jobs = [(f"eval {name}", eval_cmd(run, root / "eval" / name, args.limit), root / "eval" / f"{name}.log")
-            for name, run in targets if not (root / "eval" / name / f"eval_{SUITES[-1]}.json").is_file()]
-    return 1 if launch(jobs, args.jobs) else 0
+    targets = [("pretrained", Path("smollm2")), ("base", Path(exp["warmup"]))]
+    targets += [(f"{a}_s{s}", run_dir(root, a, s)) for a in ARMS for s in exp["seeds"]]
+    jobs = []
+    for name, run in targets:  # only the suites a target still lacks (an interrupted eval keeps what it finished)
+        missing = [s for s in SUITES if not (root / "eval" / name / f"eval_{s}.json").is_file()]
+        if missing:
+            cmd = eval_cmd(run, root / "eval" / name / "part", args.limit, missing)
+            jobs.append((f"eval {name} ({', '.join(missing)})", cmd, root / "eval" / f"{name}.log"))
+    rc = launch(jobs, args.jobs)
+    for name, _ in targets:  # each eval writes its suites' files into part/: move them up
+        part = root / "eval" / name / "part"
+        for f in part.glob("eval_*.json") if part.is_dir() else []:
+            f.replace(part.parent / f.name)
+    return 1 if rc else 0
 
 
 def item_scores(path: Path, key: str) -> list[float]:
@@ -180,7 +189,7 @@ def cmd_report(args) -> int:
     lines += ["", "## Held-out accuracy (greedy, restated prompt; mean, 95 % bootstrap over seeds and items)", "",
               "| arm | " + " | ".join(f"{s} {m}" for s in SUITES for m in ("strict", "lenient")) + " |",
               "|---|" + "---:|" * (2 * len(SUITES))]
-    arms_eval = {"base (warm-up, step 0)": ["base"]} | {f"{a} (step {exp['steps']})": [f"{a}_s{s}" for s in seeds]
+    arms_eval = {"SmolLM2-135M-Instruct (before the warm-up)": ["pretrained"], "base (warm-up, step 0)": ["base"]} | {f"{a} (step {exp['steps']})": [f"{a}_s{s}" for s in seeds]
                                                         for a in ARMS}
     for title, names in arms_eval.items():
         cells = []

@@ -110,11 +110,15 @@ def use_grouped_gemm(cfg: ModelConfig) -> bool:
 
 
 def build_transformer_config(arch: ModelArch, cfg: ModelConfig, parallel: Any | None = None, *,
-                             training: bool = True) -> Any:
+                             training: bool = True, masked_rows: bool = False) -> Any:
     """Map the architecture + run options to Megatron's ``TransformerConfig``.
 
     ``parallel`` is a ``ParallelConfig`` (or None for TP=PP=1). ``training=False`` (conversion, evaluation)
     lifts the MoE TP>1 => sequence-parallel requirement, which Megatron enforces only in training mode.
+    ``masked_rows``: the model will see rows that bring their own attention mask and rotary positions
+    (shared-prompt or packed rows, ``trainer/shared_prompt.py``): per-row rotary positions
+    (``model/rotary_positions.py``) are not taken by the fused RoPE kernels, so RoPE stays unfused; context
+    parallelism is refused (its rotary angles and sequence chunks are split per rank).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -125,6 +129,10 @@ def build_transformer_config(arch: ModelArch, cfg: ModelConfig, parallel: Any | 
     etp = parallel.expert_tensor_size if parallel else 1
     sequence_parallel = bool(parallel and parallel.sequence_parallel)
     arch.validate_parallel(tp, pp, cp, ep, etp)
+    if masked_rows and cp > 1:
+        raise ConfigError(f"train.shared_prompt and train.max_tokens_per_microbatch need parallel."
+                          f"context_parallel_size 1, got {cp}: their rows attend through an explicit mask with "
+                          "per-row rotary positions, which Megatron-Core's context-parallel attention does not split")
     if arch.is_moe and tp > 1 and not sequence_parallel and training:
         # Megatron's MoELayer refuses to train with TP > 1 and no sequence parallelism; say so before any
         # process group exists rather than at the first training step.
@@ -176,7 +184,7 @@ def build_transformer_config(arch: ModelArch, cfg: ModelConfig, parallel: Any | 
         masked_softmax_fusion=on_gpu,
         persist_layer_norm=on_gpu,
         bias_dropout_fusion=on_gpu,
-        apply_rope_fusion=on_gpu and te,
+        apply_rope_fusion=on_gpu and te and not masked_rows,
         gradient_accumulation_fusion=False,  # needs apex/TE fused wgrad; Megatron-LM enables it explicitly
         cross_entropy_loss_fusion=False,
         recompute_granularity=cfg.recompute_granularity,
@@ -227,17 +235,27 @@ def _moe_kwargs(arch: ModelArch, cfg: ModelConfig, etp: int) -> dict[str, Any]:
     )
 
 
-def layer_spec(arch: ModelArch, cfg: ModelConfig) -> Any:
-    """Megatron ``ModuleSpec`` for one decoder layer."""
+def layer_spec(arch: ModelArch, cfg: ModelConfig, arbitrary_mask: bool = False) -> Any:
+    """Megatron ``ModuleSpec`` for one decoder layer.
+
+    ``arbitrary_mask``: self-attention takes the caller's ``attention_mask`` (``AttnMaskType.arbitrary``, for
+    shared-prompt rows) instead of building its own causal one. Both core attentions honour it: the local
+    spec's ``DotProductAttention`` masks with it (torch softmax, or the fused masked-softmax kernel, never the
+    causal-only one); Transformer Engine's ``TEDotProductAttention`` selects a backend that takes an arbitrary
+    mask (its unfused one where the fused kernels cannot).
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
     experts = arch.num_experts  # None = dense MLP
     if use_transformer_engine(cfg):
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=experts, moe_grouped_gemm=use_grouped_gemm(cfg) if experts else False,
             qk_layernorm=arch.qk_norm, fp8=cfg.fp8)
+        return _with_arbitrary_mask(spec) if arbitrary_mask else spec
     spec = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False,
                                                     qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    if arbitrary_mask:
+        spec = _with_arbitrary_mask(spec)
     if experts:
         # Dense layers fuse the pre-MLP norm into TE's linear_fc1, and the local spec renames its key to match.
         # An MoE layer has nothing to fuse it into, so TE keeps it as `pre_mlp_layernorm`: drop the rename so
@@ -245,6 +263,18 @@ def layer_spec(arch: ModelArch, cfg: ModelConfig) -> Any:
         keys_map = dict(spec.submodules.sharded_state_dict_keys_map)
         keys_map.pop("pre_mlp_layernorm.", None)
         spec.submodules.sharded_state_dict_keys_map = keys_map
+    return spec
+
+
+def _with_arbitrary_mask(spec: Any) -> Any:
+    """The layer spec with its self-attention built for a caller-given mask (``AttnMaskType.arbitrary``)."""
+    import copy
+
+    from megatron.core.transformer.enums import AttnMaskType
+
+    spec = copy.deepcopy(spec)
+    attn = spec.submodules.self_attention
+    attn.params = {**(attn.params or {}), "attn_mask_type": AttnMaskType.arbitrary}
     return spec
 
 
@@ -258,7 +288,8 @@ def _moe_without_te_compat() -> None:
 
 
 def model_provider(arch: ModelArch, cfg: ModelConfig, transformer_config: Any, *, pre_process: bool = True,
-                   post_process: bool = True, vp_stage: int | None = None) -> torch.nn.Module:
+                   post_process: bool = True, vp_stage: int | None = None,
+                   arbitrary_mask: bool = False) -> torch.nn.Module:
     """One GPTModel chunk (a pipeline stage). Signature mirrors Megatron-LM's ``model_provider``."""
     from megatron.core.models.gpt import GPTModel
 
@@ -267,7 +298,7 @@ def model_provider(arch: ModelArch, cfg: ModelConfig, transformer_config: Any, *
     tp = transformer_config.tensor_model_parallel_size
     return GPTModel(
         config=transformer_config,
-        transformer_layer_spec=layer_spec(arch, cfg),
+        transformer_layer_spec=layer_spec(arch, cfg, arbitrary_mask),
         vocab_size=arch.padded_vocab_size(tp),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
@@ -284,19 +315,23 @@ def model_provider(arch: ModelArch, cfg: ModelConfig, transformer_config: Any, *
 
 
 def build_model(arch: ModelArch, cfg: ModelConfig, parallel: Any | None = None, *,
-                training: bool = True) -> list[torch.nn.Module]:
+                training: bool = True, masked_rows: bool = False) -> list[torch.nn.Module]:
     """The model chunks this rank owns (one chunk without virtual pipelining), on the training device.
 
     Must be called after ``parallel.init_distributed``. Returns a list for Megatron's schedules.
     ``training=False`` for models that only run forward passes (see ``build_transformer_config``).
+    ``masked_rows``: built for shared-prompt or packed rows (``train.shared_prompt``,
+    ``train.max_tokens_per_microbatch``): attention takes the caller's mask, RoPE unfused. Every forward must
+    then pass its ``attention_mask``: an arbitrary-mask layer builds no causal mask of its own.
     """
     from megatron.core import parallel_state
 
-    tcfg = build_transformer_config(arch, cfg, parallel, training=training)
+    tcfg = build_transformer_config(arch, cfg, parallel, training=training, masked_rows=masked_rows)
     model = model_provider(
         arch, cfg, tcfg,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
+        arbitrary_mask=masked_rows,
     )
     model.to(device.default_device())
     return [model]

@@ -80,6 +80,30 @@ def seq_length_of(cfg: Any) -> int:
     return cfg.corpus.max_prompt_tokens + max(cfg.gen_max_new_tokens, cfg.pred_max_new_tokens)
 
 
+def microbatch_shape(cfg: Any, shared: bool) -> tuple[int, int]:
+    """(rows, sequence length) of the largest micro-batch a run trains on, as ``trainer/batching.py`` lays it out.
+
+    Unshared: ``micro_batch_size`` rows of prompt + longest response. ``shared`` (``train.shared_prompt``): a row
+    holds a group's prompt once and up to k = min(micro_batch_size, largest group) responses, and a micro-batch
+    has up to ceil(micro_batch_size / min(micro_batch_size, smallest group)) rows: fewer tokens when prompts
+    dominate, but a longer row (the local spec's S x S attention grows with it). Groups: the generator's
+    ``masks_per_paragraph`` and the predictor's ``predictions_per_mask`` (pretrainzero), ``predictions_per_mask``
+    (random_span, rpt); sft_span samples share no prompt. ``train.max_tokens_per_microbatch``: one packed row of
+    that many tokens (rounded up to 8).
+    """
+    t = cfg.train
+    mbs = t.micro_batch_size
+    if getattr(t, "max_tokens_per_microbatch", None):
+        return 1, -(-t.max_tokens_per_microbatch // 8) * 8
+    if not shared or t.objective == "sft_span":
+        return mbs, seq_length_of(cfg)
+    groups = ([t.masks_per_paragraph, t.predictions_per_mask] if t.objective == "pretrainzero"
+              else [t.predictions_per_mask])
+    k_max, k_min = min(mbs, max(groups)), min(mbs, min(groups))
+    response = max(cfg.gen_max_new_tokens, cfg.pred_max_new_tokens)
+    return -(-mbs // k_min), cfg.corpus.max_prompt_tokens + k_max * response
+
+
 def samples_per_dp_rank(cfg: Any, dp: int) -> int:
     """Upper bound of the sequences one DP rank trains on per step (before the DAPO filter drops groups).
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_pz.errors import UserError
-from megatron_pz.plan.archs import resolve_arch, samples_per_dp_rank, seq_length_of
+from megatron_pz.plan.archs import microbatch_shape, resolve_arch, samples_per_dp_rank, seq_length_of
 from megatron_pz.plan.layout import Layout, Workload
 from megatron_pz.plan.memory import MemoryPlan, plan_memory
 
@@ -132,11 +132,15 @@ def validate(config: str, overrides: list[str], world_size: int, model: str | No
     dp = box["dp"]
     mbs = cfg.train.micro_batch_size
     nmb = math.ceil(samples_per_dp_rank(cfg, dp) / mbs)
+    if cfg.train.max_tokens_per_microbatch:  # packed rows: about every sample at its length cap, packed full
+        nmb = math.ceil(samples_per_dp_rank(cfg, dp) * seq_length_of(cfg) / cfg.train.max_tokens_per_microbatch)
     rc = cfg.model.recompute_granularity
     layout = Layout(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, dp=dp,
                     cp=p.context_parallel_size, ep=p.expert_model_parallel_size,
                     etp=p.expert_tensor_parallel_size, sequence_parallel=p.sequence_parallel)
-    work = Workload(micro_batch_size=mbs, seq_length=seq_length_of(cfg), num_microbatches=nmb,
+    te = target == "gpu" and cfg.model.transformer_impl != "local"  # as _transformer_config assumes
+    rows, seq = microbatch_shape(cfg, cfg.shared_prompt_on(te))  # shared-prompt rows: fewer, longer
+    work = Workload(micro_batch_size=rows, seq_length=seq, num_microbatches=nmb,
                     dtype=cfg.model.dtype, distributed_optimizer=cfg.optim.use_distributed_optimizer,
                     recompute=rc, flash_attention=target == "gpu", fused_swiglu=target == "gpu")
     if overhead_gib is None:
@@ -148,6 +152,9 @@ def validate(config: str, overrides: list[str], world_size: int, model: str | No
     note = ""
     if rc == "full" and (cfg.model.recompute_num_layers or 1) != 1:
         note = " (planned as recompute_num_layers=1)"
+    if (rows, seq) != (mbs, seq_length_of(cfg)):
+        note += (f"; {'packed' if cfg.train.max_tokens_per_microbatch else 'shared-prompt'} rows: {rows} x {seq} "
+                 f"tokens instead of {mbs} x {seq_length_of(cfg)} (longest micro-batch)")
     checks.append(Check("memory", bool(fit), f"{fit.reason}; {nmb} micro-batches of {mbs} per DP rank{note}"))
     return Report(checks, plan)
 
@@ -159,10 +166,11 @@ def _transformer_config(arch: Any, cfg: Any, target: str) -> str:
     from megatron_pz.model import provider
 
     if target != "gpu":
-        provider.build_transformer_config(arch, cfg.model, cfg.parallel)
+        provider.build_transformer_config(arch, cfg.model, cfg.parallel, masked_rows=cfg.masked_rows_on(False))
         return "TransformerConfig accepted"
     with mock.patch.object(provider, "use_transformer_engine", lambda _c: cfg.model.transformer_impl != "local"):
-        provider.build_transformer_config(arch, cfg.model, cfg.parallel)
+        provider.build_transformer_config(arch, cfg.model, cfg.parallel,
+                                          masked_rows=cfg.masked_rows_on(cfg.model.transformer_impl != "local"))
     return "TransformerConfig accepted (GPU target: Transformer Engine assumed)"
 
 

@@ -1,6 +1,7 @@
 """Token log-probs and entropy from vocab-parallel logits on the last pipeline stage.
 
-Logits arrive as ``[B, S, V_pad / TP]`` on each TP rank. Rows past the true vocabulary (Megatron's padding) are
+Logits arrive as ``[B, S', V_pad / TP]`` on each TP rank (S' = the positions the train step asked the model for,
+see ``model/logit_window.py``). Rows past the true vocabulary (Megatron's padding) are
 masked to -inf first: they must not take probability mass, exactly as the rollout engine never samples them.
 Temperature scaling matches what the rollout engine reports (``rollout/protocol.py``): log softmax(logits / T).
 """

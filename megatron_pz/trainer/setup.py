@@ -106,6 +106,7 @@ def setup(cfg: RunConfig) -> Run:
     from megatron_pz.trainer.optimizer import setup_training
 
     preflight(cfg)  # every input path, before process groups, model or servers
+    cfg.train.shared_prompt = cfg.shared_prompt_on()  # null resolved here, recorded so in config.json
     init_distributed(cfg.parallel)
     rank = torch.distributed.get_rank()
     dp_size = cfg.validate_world(torch.distributed.get_world_size())
@@ -124,7 +125,8 @@ def setup(cfg: RunConfig) -> Run:
     count = lambda s: len(tokenizer.encode(s))  # noqa: E731
     overhead = template_overhead_tokens(count, cfg.prompt, tokenizer_chat_template(cfg, tokenizer))
     validate_lengths(cfg, arch, overhead)
-    training = setup_training(build_model(arch, cfg.model, cfg.parallel), cfg.optim, cfg.train.steps)
+    training = setup_training(build_model(arch, cfg.model, cfg.parallel, masked_rows=cfg.masked_rows),
+                              cfg.optim, cfg.train.steps)
     layout = DataLayout(dp_rank=ps.get_data_parallel_rank(), dp_size=dp_size, is_data_owner=rank == data_owner_rank())
     run = Run(cfg=cfg, out=out, arch=arch, tokenizer=tokenizer, training=training, layout=layout,
               checkpointer=Checkpointer(out, cfg.checkpoint, cfg.train.steps),

@@ -1,6 +1,8 @@
 """One optimizer step on a list of micro-batches through Megatron's pipeline schedule.
 
-forward_step (every stage) -> loss_func (last stage: vocab-parallel log-probs -> GRPO policy loss, a token
+forward_step (every stage; the last stage's output layer runs from the first response position only,
+``model/logit_window.py``; shared-prompt rows add their attention mask and rotary positions,
+``trainer/shared_prompt.py``) -> loss_func (last stage: vocab-parallel log-probs -> GRPO policy loss, a token
 sum) -> Megatron backward -> finalize_model_grads (DP reduction, / global token count) -> optimizer.step.
 One on-policy PPO update per step: the ratio is taken against the trainer's own log-probs of the same forward
 (detached), so it is exactly 1 and the engine/trainer mismatch is handled by truncated importance sampling.
@@ -13,6 +15,8 @@ import torch
 
 from megatron_pz.algo.loss import LossConfig, policy_loss, sft_loss
 from megatron_pz.algo.mismatch import COUNT_METRICS
+from megatron_pz.model.logit_window import logits_from
+from megatron_pz.model.rotary_positions import rotary_at
 from megatron_pz.trainer.batching import MicroBatch
 from megatron_pz.trainer.logprobs import scaled_logits, token_entropy, token_logprobs
 from megatron_pz.trainer.routing_replay import after_forward, set_replay, start_replay
@@ -28,24 +32,28 @@ def _forward_backward(model: list[torch.nn.Module], microbatches: list[MicroBatc
     dev = device.default_device()
 
     def forward_step(data_iterator, chunk):
-        mb = next(data_iterator).to(dev)
+        batch = next(data_iterator)
+        start = logits_start(batch)  # on the host copy: no device sync
+        mb = batch.to(dev)
         set_replay(chunk, mb.routed_experts)  # MoE routing replay: the engine's experts, or the router's own
-        output = chunk(mb.tokens, mb.position_ids, attention_mask=None)
+        # The output layer runs from the first position whose logit some sample's loss reads (the model computes
+        # no logits for the prompt prefix shared by all rows); s0 = 0 when the model declines (SP/CP, MTP).
+        # Shared-prompt rows (trainer/shared_prompt.py) bring their attention mask and per-row rotary positions.
+        shared = mb.attention_mask is not None
+        with logits_from(chunk, start) as s0, rotary_at(chunk, mb.position_ids if shared else None):
+            output = chunk(mb.tokens, mb.position_ids, attention_mask=mb.attention_mask)
         after_forward(chunk, backward=not forward_only)
 
         def loss_func(logits: torch.Tensor):
-            # logits: [B, S, V_pad / TP] on the last stage. Only the response positions enter the loss: take
-            # them out first ([B, R, V], R = the longest response) so that the fp32 copy, temperature, log-softmax
-            # and entropy passes over the vocabulary skip the prompt positions.
-            win = response_window(mb.loss_mask) if logits.shape[:2] == mb.loss_mask.shape else None
+            # logits: [B, S - s0, V_pad / TP] on the last stage (positions s0 ..). Only the response tokens enter
+            # the loss: gather them first ([N, R, V], the micro-batch's loss view, trainer/batching.py) so that
+            # the fp32 copy, temperature, log-softmax and entropy passes over the vocabulary skip every other
+            # position. A logit read by several samples (a shared prompt's last position) gets the sum of their
+            # gradients in backward.
+            logits = logits[mb.rows, (mb.cols - s0).clamp(min=0)]
             labels, loss_mask, rollout = mb.labels, mb.loss_mask, mb.rollout_logprobs
-            if win is not None:
-                rows, cols, valid = win
-                logits = logits[rows, cols]
-                labels, rollout = labels[rows, cols], rollout[rows, cols]
-                loss_mask = loss_mask[rows, cols] * valid
             z = scaled_logits(logits, vocab_size, temperature)
-            logp = token_logprobs(z, labels)  # [B, R] (or [B, S])
+            logp = token_logprobs(z, labels)  # [N, R]
             ent = token_entropy(z.detach(), finite=not _vocab_padded(z, vocab_size))
             # num_global_tokens=1: the loss stays a token sum; Megatron divides by the global count.
             if supervised:  # teacher-forced targets (train.objective=sft_span): cross-entropy, no advantages
@@ -57,12 +65,8 @@ def _forward_backward(model: list[torch.nn.Module], microbatches: list[MicroBatc
             ntok = loss_mask.sum().to(torch.int)
             report = {k: float(v) for k, v in metrics.items()}
             report["_tokens"] = int(ntok)
-            if forward_only:
-                full = logp.detach()
-                if win is not None:  # back to [B, S] positions (callers index with mb.loss_mask)
-                    full = torch.zeros(mb.loss_mask.shape, dtype=logp.dtype, device=logp.device)
-                    full[rows[valid], cols[valid]] = logp.detach()[valid]
-                report["_logprobs"] = full
+            if forward_only:  # [N, R], the loss view (callers index with mb.loss_mask)
+                report["_logprobs"] = logp.detach()
             return loss, ntok, report
 
         return output, loss_func
@@ -75,25 +79,11 @@ def _forward_backward(model: list[torch.nn.Module], microbatches: list[MicroBatc
         forward_only=forward_only)
 
 
-def response_window(loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Index tensors picking each row's loss positions out of ``[B, S]``: (rows, cols, valid), each ``[B, R]``.
-
-    The loss positions of a row are contiguous (``batching.build_microbatches``: ``[P-1, P+R-2]``); R is the
-    longest run in the micro-batch, shorter rows are padded with their last column and ``valid = False``.
-    None when the window would not be shorter than S (nothing to save).
-    """
-    b, s = loss_mask.shape
-    m = loss_mask > 0
-    count = m.sum(1)
-    r = max(int(count.max()), 1)
-    if r >= s:
-        return None
-    first = torch.where(count > 0, m.to(torch.int8).argmax(1), torch.zeros_like(count))
-    k = torch.arange(r, device=loss_mask.device)
-    cols = (first[:, None] + k).clamp(max=s - 1)
-    valid = k[None, :] < count[:, None]
-    rows = torch.arange(b, device=loss_mask.device)[:, None].expand(b, r)
-    return rows, cols, valid
+def logits_start(mb: MicroBatch) -> int:
+    """The first column of ``[B, S]`` whose logit some sample's loss reads: the least ``cols`` under the loss
+    mask (a row of prompt length P needs positions P - 1 onwards). 0 (full logits) without loss tokens."""
+    read = mb.cols[mb.loss_mask > 0]
+    return int(read.min()) if read.numel() else 0
 
 
 def _vocab_padded(logits: torch.Tensor, vocab_size: int) -> bool:
@@ -205,7 +195,8 @@ def _global_tokens(microbatches: list[MicroBatch]) -> int:
 @torch.no_grad()
 def forward_logprobs(model: list[torch.nn.Module], microbatches: list[MicroBatch], vocab_size: int,
                      temperature: float) -> list[torch.Tensor]:
-    """Trainer log-probs [B, S] per micro-batch (last stage; [] elsewhere), for on-policy checks."""
+    """Trainer log-probs [N, R] per micro-batch, the loss view (index with ``mb.loss_mask``); last stage, []
+    elsewhere. For on-policy checks."""
     for m in model:
         m.eval()
     reports = _forward_backward(model, microbatches, LossConfig(), vocab_size, temperature, forward_only=True)

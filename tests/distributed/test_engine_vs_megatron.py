@@ -1,8 +1,9 @@
 """The embedded rollout engine's log-probs vs the Megatron trainer's recomputed log-probs on the same tokens.
 
 SmolLM2-135M, fp32: the engine (HF transformers, KV-cached sampling) reports log softmax(logits / T) of each
-sampled token; the trainer recomputes it through Megatron's vocab-parallel path at TP=1 and TP=3. The PPO
-ratio is exp(difference), so this is how far from 1 an on-policy ratio can be. Max and mean are printed.
+sampled token; the trainer recomputes it through Megatron's vocab-parallel path at TP=1 and TP=3, and at TP=1 with
+shared-prompt rows (``train.shared_prompt``: each prompt's two responses in one row). The PPO ratio is
+exp(difference), so this is how far from 1 an on-policy ratio can be. Max and mean are printed.
 """
 import pytest
 import torch
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.multiproc
 TEMPERATURE = 0.8
 
 
-def _trainer_logprobs_worker(mcore_dir: str, samples_path: str, tp: int, out_path: str) -> None:
+def _trainer_logprobs_worker(mcore_dir: str, samples_path: str, tp: int, shared: bool, out_path: str) -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_pz import checkpoint as ckpt
@@ -25,10 +26,10 @@ def _trainer_logprobs_worker(mcore_dir: str, samples_path: str, tp: int, out_pat
     par = ParallelConfig(tensor_model_parallel_size=tp)
     init_distributed(par)
     arch = ckpt.read_arch(mcore_dir)
-    model = build_model(arch, ModelConfig(dtype="fp32"), par)
+    model = build_model(arch, ModelConfig(dtype="fp32"), par, masked_rows=shared)
     ckpt.load(mcore_dir, model, arch)
     samples = torch.load(samples_path, weights_only=False)
-    mbs = build_microbatches(samples, micro_batch_size=4)
+    mbs = build_microbatches(samples, micro_batch_size=4, shared_prompt=shared)
     logps = forward_logprobs(model, mbs, arch.vocab_size, TEMPERATURE)
     if ps.get_tensor_model_parallel_rank() == 0:
         diffs = torch.cat([(lp - mb.rollout_logprobs)[mb.loss_mask > 0].abs() for lp, mb in zip(logps, mbs)])
@@ -60,12 +61,13 @@ def engine_samples(smollm2, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("tp", [1, 3])
-def test_engine_logprobs_match_megatron(smollm2, engine_samples, tmp_path, tp):
+@pytest.mark.parametrize("tp,shared", [(1, False), (3, False), (1, True)])
+def test_engine_logprobs_match_megatron(smollm2, engine_samples, tmp_path, tp, shared):
     out = tmp_path / "diffs.pt"
-    spawn_local(_trainer_logprobs_worker, tp, (smollm2[1], str(engine_samples), tp, str(out)))
+    spawn_local(_trainer_logprobs_worker, tp, (smollm2[1], str(engine_samples), tp, shared, str(out)))
     diffs = torch.load(out)
-    print(f"\nSmolLM2-135M engine vs Megatron TP{tp} (T={TEMPERATURE}): max |dlogp| {diffs.max():.2e}, "
+    print(f"\nSmolLM2-135M engine vs Megatron TP{tp}{' shared-prompt' if shared else ''} (T={TEMPERATURE}): "
+          f"max |dlogp| {diffs.max():.2e}, "
           f"mean {diffs.mean():.2e} over {diffs.numel()} tokens")
     assert diffs.numel() >= 8
     assert diffs.max() < 1e-3 and diffs.mean() < 1e-4

@@ -104,7 +104,11 @@ def test_pretrainzero_tp1_two_steps(tiny_policy, tmp_path):
 
 
 @pytest.mark.parametrize("layout", [["parallel.pipeline_model_parallel_size=2"],
-                                    ["parallel.tensor_model_parallel_size=2"]], ids=["pp2", "tp2"])
+                                    ["parallel.tensor_model_parallel_size=2"],
+                                    ["parallel.pipeline_model_parallel_size=2", "train.shared_prompt=true"],
+                                    ["parallel.pipeline_model_parallel_size=2", "train.shared_prompt=true",
+                                     "train.max_tokens_per_microbatch=768"]],
+                         ids=["pp2", "tp2", "pp2-shared-prompt", "pp2-packed-shared-prompt"])
 def test_random_span_two_ranks_trains(tiny_policy, tmp_path, layout):
     out = tmp_path / "run"
     run(command(out, tiny_policy, "train.steps=2", "train.objective=random_span",

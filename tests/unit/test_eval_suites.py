@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from megatron_pz.data.spans import SpanConfig, unmask
+from megatron_pz.data.spans import SpanConfig, unmask, word_offsets
 from megatron_pz.errors import ConfigError, DataError
 from megatron_pz.eval.runner import EvalConfig
 from megatron_pz.eval.suites import SUITES, get_suite, load_suite, parse_suites
@@ -24,7 +24,7 @@ def test_shipped_samples_load(name):
         assert all(it.prompt_text.endswith("put your final answer within \\boxed{}.") for it in items)
 
 
-@pytest.mark.parametrize("name", ["wiki_span", "squad_span"])
+@pytest.mark.parametrize("name", ["wiki_span", "wiki_word", "squad_span"])
 def test_span_items_are_valid_masks(name):
     mask = SpanConfig().mask_token
     for it in load_suite(name):
@@ -33,6 +33,12 @@ def test_span_items_are_valid_masks(name):
         restored = unmask(body, it.target, mask)
         assert mask not in restored
         assert 0 < restored.count(it.target) < 8  # the span rules of training
+
+
+def test_wiki_word_masks_one_word_of_the_same_paragraphs():
+    words, spans = load_suite("wiki_word", seed=0), load_suite("wiki_span", seed=0)
+    assert all(len(word_offsets(it.target)) == 1 for it in words)
+    assert sum(len(word_offsets(it.target)) > 1 for it in spans) > len(spans) / 2  # SpanBERT lengths, mean ~4
 
 
 def test_wiki_masks_depend_on_seed_only():

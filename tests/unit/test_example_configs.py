@@ -43,6 +43,15 @@ PAPER_RUNS = {
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_loads(path):
+    from megatron_pz.config import read_yaml
+    from megatron_pz.trainer.stages import is_staged, plan_stages
+
+    data = read_yaml(path)
+    if is_staged(data):  # every stage loads as it will run, chained to the previous one
+        stages = plan_stages(path, data, [])
+        assert data["name"] == path.stem and len(stages) >= 2
+        assert all(f"policy.load={a.output_dir / 'checkpoints'}" in b.overrides for a, b in zip(stages, stages[1:]))
+        return
     cfg = load_config(path)
     assert cfg.name == path.stem
 

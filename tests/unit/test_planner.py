@@ -140,6 +140,35 @@ def test_model_flops_per_token():
     assert flops.model_flops_per_token(ARCH, 128) == 852_480 + 393_216
 
 
+def test_microbatch_flops_counts_rows_and_logit_positions():
+    # per layer and token 2 * (64*128 + 64*64 + 3*64*96) = 61,440; attention 4 * S^2 * 64 per row and layer;
+    # logits 2 * 64 * 300 = 38,400 per position
+    layers = 4 * (2 * 10 * 61_440 + 2 * 4 * 10 * 10 * 64)
+    assert flops.microbatch_flops(ARCH, 2, 10) == 3 * (layers + 2 * 10 * 38_400)
+    assert flops.microbatch_flops(ARCH, 2, 10, logit_positions=3) == 3 * (layers + 2 * 3 * 38_400)
+    # the per-token model FLOPs of one full row, less nothing: the same count
+    assert flops.microbatch_flops(ARCH, 1, 128) == 128 * flops.model_flops_per_token(ARCH, 128)
+
+
+def test_microbatch_shape_with_shared_prompts():
+    from megatron_pz.plan.archs import microbatch_shape
+
+    def cfg(objective="pretrainzero", mbs=4, masks=4, preds=8):
+        train = SimpleNamespace(objective=objective, micro_batch_size=mbs, masks_per_paragraph=masks,
+                                predictions_per_mask=preds, max_tokens_per_microbatch=None)
+        return SimpleNamespace(train=train, corpus=SimpleNamespace(max_prompt_tokens=300), gen_max_new_tokens=40,
+                               pred_max_new_tokens=20)
+
+    assert microbatch_shape(cfg(), shared=False) == (4, 340)
+    assert microbatch_shape(cfg(), shared=True) == (1, 300 + 4 * 40)  # mbs 4 <= both groups: 4 responses a row
+    assert microbatch_shape(cfg(mbs=8, masks=2, preds=4), shared=True) == (4, 300 + 4 * 40)  # groups of 2 .. 4
+    assert microbatch_shape(cfg(objective="rpt", mbs=8, preds=8), shared=True) == (1, 300 + 8 * 40)
+    assert microbatch_shape(cfg(objective="sft_span"), shared=True) == (4, 340)  # no shared prompts
+    packed = cfg()
+    packed.train.max_tokens_per_microbatch = 1000
+    assert microbatch_shape(packed, shared=True) == microbatch_shape(packed, shared=False) == (1, 1000)
+
+
 def test_peak_tflops_table():
     assert flops.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
     assert flops.peak_tflops("NVIDIA GH200 480GB", "bf16") == 989.4

@@ -166,6 +166,9 @@ def test_routing_replay_config_errors():
 
     with pytest.raises(ConfigError, match="sft_span trains on teacher-forced text"):
         load_config(None, ["model.moe_routing_replay=true", "train.objective=sft_span"])
+    with pytest.raises(ConfigError, match="train.shared_prompt packs several"):
+        load_config(None, ["model.moe_routing_replay=true", "train.shared_prompt=true"])
+    assert not load_config(None, ["model.moe_routing_replay=true"]).shared_prompt_on(transformer_engine=False)
 
 
 def _fake_chunk(recompute: str | None, layers: int = 2):
