@@ -13,7 +13,8 @@ staged file) with optional per-stage overrides::
 Stage k trains into ``<output_dir>/<its name>``; from the second stage on, ``policy.load`` is the previous stage's
 ``checkpoints/`` (its newest weights; optimizer, schedule and step start fresh: ``trainer/setup.py``
 ``load_initial_weights``), as the paper's cold start hands over to PretrainZero [PZ §4.1]. Overrides given on the
-command line apply to every stage, after the stage's own. A finished stage (its checkpoint is at its last step) is
+command line apply to every stage, after the stage's own, except ``output_dir`` (the staged run's folder) and
+``policy.load`` (the first stage's starting weights). A finished stage (its checkpoint is at its last step) is
 skipped, an unfinished one resumes, so re-running the command continues where it stopped. Each stage runs in a
 fresh process (memory is returned between stages); staged files are launched by ``megatron-pz train`` itself, so
 under ``torchrun`` launch each stage's run file instead.
@@ -53,10 +54,18 @@ def plan_stages(path: Path, data: dict, cli_overrides: list[str]) -> list[Stage]
     stages = data["stages"]
     if not isinstance(stages, list) or not stages:
         raise ConfigError(f"{path}: stages must be a non-empty list of {{config: FILE, overrides: [...]}}")
-    if any(o.startswith(("output_dir=", "policy.load=")) for o in cli_overrides) and len(stages) > 1:
-        raise ConfigError(f"{path}: output_dir and policy.load are set per stage; give output_dir in the staged file "
-                          f"and policy.load in the first stage's run file")
+    # On the command line, output_dir is the staged run's folder and policy.load the first stage's start; every
+    # other override applies to every stage.
     root = Path(str(data.get("output_dir") or Path("runs") / str(data.get("name") or path.stem)))
+    first_load: list[str] = []
+    for o in list(cli_overrides):
+        if o.startswith("output_dir="):
+            root = Path(o.split("=", 1)[1])
+        elif o.startswith("policy.load="):
+            first_load = [o]
+        else:
+            continue
+        cli_overrides = [x for x in cli_overrides if x != o]
     out: list[Stage] = []
     for i, entry in enumerate(stages, 1):
         if isinstance(entry, str):
@@ -73,7 +82,8 @@ def plan_stages(path: Path, data: dict, cli_overrides: list[str]) -> list[Stage]
             raise ConfigError(f"{path}: stages[{i - 1}].config: no run file {cfg_path}")
         probe = load_config(cfg_path, [*own, *cli_overrides])
         output = root / probe.name
-        chained = [f"output_dir={output}"] + ([f"policy.load={out[-1].output_dir / 'checkpoints'}"] if out else [])
+        chained = [f"output_dir={output}"] + ([f"policy.load={out[-1].output_dir / 'checkpoints'}"] if out else
+                                              first_load)
         overrides = (*own, *cli_overrides, *chained)
         cfg = load_config(cfg_path, list(overrides))  # validates the stage as it will run
         out.append(Stage(cfg_path, overrides, probe.name, output, cfg.train.steps))

@@ -91,5 +91,12 @@ def test_staged_run_file_errors_name_the_culprit(tmp_path):
         plan_stages(f, {"stages": ["missing.yaml"]}, [])
     with pytest.raises(ConfigError, match=r"stages\[0\] must be"):
         plan_stages(f, {"stages": [{"config": "a.yaml", "steps": 3}]}, [])
-    with pytest.raises(ConfigError, match="set per stage"):
-        plan_stages(f, {"stages": ["a.yaml", "b.yaml"]}, ["output_dir=x"])
+    # on the command line output_dir is the staged run's folder and policy.load the first stage's weights
+    from test_train_e2e import REPO
+
+    quick = str(REPO / "examples" / "quickstart_cpu.yaml")
+    one, two = plan_stages(f, {"stages": [quick, {"config": quick, "overrides": ["name=b"]}]},
+                           [f"output_dir={tmp_path / 'root'}", "policy.load=/w", "train.steps=2"])
+    assert one.output_dir == tmp_path / "root" / "quickstart_cpu" and two.output_dir == tmp_path / "root" / "b"
+    assert "policy.load=/w" in one.overrides and f"policy.load={one.output_dir / 'checkpoints'}" in two.overrides
+    assert "policy.load=/w" not in two.overrides and one.steps == two.steps == 2
