@@ -43,6 +43,7 @@ exec nice -n 10 "$PY" -m pytest -q -rs --durations=15 \
   tests/unit/test_device.py \
   tests/unit/test_provider.py \
   tests/unit/test_logprobs.py \
+  tests/unit/test_mcore_compat.py \
   tests/distributed/test_megatron_parity.py \
   tests/distributed/test_checkpoint.py \
   tests/distributed/test_megatron_lm_checkpoint.py \
