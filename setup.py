@@ -19,7 +19,9 @@ setup(
         # torch is deliberately unpinned here: clusters bring their own CUDA build (NGC containers);
         # CPU machines pin torch==2.13.0 in tools/install.sh before installing this package.
         "torch>=2.6",
-        "megatron-core>=0.16.1,<0.17",
+        # Tested: 0.16.1 (the newest for Python 3.11) and 0.19.2 (0.17+ need Python >= 3.12); tools/install.sh
+        # picks by interpreter. Version differences live in megatron_pz/mcore_compat.py.
+        "megatron-core>=0.16.1,<0.20",
         "transformers>=4.57",
         "safetensors>=0.4",
         "sentencepiece>=0.2",

@@ -91,22 +91,21 @@ def resolve(path: str | os.PathLike) -> CheckpointInfo:
 
 
 def load_common(iter_dir: Path, allow_pickle: bool = False) -> dict[str, Any]:
-    """The non-sharded part (common.pt) of a torch_dist checkpoint, safely."""
-    import megatron.core  # noqa: F401  (registers Megatron's safe globals for weights_only loading)
+    """The non-sharded part of a torch_dist checkpoint (``common.pt``, or the ``common_state`` object that
+    Megatron-Core 0.17+ keeps in the ``.distcp`` files instead; ``mcore_compat.read_common``), safely."""
+    from megatron_pz import mcore_compat
 
-    path = iter_dir / "common.pt"
-    if not path.exists():
-        return {}
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return mcore_compat.read_common(iter_dir)
     except Exception as exc:
         if not allow_pickle:
             raise CheckpointError(
-                f"{path} contains objects outside the weights_only allow-list ({exc.__class__.__name__}: "
-                f"{str(exc).splitlines()[0][:200]}). It can only be read with pickle; if you trust this "
-                f"file, pass allow_pickle=True / --allow-pickle") from None
-        logger.warning("loading %s with pickle (weights_only=False) because allow_pickle was given", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+                f"{mcore_compat.common_source(iter_dir)} contains objects outside the weights_only allow-list "
+                f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}). It can only be read with pickle; "
+                f"if you trust this file, pass allow_pickle=True / --allow-pickle") from None
+        logger.warning("loading the common state of %s with pickle (weights_only=False) because allow_pickle was "
+                       "given", iter_dir)
+        return mcore_compat.read_common(iter_dir, weights_only=False)
 
 
 def read_arch(path: str | os.PathLike, vocab_size: int | None = None, allow_pickle: bool = False, *,
@@ -122,7 +121,7 @@ def read_arch(path: str | os.PathLike, vocab_size: int | None = None, allow_pick
         return ModelArch.from_dict(info.meta["arch"])
     common = load_common(info.iter_dir, allow_pickle)
     if "args" not in common:
-        raise CheckpointError(f"{info.iter_dir} has neither {META} nor Megatron-LM args in common.pt; "
+        raise CheckpointError(f"{info.iter_dir} has neither {META} nor Megatron-LM args in its common state; "
                               f"cannot tell the architecture")
     args = common["args"]
     source = "the tokenizer"

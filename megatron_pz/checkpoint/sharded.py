@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from megatron_pz import dtypes
+from megatron_pz import dtypes, mcore_compat
 from megatron_pz.checkpoint.layout import (CHECKPOINT_VERSION, META, TRACKER, CheckpointInfo, iter_dir_name,
                                            megatron_lm_args, resolve)
 from megatron_pz.checkpoint.optimizer_state import materialise_optimizer_state, unshare_adam_steps
@@ -76,7 +76,6 @@ def save(root: str | os.PathLike, iteration: int, model_chunks: list[torch.nn.Mo
     ``meta``: JSON-serialisable run state written to megatron_pz.json (data position, step, version...).
     ``keep_last``: delete older iteration folders beyond this many (never the one just written).
     """
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     root = Path(root)
@@ -97,7 +96,7 @@ def save(root: str | os.PathLike, iteration: int, model_chunks: list[torch.nn.Mo
     state.update(extra_sharded or {})
     state.update(checkpoint_version=CHECKPOINT_VERSION, iteration=iteration,
                  args=megatron_lm_args(arch, tp, pp, dtype))
-    dist_checkpointing.save(state, str(tmp))
+    mcore_compat.dist_save(state, tmp)  # common.pt under every Megatron-Core release (0.16 readers need it)
     _barrier()
     if _rank() == 0:
         (tmp / META).write_text(json.dumps(
@@ -133,7 +132,6 @@ def load(path: str | os.PathLike, model_chunks: list[torch.nn.Module], arch: Mod
     Returns (info, loaded state dict). Vocab-sized tensors saved with a different padding (another TP
     size or ``make_vocab_size_divisible_by``) are re-padded: real rows are kept, padded rows zeroed.
     """
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import ShardedTensor
 
@@ -165,7 +163,7 @@ def load(path: str | os.PathLike, model_chunks: list[torch.nn.Module], arch: Mod
         state["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=saved)
     state.update(extra_sharded or {})
     try:
-        loaded = dist_checkpointing.load(state, str(info.iter_dir))
+        loaded = mcore_compat.dist_load(state, info.iter_dir)
     except CheckpointError:
         raise
     except Exception as exc:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megatron_pz import device, dtypes
+from megatron_pz import device, dtypes, mcore_compat
 from megatron_pz.errors import ConfigError
 from megatron_pz.model.arch import ModelArch
 
@@ -278,15 +278,6 @@ def _with_arbitrary_mask(spec: Any) -> Any:
     return spec
 
 
-def _moe_without_te_compat() -> None:
-    """Megatron-Core 0.16's router reads ``moe_utils.te_general_gemm``, which is defined only when Transformer
-    Engine imports: without TE every MoE forward dies with a NameError. None selects its plain torch.mm path."""
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
-
 def model_provider(arch: ModelArch, cfg: ModelConfig, transformer_config: Any, *, pre_process: bool = True,
                    post_process: bool = True, vp_stage: int | None = None,
                    arbitrary_mask: bool = False) -> torch.nn.Module:
@@ -294,7 +285,7 @@ def model_provider(arch: ModelArch, cfg: ModelConfig, transformer_config: Any, *
     from megatron.core.models.gpt import GPTModel
 
     if arch.is_moe:
-        _moe_without_te_compat()
+        mcore_compat.moe_without_te()
     tp = transformer_config.tensor_model_parallel_size
     return GPTModel(
         config=transformer_config,

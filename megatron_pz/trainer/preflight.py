@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_pz import checkpoint as ckpt
+from megatron_pz import mcore_compat
 from megatron_pz.config import PolicyConfig, RunConfig
 from megatron_pz.convert.hf_io import HFCheckpoint
 from megatron_pz.convert.source import (
@@ -81,9 +82,10 @@ def check_policy(policy: PolicyConfig) -> ModelSource | None:
 
 def check_megatron_checkpoint(path: Path) -> ckpt.CheckpointInfo:
     """Tracker -> iteration folder -> torch_dist metadata -> every shard file whole, and an architecture to read
-    (our megatron_pz.json, or Megatron-LM's args in common.pt)."""
+    (our megatron_pz.json, or Megatron-LM's args in the common state: common.pt, or inside the .distcp files
+    as Megatron-Core 0.17+ writes it)."""
     info = ckpt.resolve(path)
-    if "arch" not in info.meta and not (info.iter_dir / "common.pt").is_file():
+    if "arch" not in info.meta and not mcore_compat.has_common_state(info.iter_dir):
         raise CheckpointError(f"{info.iter_dir} has neither {ckpt.META} nor common.pt: cannot tell the "
                               f"architecture (a torch_dist checkpoint saved by Megatron-LM or megatron-pz?)")
     ckpt.validate_files(info.iter_dir)
