@@ -72,7 +72,8 @@ def train(cfg: RunConfig) -> None:
             if should_evaluate(run, done):
                 with phase(timer, done, "eval"):
                     eval_metrics = evaluate(run)
-            log(run, done, samples, {**rollout_metrics, **train_metrics, **eval_metrics, **timer.summary()})
+            log(run, done, samples, {**rollout_metrics, **train_metrics, **eval_metrics, **timer.summary(),
+                                     **run.checkpointer.timings()})
             times = timer.summary()
             deadline.record(times["time/step"] - times.get("time/save", 0.0),
                             run.checkpointer.save_cost_s(times.get("time/save")))

@@ -69,6 +69,7 @@ class BackgroundSaves:
         self._pending: str | None = None  # the iteration folder being written, for messages
         self._seconds: Any = None
         self.last_write_s: float | None = None  # the writer's time for the last finalized save
+        self.finished_s: list[float] = []  # the writers' times of the saves finalized so far (the caller drains it)
 
     @property
     def in_flight(self) -> str | None:
@@ -117,6 +118,8 @@ class BackgroundSaves:
             return False
         self._pending = None
         self.last_write_s = self._seconds.value if self._seconds.value >= 0 else None
+        if self.last_write_s is not None:
+            self.finished_s.append(self.last_write_s)
         logger.info("checkpoint %s: written in the background (%s s), tracker updated", name,
                     f"{self.last_write_s:.2f}" if self.last_write_s is not None else "-")
         return True

@@ -106,6 +106,15 @@ class Checkpointer:
         else:
             self.background.abort()
 
+    def timings(self) -> dict[str, float]:
+        """``time/save_background``: seconds the background writes published since the last call spent writing
+        (off the step's critical path; the save phase holds only what the step waited for)."""
+        if self.background is None or not self.background.finished_s:
+            return {}
+        seconds = sum(self.background.finished_s)
+        self.background.finished_s.clear()
+        return {"time/save_background": seconds}
+
     def save_cost_s(self, save_phase_s: float | None) -> float | None:
         """What a checkpoint costs a run that stops after it (``trainer/deadline.py``): the save phase, plus with
         ``async_save`` the last background write, which a stopping run waits for (None until one has finished)."""
