@@ -9,7 +9,7 @@ The PretrainZero step loop [PZ §3.3, §4.1]. One step:
     sync      gather TP/PP shards into HF tensors -> rollout engine at weight version + 1 (weight_sync/publisher.py)
     save      Megatron checkpoint: model, optimizer, scheduler, corpus positions, RNG, step, weight version
               (trainer/checkpointer.py owns the list); with checkpoint.async_save the shards are written in the
-              background and the checkpoint is published at the next step's start (publish_saves)
+              background and the checkpoint is published during the next step, once written (publish_saves)
     evaluate  every eval.interval steps: the eval suites through the rollout engine, which now serves the
               new weights (rank 0; also once before the first step when eval.at_start)
     log       one console line, TensorBoard, metrics.jsonl, sample texts, progress bar (rank 0)
@@ -54,13 +54,15 @@ def train(cfg: RunConfig) -> None:
         for step in range(run.start_step, cfg.train.steps):
             done = step + 1  # steps are numbered by completed count in logs and checkpoints
             timer.reset()
-            publish_saves(run, timer)
+            publish_saves(run, timer)  # here and between phases: the previous checkpoint, once it is written
             with phase(timer, done, "rollout"):
                 samples, rollout_metrics = rollout(run, step)
             if step == run.start_step:
                 rollout_metrics.update(check_on_policy(run, samples))
+            publish_saves(run, timer)
             with phase(timer, done, "train"):
                 train_metrics = update_policy(run, samples)
+            publish_saves(run, timer)
             with phase(timer, done, "sync"):
                 sync_weights(run)
             out_of_time = done < cfg.train.steps and deadline.no_room_for_another_step(timer.summary()["time/step"])
@@ -195,8 +197,9 @@ def save(run: Run, step: int, last: bool = False) -> None:
 
 
 def publish_saves(run: Run, timer: StepTimer) -> None:
-    """At the start of a step: publish the previous step's background checkpoint if its write is done (rename,
-    tracker; collective); timed as this step's save. Nothing to do with synchronous saves."""
+    """Between phases: publish the previous step's background checkpoint if every rank's write is done (rename,
+    tracker; collective: one all-reduce to ask); timed as this step's save. Nothing to do with synchronous saves.
+    Asking between phases, not only at the next save, keeps the tracker at most a phase behind the write."""
     if run.checkpointer.writing:
         with timer("save"):
             run.checkpointer.poll()

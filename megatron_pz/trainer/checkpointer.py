@@ -12,8 +12,8 @@ and atomic: a kill at any point leaves the previous checkpoint whole, and the tr
 With ``checkpoint.async_save`` the shards are written by a forked process (``checkpoint.background``) while the
 next step runs. Everything else (``megatron_pz.json``: step, scheduler, corpus positions, RNG; ``common.pt``:
 the optimizer's param groups) is taken and written before ``save`` returns, so it is this step's state whatever
-the trainer does next. The tracker moves in the finalize step (``poll`` at the next step's start, or the wait
-before the next save and at the end of the run), once every shard is durable: a kill while the write is in
+the trainer does next. The tracker moves in the finalize step (``poll`` between the next step's phases, or the
+wait before the next save and at the end of the run), once every shard is durable: a kill while the write is in
 flight leaves the previous checkpoint current, and the resumed run repeats the steps after it.
 """
 from __future__ import annotations

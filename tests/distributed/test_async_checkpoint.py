@@ -4,8 +4,8 @@ named at the next finalize with the previous checkpoint still current.
 
 Runs inside a spawned single-rank world so Megatron's global state stays out of the test process.
 """
-import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -66,9 +66,23 @@ def _assert_same(got, want, what):
         assert torch.equal(a, b), f"{what}: optimizer state {n}"
 
 
+def _gate_writes(gate: Path) -> None:
+    """Make every background write wait until ``gate`` exists: the test decides when a write may start, so
+    what it does meanwhile (change tensors, remove the folder) surely happens while the save is in flight."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    write = FileSystemWriterAsync.write_preloaded_data_multiproc
+
+    def gated(*args, **kwargs):
+        while not gate.exists():
+            time.sleep(0.01)
+        return write(*args, **kwargs)
+
+    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(gated)
+
+
 def _worker(hf_dir: str, work: str) -> None:
     from megatron_pz import checkpoint as ckpt
-    from megatron_pz.checkpoint.background import WRITE_DELAY_ENV
     from megatron_pz.checkpoint.optimizer_state import materialise_optimizer_state
     from megatron_pz.errors import CheckpointError
     from megatron_pz.parallel import ParallelConfig, init_distributed
@@ -88,10 +102,11 @@ def _worker(hf_dir: str, work: str) -> None:
     sync_root, async_root = work / "sync", work / "async"
     ckpt.save(sync_root, 1, training.model, arch, optimizer=training.optimizer, meta=meta)
 
-    # Asynchronous: the writer sleeps 2 s first, so the checkpoint is surely still being written while the next
-    # "step" changes every model weight and optimizer moment in place.
+    # Asynchronous, the write held back until the gate opens: the next "step" changes every model weight and
+    # optimizer moment in place while the checkpoint is in flight.
+    gate = work / "gate"
+    _gate_writes(gate)
     saves = ckpt.BackgroundSaves()
-    os.environ[WRITE_DELAY_ENV] = "2"
     ckpt.save(async_root, 1, training.model, arch, optimizer=training.optimizer, meta=meta, background=saves)
     assert saves.in_flight == "iter_0000001"
     assert not (async_root / ckpt.TRACKER).exists() and not (async_root / "iter_0000001").exists()
@@ -103,6 +118,7 @@ def _worker(hf_dir: str, work: str) -> None:
             t.add_(1.0)
     assert not saves.poll()  # still writing: nothing published
     assert not (async_root / ckpt.TRACKER).exists()
+    gate.touch()
     saves.wait()
     assert saves.in_flight is None and saves.last_write_s is not None
     assert (async_root / ckpt.TRACKER).read_text().strip() == "1" and not list(async_root.glob(".iter_*"))
@@ -119,25 +135,30 @@ def _worker(hf_dir: str, work: str) -> None:
 
     # A write that fails in the background (its folder removed under it) is named at the next finalize, on
     # this rank as on all; the tracker still names iteration 1, which still loads.
+    gate.unlink()
     ckpt.save(async_root, 2, training.model, arch, optimizer=training.optimizer, meta={"step": 2},
               background=saves)
     shutil.rmtree(async_root / ".iter_0000002.tmp")
+    gate.touch()
     try:
         saves.wait()
         raise AssertionError("the failed background write was not reported")
     except CheckpointError as exc:
         assert "iter_0000002" in str(exc) and "previous checkpoint" in str(exc), exc
+        assert "rank 0:" in str(exc) and "No such file or directory" in str(exc) and "__0_0.distcp" in str(exc), exc
     assert saves.in_flight is None
     assert (async_root / ckpt.TRACKER).read_text().strip() == "1" and not (async_root / "iter_0000002").exists()
     _assert_same(_loaded(hf_dir, async_root), before, "the previous checkpoint after a failed write")
 
     # At most one in flight: a second save while one is being written is refused before it touches anything.
+    gate.unlink()
     ckpt.save(async_root, 3, training.model, arch, optimizer=training.optimizer, background=saves)
     try:
         ckpt.save(async_root, 4, training.model, arch, optimizer=training.optimizer, background=saves)
         raise AssertionError("a second save started while one was in flight")
     except CheckpointError as exc:
         assert "iter_0000003" in str(exc), exc
+    gate.touch()
     saves.wait()
     assert ckpt.resolve(async_root).iteration == 3 and not (async_root / ".iter_0000004.tmp").exists()
 
