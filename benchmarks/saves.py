@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.compare import DEFAULT_CONFIG, OURS_OVERRIDES, _read_jsonl, run_ours
-from benchmarks.report import mean
 from megatron_pz.errors import UserError
 
 MODES = {"sync": "checkpoint.async_save=false", "async": "checkpoint.async_save=true"}
@@ -37,13 +36,15 @@ def summarize_modes(rows: dict[str, list[dict[str, Any]]], warmup: int) -> dict[
                             f"before the last; raise --steps")
         total = sum(r["time/step"] for r in measured)
         per_phase = {k: sum(r.get(f"time/{k}", 0.0) for r in measured) for k in PHASES}
+        # every save of the run (one per step) is published by its end, some two in one step (the last step's
+        # row holds the write published during it and its own): total writer time / saves
         written = [r["time/save_background"] for r in rs if "time/save_background" in r]
         out[mode] = {
             "measured_steps": [r["step"] for r in measured],
             "step_s": total / len(measured),
             "save_s": per_phase["save"] / len(measured),
             "share": {k: v / total for k, v in per_phase.items()},
-            "background_write_s": mean(written) if written else None,
+            "background_write_s": sum(written) / len(rs) if written else None,
             "last_step_save_s": rs[-1].get("time/save"),
         }
     return out
