@@ -244,6 +244,9 @@ class CheckpointConfig:
     keep_last: int | None = 3
     # Resume automatically when <output_dir>/checkpoints holds a checkpoint (the same command continues).
     auto_resume: bool = True
+    # Write checkpoint shards in a forked background process (Megatron-LM's --async-save): the step waits only for
+    # the collective part of a save; the tracker moves once every shard is durable (checkpoint/background.py).
+    async_save: bool = False
 
 
 WANDB_MODES = (None, "online", "offline")

@@ -8,7 +8,8 @@ The PretrainZero step loop [PZ §3.3, §4.1]. One step:
               PP stage) -> finalize_model_grads -> distributed optimizer + cosine schedule
     sync      gather TP/PP shards into HF tensors -> rollout engine at weight version + 1 (weight_sync/publisher.py)
     save      Megatron checkpoint: model, optimizer, scheduler, corpus positions, RNG, step, weight version
-              (trainer/checkpointer.py owns the list)
+              (trainer/checkpointer.py owns the list); with checkpoint.async_save the shards are written in the
+              background and the checkpoint is published during the next step, once written (publish_saves)
     evaluate  every eval.interval steps: the eval suites through the rollout engine, which now serves the
               new weights (rank 0; also once before the first step when eval.at_start)
     log       one console line, TensorBoard, metrics.jsonl, sample texts, progress bar (rank 0)
@@ -56,30 +57,37 @@ def train(cfg: RunConfig) -> None:
         for step in range(run.start_step, cfg.train.steps):
             done = step + 1  # steps are numbered by completed count in logs and checkpoints
             timer.reset()
+            publish_saves(run, timer)  # here and between phases: the previous checkpoint, once it is written
             with phase(timer, done, "rollout"):
                 samples, rollout_metrics = rollout(run, step)
             if step == run.start_step:
                 rollout_metrics.update(check_on_policy(run, samples))
+            publish_saves(run, timer)
             with phase(timer, done, "train"):
                 train_metrics = update_policy(run, samples)
+            publish_saves(run, timer)
             with phase(timer, done, "sync"):
                 sync_weights(run)
             out_of_time = done < cfg.train.steps and deadline.no_room_for_another_step(timer.summary()["time/step"])
             stop = any_rank(run.stop_requested or out_of_time)  # the save is collective: all ranks stop or none
             if should_save(run, done, stop):
                 with phase(timer, done, "save"):
-                    save(run, done)
+                    save(run, done, last=stop or done == cfg.train.steps)
             eval_metrics = {}
             if should_evaluate(run, done):
                 with phase(timer, done, "eval"):
                     eval_metrics = evaluate(run)
-            log(run, done, samples, {**rollout_metrics, **train_metrics, **eval_metrics, **timer.summary()})
+            log(run, done, samples, {**rollout_metrics, **train_metrics, **eval_metrics, **timer.summary(),
+                                     **run.checkpointer.timings()})
             times = timer.summary()
-            deadline.record(times["time/step"] - times.get("time/save", 0.0), times.get("time/save"))
+            deadline.record(times["time/step"] - times.get("time/save", 0.0),
+                            run.checkpointer.save_cost_s(times.get("time/save")))
             if stop:
                 announce_stop(run, done, deadline)
                 break
+        run.checkpointer.close(clean=True)
     finally:
+        run.checkpointer.close(clean=False)  # after an error: see Checkpointer.close
         shutdown(run)
 
 
@@ -210,9 +218,20 @@ def should_save(run: Run, step: int, stop: bool = False) -> bool:
     return run.checkpointer.due(step, stop)
 
 
-def save(run: Run, step: int) -> None:
-    """Everything the checkpointer owns: model, optimizer, scheduler, corpus positions, RNG, step, weight version."""
-    run.checkpointer.save(run, step)
+def save(run: Run, step: int, last: bool = False) -> None:
+    """Everything the checkpointer owns: model, optimizer, scheduler, corpus positions, RNG, step, weight version.
+    With ``checkpoint.async_save`` the shards are written in the background, except for the ``last`` save of the
+    process (the end of the run or a stop), which returns once the checkpoint is published."""
+    run.checkpointer.save(run, step, wait=last)
+
+
+def publish_saves(run: Run, timer: StepTimer) -> None:
+    """Between phases: publish the previous step's background checkpoint if every rank's write is done (rename,
+    tracker; collective: one all-reduce to ask); timed as this step's save. Nothing to do with synchronous saves.
+    Asking between phases, not only at the next save, keeps the tracker at most a phase behind the write."""
+    if run.checkpointer.writing:
+        with timer("save"):
+            run.checkpointer.poll()
 
 
 def should_evaluate(run: Run, step: int, at_start: bool = False) -> bool:

@@ -6,15 +6,18 @@ or PP=2) and Megatron-LM can read it (its ``common.pt`` carries Megatron-LM-styl
 
 Atomicity: ranks write into ``ROOT/.iter_NNNNNNN.tmp``; rank 0 renames it into place and only then
 rewrites the tracker file (via a temp file + rename, ``megatron_pz.io``). A crash at any point leaves the
-previous checkpoint and tracker intact.
+previous checkpoint and tracker intact. With ``background=`` (``checkpoint.async_save``) the shard writes run
+in a forked process and the rename and tracker update become the save's finalize step, run once every rank's
+write is done: the same guarantee, with the write off the step's critical path.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +30,9 @@ from megatron_pz.errors import CheckpointError
 from megatron_pz.io import atomic_replace, atomic_write_text, fsync_tree
 from megatron_pz.model.arch import ModelArch
 from megatron_pz.model.provider import unwrap
+
+if TYPE_CHECKING:
+    from megatron_pz.checkpoint.background import BackgroundSaves
 
 # Distributed-optimizer state layout (Megatron-LM's default for torch_dist): every rank saves and loads its own
 # buffers in parallel; reshards across DP. Recorded in megatron_pz.json so a load asks for the same layout.
@@ -68,19 +74,26 @@ def _tp_rank_size() -> tuple[int, int]:
 
 def save(root: str | os.PathLike, iteration: int, model_chunks: list[torch.nn.Module], arch: ModelArch, *,
          optimizer: Any | None = None, extra_sharded: dict[str, Any] | None = None,
-         meta: dict[str, Any] | None = None, keep_last: int | None = None) -> Path:
+         meta: dict[str, Any] | None = None, keep_last: int | None = None,
+         background: BackgroundSaves | None = None) -> Path:
     """Save a checkpoint collectively (all ranks call it). Returns the iteration folder.
 
     ``optimizer``: a Megatron optimizer whose (sharded) state is saved under "optimizer", as Megatron-LM does.
     ``extra_sharded``: more sharded state (e.g. ShardedObjects) merged into the state dict.
     ``meta``: JSON-serialisable run state written to megatron_pz.json (data position, step, version...).
     ``keep_last``: delete older iteration folders beyond this many (never the one just written).
+    ``background``: write the shards in the background (it must have no write in flight): the returned folder
+    exists, and the tracker names it, only once ``background.poll()`` / ``wait()`` has finalized the save.
     """
+    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     root = Path(root)
     final = root / iter_dir_name(iteration)
     tmp = root / f".{final.name}.tmp"
+    if background is not None and background.in_flight:
+        raise CheckpointError(f"cannot start checkpoint {final.name} while {background.in_flight} is still being "
+                              f"written; wait for it first (BackgroundSaves.wait)")
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save of the same iteration
@@ -96,15 +109,41 @@ def save(root: str | os.PathLike, iteration: int, model_chunks: list[torch.nn.Mo
     state.update(extra_sharded or {})
     state.update(checkpoint_version=CHECKPOINT_VERSION, iteration=iteration,
                  args=megatron_lm_args(arch, tp, pp, dtype))
-    mcore_compat.dist_save(state, tmp)  # common.pt under every Megatron-Core release (0.16 readers need it)
-    _barrier()
+    if background is None:
+        mcore_compat.dist_save(state, tmp)  # common.pt under every Megatron-Core release (0.16 readers need it)
+        request = None
+    else:
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
     if _rank() == 0:
+        # Written now in both modes: the run state of this step, whatever the trainer does while shards are written.
         (tmp / META).write_text(json.dumps(
             {"format": "megatron_pz/1", "iteration": iteration, "arch": arch.to_dict(),
              "saved_with": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                             "dtype": dtypes.long_name(dtype)},
              "optimizer": {"distrib_optim_sharding_type": OPTIM_SHARDING} if optimizer is not None else None,
              **(meta or {})}, indent=2))
+    publish = partial(_publish, root, tmp, final, iteration, keep_last)
+    if background is None:
+        _barrier()
+        publish()
+    else:
+        # after Megatron's own finalize (which writes .metadata and metadata.json once all shards are written);
+        # under 0.17+ the common state is in the shards, so its common.pt copy for 0.16 readers waits for them too
+        request.add_finalize_fn(partial(_legacy_common_then, tmp, publish))
+        background.schedule(request, final.name)
+    return final
+
+
+def _legacy_common_then(tmp: Path, publish: Any) -> None:
+    if _rank() == 0:
+        mcore_compat.write_legacy_common(tmp)
+    publish()
+
+
+def _publish(root: Path, tmp: Path, final: Path, iteration: int, keep_last: int | None) -> None:
+    """Collective, once every rank's shards are written: rank 0 makes ``tmp`` durable, renames it to ``final``,
+    then points the tracker at it and drops old iterations beyond ``keep_last``."""
+    if _rank() == 0:
         fsync_tree(tmp)
         if final.exists():  # re-saving an iteration: move the old one aside only once the new one is whole
             old = root / f".{final.name}.old"
@@ -120,7 +159,6 @@ def save(root: str | os.PathLike, iteration: int, model_chunks: list[torch.nn.Mo
             for p in olds[: max(0, len(olds) - (keep_last - 1))]:
                 shutil.rmtree(p, ignore_errors=True)
     _barrier()
-    return final
 
 
 def load(path: str | os.PathLike, model_chunks: list[torch.nn.Module], arch: ModelArch, *,

@@ -8,6 +8,13 @@ On resume the LR schedule is the config's, continued at the checkpoint's step co
 finished run extended with a larger ``train.steps`` decays over the new total.
 Adding a piece of run state means editing ``_state`` and ``_restore`` here, nothing else. Saves are collective
 and atomic: a kill at any point leaves the previous checkpoint whole, and the tracker names the newest.
+
+With ``checkpoint.async_save`` the shards are written by a forked process (``checkpoint.background``) while the
+next step runs. Everything else (``megatron_pz.json``: step, scheduler, corpus positions, RNG; ``common.pt``:
+the optimizer's param groups) is taken and written before ``save`` returns, so it is this step's state whatever
+the trainer does next. The tracker moves in the finalize step (``poll`` between the next step's phases, or the
+wait before the next save and at the end of the run), once every shard is durable: a kill while the write is in
+flight leaves the previous checkpoint current, and the resumed run repeats the steps after it.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ class Checkpointer:
         self.cfg = cfg
         self.total_steps = total_steps
         self.resumed_from: Path | None = None  # the iteration folder ``load`` restored, for the console
+        self.background = ckpt.BackgroundSaves() if cfg.async_save else None
 
     # ------------------------------------------------------------------ when
     def due(self, step: int, stop_requested: bool = False) -> bool:
@@ -51,11 +59,70 @@ class Checkpointer:
         return self.cfg.auto_resume and (self.root / ckpt.TRACKER).exists()
 
     # ------------------------------------------------------------------ save / load
-    def save(self, run: Run, step: int) -> Path:
-        """Collective: every rank contributes its shards, corpus position and RNG; returns the iteration folder."""
+    def save(self, run: Run, step: int, wait: bool = False) -> Path:
+        """Collective: every rank contributes its shards, corpus position and RNG; returns the iteration folder.
+
+        With ``checkpoint.async_save`` this first waits for the previous save (at most one in flight), then starts
+        this one and returns while its shards are being written; ``wait`` (the run's last save) waits for it too.
+        """
+        if self.background is not None:
+            self.background.wait()
         meta = _state(run, step)
-        return ckpt.save(self.root, step, run.chunks, run.arch, optimizer=run.training.optimizer, meta=meta,
-                         keep_last=self.cfg.keep_last)
+        path = ckpt.save(self.root, step, run.chunks, run.arch, optimizer=run.training.optimizer, meta=meta,
+                         keep_last=self.cfg.keep_last, background=self.background)
+        if wait:
+            self.finish()
+        return path
+
+    @property
+    def writing(self) -> bool:
+        """A checkpoint is being written in the background (same answer on every rank)."""
+        return self.background is not None and self.background.in_flight is not None
+
+    def poll(self) -> None:
+        """Collective: publish the background save (rename, tracker) if every rank's write is done. A failed write
+        raises CheckpointError here, on every rank."""
+        if self.background is not None:
+            self.background.poll()
+
+    def finish(self) -> None:
+        """Collective: wait for the background save, if any, and publish it."""
+        if self.background is not None:
+            self.background.wait()
+
+    def close(self, clean: bool) -> None:
+        """End of the process. ``clean``: every rank got here, so wait for a write in flight and publish it. After an
+        error a collective wait could hang on a rank that is gone: a single process still publishes its write, more
+        ranks drop it (the tracker names the previous checkpoint, the resumed run repeats the steps after it)."""
+        if not self.writing:
+            return
+        if clean:
+            self.finish()
+        elif torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1:
+            try:
+                self.finish()
+            except Exception as exc:  # already failing: say so, and let the first error propagate
+                logger.error("%s", exc)
+        else:
+            self.background.abort()
+
+    def timings(self) -> dict[str, float]:
+        """``time/save_background``: seconds the background writes published since the last call spent writing
+        (off the step's critical path; the save phase holds only what the step waited for)."""
+        if self.background is None or not self.background.finished_s:
+            return {}
+        seconds = sum(self.background.finished_s)
+        self.background.finished_s.clear()
+        return {"time/save_background": seconds}
+
+    def save_cost_s(self, save_phase_s: float | None) -> float | None:
+        """What a checkpoint costs a run that stops after it (``trainer/deadline.py``): the save phase, plus with
+        ``async_save`` the last background write, which a stopping run waits for (None until one has finished)."""
+        if save_phase_s is None or self.background is None:
+            return save_phase_s
+        if self.background.last_write_s is None:
+            return None
+        return save_phase_s + self.background.last_write_s
 
     def load(self, run: Run) -> int:
         """Restore the newest checkpoint into ``run`` (collective); returns the step it was saved at."""
