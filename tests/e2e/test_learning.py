@@ -22,7 +22,9 @@ itself rise from step 1 by more than ``MIN_RISE`` (not merely the control fall),
 not rise by ``MAX_CONTROL_RISE``. An earlier version asked the positive run alone for a rise of 3 standard errors
 from its 4 first-step groups: CI failed it on a run that learned (0.064 -> 0.229, se 0.056), because that standard
 error rests on 4 values and run-to-run spread is large (last-2 rises of 0.18-0.48 over five runs, docs/learning.md).
-The contrast has about twice the margin on the same runs.
+The contrast has about twice the margin on the same runs. At 4 steps a CI run then failed the contrast on a run
+that learned (positive 0.030 -> 0.527, control 0.049 -> 0.172: +0.233, se 0.108, needed 0.323): the test now runs
+5 steps, so the positive run has one more step to pull away, and the control's criterion allows for its own noise.
 """
 import json
 import math
@@ -35,9 +37,10 @@ import pytest
 from test_train_e2e import REPO, command, env
 
 pytestmark = pytest.mark.multiproc
-STEPS, LAST_K = 4, 2
+STEPS, LAST_K = 5, 2  # 5 steps since a CI run at 4 ended with the contrast at 2.2 se (below)
 MIN_RISE = 0.05  # the positive run's own rise: it climbs, not only the control falls (smallest measured: 0.165)
 MAX_CONTROL_RISE = 0.1  # the control's true reward starts near 0.05 and falls towards 0 (measured: -0.02, -0.04)
+# ... or rose by chance: 0.049 -> 0.172 at step 4 in one run (rise +0.090, se 0.063), one group of 4 at 0.44
 BREVITY = "megatron_pz.rewards.format:brevity"
 LEARN = ["train.objective=random_span", "optim.lr=1e-4", f"train.steps={STEPS}",
          "rollout.pred_max_new_tokens=32", "logging.sample_interval=1", "logging.samples_per_log=16", "checkpoint.save_interval=0",
@@ -85,8 +88,10 @@ def learned(up: list[list[float]], down: list[list[float]]) -> bool:
 
 
 def not_learned(steps: list[list[float]]) -> bool:
-    """The negative control's test: its true reward did not rise."""
-    return rise(steps)[0] < MAX_CONTROL_RISE
+    """The negative control's test: its true reward did not rise, by more than MAX_CONTROL_RISE or than two of its
+    standard errors, whichever is larger (a rise within its own noise is not a rise)."""
+    d, se = rise(steps)
+    return d < max(MAX_CONTROL_RISE, 2 * se)
 
 
 def start(out: Path, reward: str, *extra: str, nproc: int = 1) -> subprocess.Popen:
