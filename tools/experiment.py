@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import statistics
@@ -30,19 +29,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from mixed_groups import wilson  # noqa: E402  (one Wilson interval for both tools)
+
+from megatron_pz.trainer.stages import finished  # noqa: E402  (the tracker test staged runs use)
 ARMS = ("random_span", "pretrainzero")
 SUITES = ("wiki_word", "wiki_span", "squad_span")
 PRED_TASK = {"random_span": "random_span", "pretrainzero": "mask_pred"}
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion k / n ((0, 1) when n = 0)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def bootstrap(runs: list[list[float]], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -67,11 +60,6 @@ def train_cmd(root: Path, warmup: Path, arm: str, seed: int, steps: int) -> list
             str(ROOT / "examples" / f"smollm2_restate_{arm}.yaml"), f"policy.load={warmup / 'checkpoints'}",
             f"output_dir={run_dir(root, arm, seed)}", f"train.seed={1000 + seed}", f"corpus.seed={1 + seed}",
             f"train.steps={steps}", "train.micro_batch_size=2"]  # memory: two runs share 24 GB; same gradient
-
-
-def finished(run: Path, steps: int) -> bool:
-    tracker = run / "checkpoints" / "latest_checkpointed_iteration.txt"
-    return tracker.is_file() and tracker.read_text().strip() == str(steps)
 
 
 def launch(jobs: list[tuple[str, list[str], Path]], parallel: int) -> int:

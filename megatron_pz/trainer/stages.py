@@ -90,10 +90,12 @@ def plan_stages(path: Path, data: dict, cli_overrides: list[str]) -> list[Stage]
     return out
 
 
-def finished(stage: Stage) -> bool:
-    tracker = stage.output_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
+def finished(output_dir: Path, steps: int) -> bool:
+    """A run in ``output_dir`` has a checkpoint at step ``steps`` or later (its tracker says so)."""
+    from megatron_pz.checkpoint.layout import TRACKER
+
     try:
-        return int(tracker.read_text().strip()) >= stage.steps
+        return int((output_dir / "checkpoints" / TRACKER).read_text().strip()) >= steps
     except (OSError, ValueError):
         return False
 
@@ -108,7 +110,7 @@ def run_stages(path: Path, data: dict, cli_overrides: list[str]) -> int:
     stages = plan_stages(path, data, cli_overrides)
     for i, st in enumerate(stages, 1):
         head = f"stage {i}/{len(stages)} {st.name}"
-        if finished(st):
+        if finished(st.output_dir, st.steps):
             say(f"{head}: done earlier ({st.output_dir}/checkpoints at step {st.steps}), skipped")
             continue
         say(f"{head}: {st.config.name} -> {st.output_dir}" + (f" (from stage {i - 1}'s weights)" if i > 1 else ""))
