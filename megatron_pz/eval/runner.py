@@ -119,6 +119,7 @@ def run_suite(engine: Any, encode: Callable[[str], list[int]], chat_template: Ch
     ``restate`` (span suites; the run's ``prompt.pred_restate``): the response starts with the masked sentence
     up to its first mask, and the answer is the continuation, as in training."""
     spec = get_suite(suite)
+    restate = restate and spec.kind == "span"  # only span suites have a sentence to restate
     if prompt_style not in PROMPT_STYLES:
         raise ConfigError(f"prompt style {prompt_style!r}: expected one of {PROMPT_STYLES}")
     k = spec.samples if samples is None else int(samples)
@@ -135,7 +136,7 @@ def run_suite(engine: Any, encode: Callable[[str], list[int]], chat_template: Ch
     skipped = 0
     for it in items:
         text = wrap(it.prompt_text, pcfg, chat_template)
-        if restate and spec.kind == "span":
+        if restate:
             text += it.metadata.get("restated", "")
         ids = list(encode(text))
         if max_pos is not None and len(ids) + max_new > max_pos:
@@ -158,7 +159,7 @@ def run_suite(engine: Any, encode: Callable[[str], list[int]], chat_template: Ch
             responses = []
             for r in res:
                 resp = r.text or ""
-                sc = score_response(it.kind, resp, it.target, it.metadata, restate and spec.kind == "span")
+                sc = score_response(it.kind, resp, it.target, it.metadata, restate)
                 responses.append({"response": resp, "extracted": sc.extracted, "correct": sc.correct,
                                   "lenient_correct": sc.lenient, "tokens": len(r.response_ids),
                                   "finish_reason": r.finish_reason})
@@ -194,7 +195,7 @@ def run_suite(engine: Any, encode: Callable[[str], list[int]], chat_template: Ch
     config = {"suite": suite, "kind": spec.kind, "data": str(data_path) if data_path else f"(shipped) {spec.sample}",
               "limit": limit, "samples": k, "temperature": temp, "top_p": top_p, "max_new_tokens": max_new,
               "seed": seed, "prompt_style": prompt_style, "chat_template": chat_template is not None,
-              "restate": restate and spec.kind == "span"}
+              "restate": restate}
     return SuiteResult(suite, config, metrics, records)
 
 
