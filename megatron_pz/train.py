@@ -255,7 +255,7 @@ def evaluate(run: Run) -> dict[str, float]:
     if torch.distributed.get_rank() != 0 or not run.is_data_owner:
         return {}
     results = run_suites(run.engine, run.tokenizer.encode, run.chat_template, run.cfg.eval, run.cfg.prompt.style,
-                         restate=run.cfg.prompt.pred_restate)
+                         restate=run.cfg.prompt.pred_restate, cloze=run.cfg.prompt.pred_cloze)
     return flat_metrics(results)
 
 

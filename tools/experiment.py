@@ -5,7 +5,7 @@
     python tools/experiment.py eval runs/exp --jobs 2
     python tools/experiment.py report runs/exp --out docs/results/restate
 
-``run`` trains each arm (``examples/smollm2_restate_<arm>.yaml``) once per seed from the warm-up's checkpoint
+``run`` trains each arm (``examples/smollm2_<variant>_<arm>.yaml``, ``--variant restate`` or ``cloze``) once per seed from the warm-up's checkpoint
 (weights only, fresh optimizer), ``<root>/<arm>_s<seed>``; seed s sets ``train.seed = 1000 + s`` and
 ``corpus.seed = 1 + s``. A finished run is skipped and an interrupted one resumes, so the experiment can span
 sessions. ``eval`` scores the pretrained model, the warm-up's checkpoint (the base arm: greedy, so one evaluation) and every run's final
@@ -55,9 +55,9 @@ def run_dir(root: Path, arm: str, seed: int) -> Path:
     return root / f"{arm}_s{seed}"
 
 
-def train_cmd(root: Path, warmup: Path, arm: str, seed: int, steps: int) -> list[str]:
+def train_cmd(root: Path, warmup: Path, arm: str, seed: int, steps: int, variant: str = "restate") -> list[str]:
     return [sys.executable, "-m", "megatron_pz.cli", "train", "--config",
-            str(ROOT / "examples" / f"smollm2_restate_{arm}.yaml"), f"policy.load={warmup / 'checkpoints'}",
+            str(ROOT / "examples" / f"smollm2_{variant}_{arm}.yaml"), f"policy.load={warmup / 'checkpoints'}",
             f"output_dir={run_dir(root, arm, seed)}", f"train.seed={1000 + seed}", f"corpus.seed={1 + seed}",
             f"train.steps={steps}", "train.micro_batch_size=2"]  # memory: two runs share 24 GB; same gradient
 
@@ -91,17 +91,20 @@ def cmd_run(args) -> int:
               f"(megatron-pz train --config examples/smollm2_restate_warmup.yaml output_dir={warmup})",
               file=sys.stderr)
         return 2
-    jobs = [(f"{arm} seed {s}", train_cmd(root, warmup, arm, s, args.steps), run_dir(root, arm, s) / "console.log")
+    jobs = [(f"{arm} seed {s}", train_cmd(root, warmup, arm, s, args.steps, args.variant),
+             run_dir(root, arm, s) / "console.log")
             for s in args.seeds for arm in ARMS if not finished(run_dir(root, arm, s), args.steps)]
     (root / "experiment.json").parent.mkdir(parents=True, exist_ok=True)
     (root / "experiment.json").write_text(json.dumps({"warmup": str(warmup), "seeds": args.seeds,
+                                                      "variant": args.variant,
                                                       "steps": args.steps}, indent=1))
     return 1 if launch(jobs, args.jobs) else 0
 
 
-def eval_cmd(load: Path, out: Path, limit: int, suites: list[str]) -> list[str]:
+def eval_cmd(load: Path, out: Path, limit: int, suites: list[str], variant: str = "restate") -> list[str]:
     return [sys.executable, "-m", "megatron_pz.cli", "eval", "--load", str(load), "--suite", ",".join(suites),
-            "--limit", str(limit), "--restate", "--max-new-tokens", "6", "--temperature", "0", "--out", str(out)]
+            "--limit", str(limit), "--restate", *(["--cloze"] if variant == "cloze" else []),
+            "--max-new-tokens", "6", "--temperature", "0", "--out", str(out)]
 
 
 def cmd_eval(args) -> int:
@@ -113,7 +116,7 @@ def cmd_eval(args) -> int:
     for name, run in targets:  # only the suites a target still lacks (an interrupted eval keeps what it finished)
         missing = [s for s in SUITES if not (root / "eval" / name / f"eval_{s}.json").is_file()]
         if missing:
-            cmd = eval_cmd(run, root / "eval" / name / "part", args.limit, missing)
+            cmd = eval_cmd(run, root / "eval" / name / "part", args.limit, missing, exp.get("variant", "restate"))
             jobs.append((f"eval {name} ({', '.join(missing)})", cmd, root / "eval" / f"{name}.log"))
     rc = launch(jobs, args.jobs)
     for name, _ in targets:  # each eval writes its suites' files into part/: move them up
@@ -242,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--steps", type=int, default=8)
     r.add_argument("--jobs", type=int, default=2)
+    r.add_argument("--variant", choices=("restate", "cloze"), default="restate",
+                   help="the arms' run files: examples/smollm2_<variant>_<arm>.yaml")
     e = sub.add_parser("eval")
     e.add_argument("root")
     e.add_argument("--limit", type=int, default=64)

@@ -42,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="chat: one user turn in the tokenizer's chat template; plain: raw text (base models)")
     p.add_argument("--restate", action="store_true",
                    help="span suites: restated prompt, answer by continuation (a run's prompt.pred_restate)")
+    p.add_argument("--cloze", action="store_true",
+                   help="with --restate: the restated prompt as plain text (a run's prompt.pred_cloze)")
     p.add_argument("--url", nargs="+", default=None, help="SGLang / embedded server URL(s) instead of in-process")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     p.add_argument("--out", default=None, help="report folder (default: runs/eval/<model name>)")
@@ -136,6 +138,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.cloze and not args.restate:
+        raise ConfigError("--cloze renders the restated prompt as plain text: add --restate")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         res = run_suite(engine, tok.encode, chat_template, s, limit=args.limit, samples=args.samples,
                         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                         seed=args.seed, data_path=data.get(s), prompt_style=args.prompt_style,
-                        restate=args.restate)
+                        restate=args.restate, cloze=args.cloze)
         results.append(res)
         # Written after every suite, so an interrupted run keeps the suites it finished.
         header["wall_seconds"] = round(time.perf_counter() - t_start, 1)

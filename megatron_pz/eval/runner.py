@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from megatron_pz.data.prompts import PROMPT_STYLES, ChatTemplateFn, PromptConfig, wrap
+from megatron_pz.data.prompts import PROMPT_STYLES, ChatTemplateFn, PromptConfig, prediction_prompt, wrap
+from megatron_pz.data.spans import SpanConfig
 from megatron_pz.errors import ConfigError
 from megatron_pz.eval.score import mean_at_k, mean_pass_at_k, score_response
 from megatron_pz.eval.suites import SUITES, EvalItem, get_suite, load_suite, parse_suites
@@ -113,11 +114,12 @@ def run_suite(engine: Any, encode: Callable[[str], list[int]], chat_template: Ch
               *, limit: int | None = None, samples: int | None = None, temperature: float | None = None,
               top_p: float | None = None, max_new_tokens: int | None = None, seed: int = 0,
               data_path: str | None = None, prompt_style: str = "chat", restate: bool = False,
-              progress: Callable[[str], None] | None = None) -> SuiteResult:
+              cloze: bool = False, progress: Callable[[str], None] | None = None) -> SuiteResult:
     """Evaluate one suite; None arguments take the suite's defaults (recorded in ``SuiteResult.config``).
 
     ``restate`` (span suites; the run's ``prompt.pred_restate``): the response starts with the masked sentence
-    up to its first mask, and the answer is the continuation, as in training."""
+    up to its first mask, and the answer is the continuation, as in training; ``cloze`` (the run's
+    ``prompt.pred_cloze``) renders that prompt as plain text."""
     spec = get_suite(suite)
     restate = restate and spec.kind == "span"  # only span suites have a sentence to restate
     if prompt_style not in PROMPT_STYLES:
@@ -130,14 +132,14 @@ def run_suite(engine: Any, encode: Callable[[str], list[int]], chat_template: Ch
         logger.warning("%s: %d samples at temperature 0 are identical (greedy); mean@k = accuracy", suite, k)
     params = SamplingParams(n=k, max_new_tokens=max_new, temperature=temp, top_p=top_p, seed=seed)
     items = load_suite(suite, data_path, limit, seed)
-    pcfg = PromptConfig(style=prompt_style)
+    pcfg = PromptConfig(style=prompt_style, pred_restate=restate, pred_cloze=cloze and restate)
     max_pos = _engine_max_positions(engine)
     prompts: list[tuple[EvalItem, str, list[int]]] = []
     skipped = 0
     for it in items:
-        text = wrap(it.prompt_text, pcfg, chat_template)
-        if restate:
-            text += it.metadata.get("restated", "")
+        # A restated span prompt is training's own prediction prompt, rebuilt from the masked paragraph.
+        text = (prediction_prompt(it.metadata["masked"], pcfg, chat_template, SpanConfig().mask_token) if restate
+                else wrap(it.prompt_text, pcfg, chat_template))
         ids = list(encode(text))
         if max_pos is not None and len(ids) + max_new > max_pos:
             skipped += 1
@@ -195,18 +197,19 @@ def run_suite(engine: Any, encode: Callable[[str], list[int]], chat_template: Ch
     config = {"suite": suite, "kind": spec.kind, "data": str(data_path) if data_path else f"(shipped) {spec.sample}",
               "limit": limit, "samples": k, "temperature": temp, "top_p": top_p, "max_new_tokens": max_new,
               "seed": seed, "prompt_style": prompt_style, "chat_template": chat_template is not None,
-              "restate": restate}
+              "restate": restate, "cloze": pcfg.pred_cloze}
     return SuiteResult(suite, config, metrics, records)
 
 
 def evaluate(engine: Any, encode: Callable[[str], list[int]], chat_template: ChatTemplateFn | None, cfg: EvalConfig,
-             prompt_style: str = "chat", restate: bool = False) -> dict[str, dict[str, float]]:
+             prompt_style: str = "chat", restate: bool = False, cloze: bool = False) -> dict[str, dict[str, float]]:
     """Run every suite of ``cfg``; returns ``{suite: metrics}`` (accuracy, lenient_accuracy for spans, n, ...)."""
     out: dict[str, dict[str, float]] = {}
     for suite in cfg.suites:
         res = run_suite(engine, encode, chat_template, suite, limit=cfg.limit, samples=cfg.samples,
                         temperature=cfg.temperature, top_p=None, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                        data_path=cfg.data.get(suite), prompt_style=prompt_style, restate=restate)
+                        data_path=cfg.data.get(suite), prompt_style=prompt_style, restate=restate,
+                        cloze=cloze)
         out[suite] = res.metrics
     return out
 

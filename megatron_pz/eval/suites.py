@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_pz.data.parsers import extract_boxed
-from megatron_pz.data.prompts import PromptConfig, prediction_prompt, restated_context
+from megatron_pz.data.prompts import PromptConfig, prediction_prompt
 from megatron_pz.data.spans import RandomSpanConfig, SpanConfig, apply_span, sample_random_span
 from megatron_pz.errors import ConfigError, DataError
 from megatron_pz.eval.extract import LETTERS
@@ -137,7 +137,7 @@ def load_wiki_span(path: Path, seed: int, rand_cfg: RandomSpanConfig | None = No
                 continue
             items.append(EvalItem(pid, _span_prompt(res.masked_text), res.span, "span",
                                   {"occurrences": len(res.positions), "title": rec.get("title", ""),
-                                   "restated": restated_context(res.masked_text, span_cfg.mask_token)}))
+                                   "masked": res.masked_text}))
     return items
 
 
@@ -169,7 +169,7 @@ def load_squad_span(path: Path, seed: int) -> list[EvalItem]:
                     items.append(EvalItem(str(qa["id"]), _span_prompt(res.masked_text), res.span, "span",
                                           {"title": article.get("title", ""), "question": qa.get("question", ""),
                                            "occurrences": len(res.positions),
-                                           "restated": restated_context(res.masked_text, span_cfg.mask_token)}))
+                                           "masked": res.masked_text}))
         except (KeyError, TypeError) as exc:
             raise DataError(f"{path}: data[{a}] is not a SQuAD article (missing/invalid {exc})") from None
     return items

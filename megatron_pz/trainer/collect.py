@@ -180,7 +180,8 @@ def collect_sft_span(paragraphs: Sequence[Paragraph], cfg: RunConfig, engine: An
         rng = random.Random(sample_seed(t.seed, ctx.step, ctx.dp_rank, i))
         for m in range(t.masks_per_paragraph):
             _, group = sft_span_samples(p, f"s{ctx.step}/r{ctx.dp_rank}/p{i}/m{m}", cfg.span, cfg.random_span,
-                                        cfg.prompt, rng, ctx.chat_template, cfg.sft.generator_samples)
+                                        cfg.prompt, rng, ctx.chat_template, cfg.sft.generator_samples,
+                                        cfg.sft.predictor_samples)
             samples += group
     cap = cfg.pred_max_new_tokens
     for s in samples:
@@ -190,7 +191,8 @@ def collect_sft_span(paragraphs: Sequence[Paragraph], cfg: RunConfig, engine: An
         s.finish_reason = "stop" if len(ids) <= cap else "length"
         if len(ids) > cap:
             s.status = Status.TRUNCATED
-    spans = [s.metadata["target"] for s in samples if s.metadata.get("role") == "predict"]
+    role = "predict" if cfg.sft.predictor_samples else "generate"  # each span once
+    spans = [s.metadata["target"] for s in samples if s.metadata.get("role") == role]
     metrics = {"sft_spans": float(len(spans)),
                "sft_span_words_mean": sum(len(x.split()) for x in spans) / len(spans) if spans else 0.0}
     return samples, metrics

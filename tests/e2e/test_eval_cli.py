@@ -106,17 +106,24 @@ class ContinuingEngine:
         return out
 
 
-def test_run_suite_restated_prompt_scores_the_continuation():
-    """restate=True: the prompt ends with the item's restated sentence and the first words are the answer."""
+@pytest.mark.parametrize("cloze", [False, True])
+def test_run_suite_restated_prompt_scores_the_continuation(cloze):
+    """restate=True: the prompt is training's prediction prompt (ending with the restated sentence) and the first
+    words are the answer; cloze=True: the same as plain text (prompt.pred_cloze)."""
+    from megatron_pz.data.prompts import PromptConfig, prediction_prompt, restated_context
     from megatron_pz.eval.suites import load_suite
 
     items = load_suite("wiki_span", limit=4, seed=3)
-    assert len(items) == 4 and all(it.metadata["restated"] for it in items)
+    assert len(items) == 4 and all(restated_context(it.metadata["masked"]) for it in items)
     encode = lambda s: [ord(c) % 250 for c in s]  # noqa: E731
-    targets = {tuple(encode(it.prompt_text + it.metadata["restated"])): it.target for it in items}
+    cfg = PromptConfig(style="plain", pred_restate=True, pred_cloze=cloze)
+    texts = [prediction_prompt(it.metadata["masked"], cfg) for it in items]
+    assert all(t.endswith(restated_context(it.metadata["masked"])) for t, it in zip(texts, items))
+    assert all(("\\boxed" in t) is not cloze for t in texts)
+    targets = {tuple(encode(t)): it.target for t, it in zip(texts, items)}
     res = run_suite(ContinuingEngine(targets, n_right=3), encode, None, "wiki_span", limit=4, samples=1,
-                    max_new_tokens=4, seed=3, prompt_style="plain", restate=True)
-    assert res.config["restate"] is True and res.metrics["n"] == 4
+                    max_new_tokens=4, seed=3, prompt_style="plain", restate=True, cloze=cloze)
+    assert res.config["restate"] is True and res.config["cloze"] is cloze and res.metrics["n"] == 4
     assert [r["responses"][0]["correct"] for r in res.records] == [True, True, True, False]
     assert res.metrics["accuracy"] == pytest.approx(0.75) and res.metrics["lenient_accuracy"] == pytest.approx(0.75)
 

@@ -124,6 +124,20 @@ def test_pred_restate_appends_the_context_after_the_assistant_opener():
     assert base.endswith("<|im_start|>assistant\n")
 
 
+def test_pred_cloze_is_one_plain_text_whatever_the_style():
+    masked = "Rome is old. The capital of Italy is [mask]."
+    want = "There is a passage with masked words by [mask]:\nRome is old. The capital of Italy is [mask].\n\nThe capital of Italy is"
+    for style in ("chat", "plain"):
+        assert prediction_prompt(masked, PromptConfig(style=style, pred_restate=True, pred_cloze=True)) == want
+    # The generation prompt keeps the chat turn.
+    assert generation_prompt("x", PromptConfig(style="chat", pred_restate=True, pred_cloze=True)).startswith(
+        "<|im_start|>user")
+    with pytest.raises(ConfigError, match="pred_cloze=true .* needs pred_restate=true"):
+        PromptConfig(pred_cloze=True)
+    with pytest.raises(ConfigError, match="pred_cloze"):
+        PromptConfig(pred_restate=True, pred_cloze=1)
+
+
 def test_pred_restate_must_be_a_bool():
     with pytest.raises(ConfigError, match="pred_restate"):
         PromptConfig(pred_restate="yes")

@@ -182,12 +182,17 @@ def test_smollm2_cold_start_stages_chain_and_the_stage2_arms_differ_in_the_objec
     assert diff == {"name", "output_dir", "train", "train.objective"}
 
 
-def test_smollm2_restate_arms_differ_in_the_objective_only_and_answer_by_continuation():
-    """docs/coldstart.md "Restated prompt": the two arms are twins; the restated prompt uses the continuation reward."""
-    rs = load_config(EXAMPLES / "smollm2_restate_random_span.yaml")
-    pz = load_config(EXAMPLES / "smollm2_restate_pretrainzero.yaml")
-    assert (rs.train.objective, pz.train.objective) == ("random_span", "pretrainzero")
+@pytest.mark.parametrize("variant", ["restate", "cloze"])
+def test_smollm2_restate_arms_differ_in_the_objective_only_and_answer_by_continuation(variant):
+    """docs/coldstart.md "Restated prompt" and "Cloze prompt": the two arms are twins; the restated prompt uses the
+    continuation reward; the cloze warm-up teaches the generator only, with the arms' prompt."""
+    rs = load_config(EXAMPLES / f"smollm2_{variant}_random_span.yaml")
+    pz = load_config(EXAMPLES / f"smollm2_{variant}_pretrainzero.yaml")
+    warm = load_config(EXAMPLES / f"smollm2_{variant}_warmup.yaml")
+    assert (rs.train.objective, pz.train.objective, warm.train.objective) == ("random_span", "pretrainzero", "sft_span")
     assert rs.prompt.pred_restate and rs.reward.pred_reward == "continuation_match"
+    assert warm.prompt == rs.prompt and rs.prompt.pred_cloze is (variant == "cloze")
+    assert warm.sft.predictor_samples is (variant == "restate") and warm.sft.generator_samples
     a, b = rs.to_dict(), pz.to_dict()
     diff = {k for k in a if a[k] != b[k]} | {f"train.{k}" for k in a["train"] if a["train"][k] != b["train"][k]}
     assert diff == {"name", "output_dir", "train", "train.objective"}

@@ -11,6 +11,7 @@ Loss, two sequences of target log-probs (padding holds NaN, which must not leak)
 import math
 import random
 
+import pytest
 import torch
 
 from megatron_pz.algo.loss import sft_loss
@@ -19,6 +20,7 @@ from megatron_pz.data.corpus import Paragraph
 from megatron_pz.data.prompts import PromptConfig, generation_prompt, prediction_prompt, restated_context
 from megatron_pz.data.spans import RandomSpanConfig, SpanConfig
 from megatron_pz.data.tasks import OBJECTIVES, sft_answer, sft_mask_answer, sft_span_samples
+from megatron_pz.errors import ConfigError
 from megatron_pz.logs.stats import sample_scalars
 from megatron_pz.trainer.collect import StepContext, collect_sft_span
 from megatron_pz.types import Sample, Status, Task
@@ -81,6 +83,21 @@ def test_sft_generator_samples_continue_the_forced_prefix():
     assert sft_answer("stakes") == "\\boxed{stakes}"
     assert sft_mask_answer("stakes") == "\\mask{stakes}"
     assert sft_mask_answer("stakes", "The masked words are: \\mask{") == "stakes}"
+
+
+def test_generator_only_warm_up_leaves_the_predictor_out():
+    cfg = PromptConfig(gen_response_prefix="The masked words are: \\mask{")
+    result, (gen,) = sft_span_samples(P, "g", SpanConfig(), ONE_WORD, cfg, random.Random(3),
+                                      generator_samples=True, predictor_samples=False)
+    assert gen.metadata["role"] == "generate" and gen.response_text == result.span + "}"
+    ctx = StepContext(encode=lambda t: [ord(c) for c in t], decode=lambda ids: "".join(map(chr, ids)),
+                      chat_template=None, step=0, dp_rank=0, eos_token_id=0)
+    run = load_config(None, ["train.objective=sft_span", "train.masks_per_paragraph=3", "random_span.geometric_p=1.0",
+                             "sft.generator_samples=true", "sft.predictor_samples=false"])
+    samples, metrics = collect_sft_span([P], run, None, ctx)
+    assert [s.metadata["role"] for s in samples] == ["generate"] * 3 and metrics["sft_spans"] == 3.0
+    with pytest.raises(ConfigError, match="both false"):
+        load_config(None, ["train.objective=sft_span", "sft.predictor_samples=false"])
 
 
 def test_restated_prompt_teaches_the_continuation():
