@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = {  # name -> (prompt config, answer text for span s)
         "paper prompt, answer '\\boxed{span}'": (PromptConfig(style="chat"), lambda s: "\\boxed{" + s + "}"),
         "restated (pred_restate), answer ' span'": (PromptConfig(style="chat", pred_restate=True), lambda s: " " + s),
-        "restated cloze (+ pred_cloze), answer ' span'": (PromptConfig(style="chat", pred_restate=True, pred_cloze=True),
-                                                        lambda s: " " + s),
+        "cloze (pred_cloze), answer ' span'": (PromptConfig(style="chat", pred_restate=True, pred_cloze=True),
+                                               lambda s: " " + s),
     }
     data = items(args.data, args.items, lambda t: len(tok.encode(t)), args.seed)
     print(f"{len(data)} held-out one-word spans from {args.data}")

@@ -71,11 +71,12 @@ class PromptConfig:
     ``\\boxed{}``: pair it with ``reward.pred_reward: continuation_match``. Like ``gen_response_prefix``, the
     restated text belongs to the prompt (never trained on)."""
     pred_cloze: bool = False
-    """With ``pred_restate``: render the prediction prompt as plain text whatever ``style`` says, the paper's first
-    line and the masked paragraph, a blank line, then the restated sentence; no chat turn and no "reason step by
-    step ... \\boxed{}" line (a restated answer is a continuation, never a box). A small-model variant
-    (docs/coldstart.md): closer to the plain text SmolLM2-135M was pretrained on, it raises E[mixed groups of 16]
-    on 64 held-out one-word spans from 0.21 to 0.26 (of 8: 0.15 to 0.20). The generation prompt keeps ``style``."""
+    """With ``pred_restate``: the prediction prompt as a plain-text cloze whatever ``style`` says (``cloze_prompt``):
+    the text after the first mask, then the text before it, so that the model's next words are the span and no
+    copy of the paragraph ending in a mask token precedes them. A small-model variant (docs/coldstart.md, "Cloze
+    prompt"): the paper's template restated in a chat turn lets SmolLM2-135M put 29 % of its probability on copying
+    the mask token itself; this layout gives 0.1 %, and E[mixed] on held-out one-word spans rises from 0.15 to 0.30
+    (groups of 8) and to 0.44 (groups of 32). The generation prompt keeps ``style``."""
 
     def __post_init__(self) -> None:
         if self.style not in PROMPT_STYLES:
@@ -125,12 +126,11 @@ def prediction_prompt(
 
     ``mask_token`` is ``SpanConfig.mask_token`` (the one source of truth; the paper's is "[mask]"). With
     ``cfg.pred_restate`` the prompt ends with ``restated_context(masked_paragraph, mask_token)`` after the
-    assistant opener (the forced start of the response); with ``cfg.pred_cloze`` it is one plain text,
-    ``first line + masked paragraph + "\\n\\n" + restated sentence``.
+    assistant opener (the forced start of the response); with ``cfg.pred_cloze`` it is ``cloze_prompt``.
     """
-    prefix = PREDICTION_PREFIX.replace("{mask_token}", mask_token)
     if cfg.pred_cloze:
-        return prefix + masked_paragraph + "\n\n" + restated_context(masked_paragraph, mask_token)
+        return cloze_prompt(masked_paragraph, mask_token)
+    prefix = PREDICTION_PREFIX.replace("{mask_token}", mask_token)
     prompt = wrap(prefix + masked_paragraph + PREDICTION_SUFFIX, cfg, chat_template)
     return prompt + restated_context(masked_paragraph, mask_token) if cfg.pred_restate else prompt
 
@@ -152,6 +152,25 @@ def restated_context(masked_paragraph: str, mask_token: str = "[mask]") -> str:
     for m in _SENTENCE_END.finditer(masked_paragraph, 0, at):
         start = m.end()
     return masked_paragraph[start:at].rstrip()
+
+
+CLOZE_LABEL = "Text:"
+
+
+def cloze_prompt(masked_paragraph: str, mask_token: str = "[mask]") -> str:
+    """The plain-text cloze of ``prompt.pred_cloze``: what follows the first mask, then what precedes it.
+
+    "A b. The capital is [mask], a city." -> "Text: ..., a city.\\n\\nText: A b. The capital is". Later
+    occurrences of the span stay masked in the first part; the second part holds none (the first mask is the first
+    occurrence). The model sees the whole paragraph but the span, and its answer continues the second part. Without
+    a mask the prompt is the paragraph after "Text:" (nothing to continue: any answer is wrong).
+    """
+    at = masked_paragraph.find(mask_token)
+    if at < 0:
+        return f"{CLOZE_LABEL} {masked_paragraph}"
+    after = masked_paragraph[at + len(mask_token):]
+    before = masked_paragraph[:at].rstrip()
+    return f"{CLOZE_LABEL} ...{after}\n\n{CLOZE_LABEL} {before}".rstrip()
 
 
 def next_token_prompt(context: str, cfg: PromptConfig, chat_template: ChatTemplateFn | None = None) -> str:

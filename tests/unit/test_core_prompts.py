@@ -2,6 +2,7 @@
 import pytest
 
 from megatron_pz.data.prompts import (
+    cloze_prompt,
     PromptConfig,
     chatml,
     generation_prompt,
@@ -124,11 +125,15 @@ def test_pred_restate_appends_the_context_after_the_assistant_opener():
     assert base.endswith("<|im_start|>assistant\n")
 
 
-def test_pred_cloze_is_one_plain_text_whatever_the_style():
-    masked = "Rome is old. The capital of Italy is [mask]."
-    want = "There is a passage with masked words by [mask]:\nRome is old. The capital of Italy is [mask].\n\nThe capital of Italy is"
+def test_pred_cloze_puts_the_text_after_the_mask_first_whatever_the_style():
+    masked = "Rome is old. The capital of Italy is [mask], by the [mask] river."
+    want = "Text: ..., by the [mask] river.\n\nText: Rome is old. The capital of Italy is"
     for style in ("chat", "plain"):
         assert prediction_prompt(masked, PromptConfig(style=style, pred_restate=True, pred_cloze=True)) == want
+    assert cloze_prompt("[mask] opens it.") == "Text: ... opens it.\n\nText:"  # nothing before: the answer opens
+    assert cloze_prompt("Ends with [mask]") == "Text: ...\n\nText: Ends with"
+    assert cloze_prompt("A <M> b", "<M>") == "Text: ... b\n\nText: A"
+    assert cloze_prompt("no mask") == "Text: no mask"
     # The generation prompt keeps the chat turn.
     assert generation_prompt("x", PromptConfig(style="chat", pred_restate=True, pred_cloze=True)).startswith(
         "<|im_start|>user")
