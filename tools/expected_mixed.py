@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(data)} held-out one-word spans from {args.data}")
     for name, (cfg, answer) in variants.items():
         ps = [prob(prediction_prompt(masked, cfg, chat), answer(span)) for masked, span in data]
-        mixed = {g: statistics.mean(1 - p**g - (1 - p)**g for p in ps) for g in (8, 16)}
+        mixed = {g: statistics.mean(1 - p**g - (1 - p)**g for p in ps) for g in (8, 16, 32)}
         print(f"{name:45s} mean p {statistics.mean(ps):.3f}  median {statistics.median(ps):.4f}  "
-              f"p > 0.05: {sum(p > 0.05 for p in ps) / len(ps):.2f}  E[mixed] G=8 {mixed[8]:.3f}  G=16 {mixed[16]:.3f}")
+              f"p > 0.05: {sum(p > 0.05 for p in ps) / len(ps):.2f}  E[mixed] G=8 {mixed[8]:.3f}  G=16 {mixed[16]:.3f}  G=32 {mixed[32]:.3f}")
     return 0
 
 
