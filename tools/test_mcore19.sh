@@ -14,12 +14,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${MEGATRON_PZ_PY312_VENV:-$HOME/.cache/megatron_pz/py312-mcore19}
+is_312() { [ -n "$1" ] && "$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; }
 if [ ! -x "$VENV/bin/python" ]; then
-  PY312=${PYTHON312:-$(command -v python3.12 || true)}
+  PY312=${PYTHON312:-}
   if [ -z "$PY312" ]; then
-    PY312=$(find "$HOME/.pyenv/versions" -maxdepth 3 -path '*/3.12*/bin/python3.12' 2>/dev/null | sort -V | tail -1)
+    # A `python3.12` on PATH may be a pyenv shim that refuses to run (3.12 installed, not selected): try it.
+    for cand in "$(command -v python3.12 || true)" \
+        $(find "$HOME/.pyenv/versions" -maxdepth 3 -path '*/3.12*/bin/python3.12' 2>/dev/null | sort -rV); do
+      if is_312 "$cand"; then PY312=$cand; break; fi
+    done
   fi
-  [ -n "$PY312" ] || { echo "test_mcore19.sh: no Python 3.12 found; set PYTHON312=/path/to/python3.12" >&2; exit 2; }
+  is_312 "$PY312" || { echo "test_mcore19.sh: no Python 3.12 found; set PYTHON312=/path/to/python3.12" >&2; exit 2; }
   "$PY312" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"

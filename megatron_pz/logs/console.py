@@ -7,6 +7,10 @@ INFO details) and every ``warnings.warn`` (through ``logging.captureWarnings``) 
   * stderr, rank 0: the progress bar and one line per warning of ours (``megatron_pz.*`` loggers);
   * stderr, every rank: one line per ERROR record of any logger, pointing at the log file for the details.
 Library warnings ("Apex is not installed", deprecations) and Megatron's INFO dumps stay in the file.
+
+torch's loggers do not reach the root: the "torch" logger has its own stderr handler and does not propagate
+(``torch._logging``). The one that speaks in a training run, ``torch.utils.cpp_extension``, is handed to the root
+like any library logger (``TORCH_LOGGERS_TO_FILE``).
 """
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ from tqdm import tqdm
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LINES = logging.getLogger("megatron_pz.console")
 """Where ``say`` records its lines for the log file (the console copy is written directly)."""
+TORCH_LOGGERS_TO_FILE = ("torch.utils.cpp_extension",)
+"""torch loggers routed to the root's handlers instead of torch's stderr handler. ``cpp_extension``: the CUDA build
+of torch (PyPI's for Python 3.12) warns "No CUDA runtime is found, using CUDA_HOME=..." when Megatron-Core 0.19 imports
+it on a CPU machine (``tensor_parallel.random``)."""
 
 
 # ---------------------------------------------------------------------------- routing
@@ -36,6 +44,13 @@ class ConsoleFilter(logging.Filter):
             return True
         ours = record.name == "megatron_pz" or record.name.startswith("megatron_pz.")
         return self.rank == 0 and ours and record.levelno >= logging.WARNING and record.name != LINES.name
+
+
+class ToRoot(logging.Handler):
+    """Hands each record to the root logger's handlers (the log file, the console and its filter)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger().handle(record)
 
 
 class ConsoleHandler(logging.Handler):
@@ -83,6 +98,11 @@ def configure_console(output_dir: str | Path, rank: int, level: int = logging.IN
         root.addHandler(h)
     root.setLevel(level)
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> the file only
+    for name in TORCH_LOGGERS_TO_FILE:
+        torch_logger = logging.getLogger(name)
+        torch_logger.propagate = False  # not up to "torch" and its stderr handler
+        if not any(isinstance(h, ToRoot) for h in torch_logger.handlers):
+            torch_logger.addHandler(ToRoot())
     _route_transformers()
     return path
 

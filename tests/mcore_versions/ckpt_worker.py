@@ -33,16 +33,18 @@ def _hf_model(folder: Path) -> None:
 
 
 def _batch():
+    """One micro-batch of two rows (one sample each): a 7-token prompt, then 9 response tokens, every one trained."""
     from megatron_pz.trainer.batching import MicroBatch
 
     g = torch.Generator().manual_seed(1)
-    b, s = 2, 16
+    b, s, prompt = 2, 16, 7
     tokens = torch.randint(0, TRUE_VOCAB, (b, s), generator=g)
-    labels = torch.roll(tokens, -1, 1)
-    mask = torch.zeros(b, s)
-    mask[:, 6:15] = 1.0
-    return [MicroBatch(tokens, torch.arange(s).expand(b, s).clone(), labels, mask, torch.tensor([1.0, -1.0]),
-                       torch.zeros(b, s))]
+    r = s - prompt
+    cols = (prompt - 1 + torch.arange(r)).expand(b, r).clone()  # the logit at column t predicts token t + 1
+    return [MicroBatch(tokens=tokens, position_ids=torch.arange(s).expand(b, s).clone(),
+                       labels=tokens[:, prompt:].clone(), loss_mask=torch.ones(b, r),
+                       advantages=torch.tensor([1.0, -1.0]), rollout_logprobs=torch.zeros(b, r),
+                       rows=torch.arange(b)[:, None].expand(b, r).clone(), cols=cols)]
 
 
 def _training(hf_dir: str):

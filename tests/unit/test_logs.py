@@ -333,6 +333,8 @@ logging.getLogger("megatron_pz.rollout.launcher").info("starting embedded server
 logging.getLogger("megatron_pz.trainer.setup").warning("will checkpoint after the current step")
 from transformers.utils import logging as hf_logging
 hf_logging.get_logger("transformers.modeling_utils").warning("some transformers warning")
+import torch.utils.cpp_extension  # torch's loggers print through the "torch" logger's own stderr handler
+logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
 if int(sys.argv[2]) == 0:
     say("model  tiny")
 try:
@@ -353,7 +355,7 @@ def test_configure_console_keeps_chatter_in_the_log_file(tmp_path, rank):
     assert p.stdout.splitlines() == (["model  tiny"] if rank == 0 else []) + [str(log_path)]
     log = log_path.read_text()
     for chatter in ("Apex is not installed", "OptimizerConfig(lr=1e-06)", "a library warning",
-                    "starting embedded server", "some transformers warning", "Traceback", "RuntimeError: boom"):
+                    "starting embedded server", "some transformers warning", "No CUDA runtime", "Traceback", "RuntimeError: boom"):
         assert chatter in log, chatter
     err = p.stderr.splitlines()
     ours = ["megatron-pz: warning: will checkpoint after the current step"] if rank == 0 else []
