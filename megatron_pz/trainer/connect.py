@@ -1,6 +1,6 @@
 """Connect a run to its rollout engine: start the embedded server (or find the SGLang ones), open a pool on
 every data owner, and give global rank 0 the configured weight-sync strategy; and restart a server this trainer
-launched when it dies (``recover_rollout``).
+launched when it dies (``recover_rollout``). A colocated run (``rollout.colocate``) is ``trainer/colocate.py``.
 
 The per-step push is ``weight_sync/publisher.py``.
 """
@@ -34,6 +34,11 @@ def start_rollout(run: Run) -> None:
     from megatron_pz.weight_sync import DiskWeightSync
 
     r = run.cfg.rollout
+    if r.colocate:  # the engine in this process, on these parameters: nothing to launch, write or push
+        from megatron_pz.trainer.colocate import start_colocated
+
+        start_colocated(run)
+        return
     weights_dir = Path(r.weights_dir or run.out / "weights").resolve()
     state = run.weights.export(run.chunks)  # collective
     urls: list[str] = []
@@ -175,4 +180,7 @@ def stop_rollout(run: Run) -> None:
     run.weights.close()
     if run.engine is not None:
         run.engine.close()
+    if run.colocated_server is not None:
+        run.colocated_server.stop()
+        run.colocated_server = None
     stop_all(run.servers)
