@@ -187,6 +187,11 @@ class RolloutConfig:
     # group-interleaved, are re-materialised at each sync); a weight sync is a version bump, nothing is written
     # to disk. Needs rollout.embedded_dtype = model.dtype. false: a separate server process, disk weight sync.
     colocate: bool = False
+    # backend=sglang with servers on the trainer's GPUs (started with --enable-memory-saver): global rank 0 asks
+    # them to free their weights, KV cache and CUDA graphs for the train phase, then to take back their weights'
+    # memory before the weight sync and the rest after it (SGLang's /release_memory_occupation and
+    # /resume_memory_occupation).
+    release_memory_in_train: bool = False
     # disk (embedded / shared filesystem) | distributed (NCCL broadcast to SGLang) | tensor (colocated IPC)
     weight_sync: str = "disk"
     # Folder for disk weight sync (the embedded server only reads below it); null = <output_dir>/weights.
@@ -214,6 +219,9 @@ class RolloutConfig:
             raise ConfigError(f"rollout.weight_sync must be disk, distributed or tensor, got {self.weight_sync!r}")
         if self.backend == "embedded" and self.weight_sync != "disk":
             raise ConfigError("rollout.backend=embedded supports only rollout.weight_sync=disk")
+        if self.release_memory_in_train and self.backend != "sglang":
+            raise ConfigError("rollout.release_memory_in_train=true frees the GPU memory of SGLang servers sharing "
+                              f"the trainer's GPUs: it needs rollout.backend=sglang (got {self.backend!r})")
         if self.colocate and self.backend != "embedded":
             raise ConfigError("rollout.colocate=true runs the embedded engine in the trainer process: it needs "
                               f"rollout.backend=embedded, not external servers (got {self.backend!r})")

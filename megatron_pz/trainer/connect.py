@@ -78,6 +78,27 @@ def start_rollout(run: Run) -> None:
         run.weights.publish(state)
 
 
+# SGLang's memory types (GPU_MEMORY_TYPE_* in sglang/srt/constants.py): the weights come back before a weight
+# update writes them, the KV cache and CUDA graphs after it.
+WEIGHTS_MEMORY = ["weights"]
+SERVING_MEMORY = ["kv_cache", "cuda_graph"]
+
+
+def release_rollout_memory(run: Run) -> None:
+    """``rollout.release_memory_in_train``: the SGLang servers on the trainer's GPUs free their weights, KV cache and
+    CUDA graphs (every type) for the train phase. Global rank 0 asks every server, once the rollout is over (SGLang
+    releases only when idle). Nothing otherwise."""
+    if run.cfg.rollout.release_memory_in_train and torch.distributed.get_rank() == 0:
+        run.engine.release_memory_occupation(None)
+
+
+def resume_rollout_memory(run: Run, tags: list[str]) -> None:
+    """The memory ``release_rollout_memory`` freed, ``tags`` of it (``WEIGHTS_MEMORY`` before the weight sync,
+    ``SERVING_MEMORY`` after it). Global rank 0; nothing without ``rollout.release_memory_in_train``."""
+    if run.cfg.rollout.release_memory_in_train and torch.distributed.get_rank() == 0:
+        run.engine.resume_memory_occupation(tags)
+
+
 def make_weight_sync(run: Run, weights_dir: Path) -> WeightSync:
     """The configured Megatron -> rollout weight path (global rank 0, which holds the gathered HF tensors)."""
     from megatron_pz.weight_sync import DiskWeightSync, DistributedWeightSync, TensorWeightSync
