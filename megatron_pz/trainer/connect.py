@@ -80,8 +80,8 @@ def start_rollout(run: Run) -> None:
 
 # SGLang's memory types (GPU_MEMORY_TYPE_* in sglang/srt/constants.py): the weights come back before a weight
 # update writes them, the KV cache and CUDA graphs after it.
-WEIGHTS_MEMORY = ["weights"]
-SERVING_MEMORY = ["kv_cache", "cuda_graph"]
+WEIGHTS_MEMORY = ("weights",)
+SERVING_MEMORY = ("kv_cache", "cuda_graph")
 
 
 def release_rollout_memory(run: Run) -> None:
@@ -92,11 +92,11 @@ def release_rollout_memory(run: Run) -> None:
         run.engine.release_memory_occupation(None)
 
 
-def resume_rollout_memory(run: Run, tags: list[str]) -> None:
+def resume_rollout_memory(run: Run, tags: tuple[str, ...]) -> None:
     """The memory ``release_rollout_memory`` freed, ``tags`` of it (``WEIGHTS_MEMORY`` before the weight sync,
     ``SERVING_MEMORY`` after it). Global rank 0; nothing without ``rollout.release_memory_in_train``."""
     if run.cfg.rollout.release_memory_in_train and torch.distributed.get_rank() == 0:
-        run.engine.resume_memory_occupation(tags)
+        run.engine.resume_memory_occupation(list(tags))
 
 
 def make_weight_sync(run: Run, weights_dir: Path) -> WeightSync:
