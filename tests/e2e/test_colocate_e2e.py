@@ -33,7 +33,9 @@ def test_colocated_run_trains_resumes_and_matches_the_disaggregated_run(tiny_pol
         assert responses(colocated, step) == responses(disaggregated, step), f"step {step}"
     # the trainer's log-probs are the engine's on-policy (checked at each process's first step: 1 and 3)
     assert rows[0]["onpolicy/logprob_abs_diff_max"] < 1e-4 and rows[2]["onpolicy/logprob_abs_diff_max"] < 1e-4
+    # the same update (the loss itself is ~1e-6 on-policy, noise; the gradient norm is not): the engines' log-probs
+    # of the same tokens may differ in the last bits (batch composition), nothing more
     for a, b in zip(rows, ref):
-        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4, abs=1e-7)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-3)
     assert not (Path(colocated) / "weights").exists()  # nothing written for the engine
     assert not (Path(colocated) / "rollout_server.log").exists()
