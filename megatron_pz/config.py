@@ -182,6 +182,16 @@ class RolloutConfig:
     # Separate response caps for the two tasks; null = train.max_response_tokens.
     gen_max_new_tokens: int | None = None
     pred_max_new_tokens: int | None = None
+    # Colocated rollout (backend=embedded, world size 1): the embedded engine runs inside the trainer process and
+    # its model's parameters are views of the trainer's own (one copy of the weights; q/k/v, which Megatron fuses
+    # group-interleaved, are re-materialised at each sync); a weight sync is a version bump, nothing is written
+    # to disk. Needs rollout.embedded_dtype = model.dtype. false: a separate server process, disk weight sync.
+    colocate: bool = False
+    # backend=sglang with servers on the trainer's GPUs (started with --enable-memory-saver): global rank 0 asks
+    # them to free their weights, KV cache and CUDA graphs for the train phase, then to take back their weights'
+    # memory before the weight sync and the rest after it (SGLang's /release_memory_occupation and
+    # /resume_memory_occupation).
+    release_memory_in_train: bool = False
     # disk (embedded / shared filesystem) | distributed (NCCL broadcast to SGLang) | tensor (colocated IPC)
     weight_sync: str = "disk"
     # Folder for disk weight sync (the embedded server only reads below it); null = <output_dir>/weights.
@@ -209,6 +219,12 @@ class RolloutConfig:
             raise ConfigError(f"rollout.weight_sync must be disk, distributed or tensor, got {self.weight_sync!r}")
         if self.backend == "embedded" and self.weight_sync != "disk":
             raise ConfigError("rollout.backend=embedded supports only rollout.weight_sync=disk")
+        if self.release_memory_in_train and self.backend != "sglang":
+            raise ConfigError("rollout.release_memory_in_train=true frees the GPU memory of SGLang servers sharing "
+                              f"the trainer's GPUs: it needs rollout.backend=sglang (got {self.backend!r})")
+        if self.colocate and self.backend != "embedded":
+            raise ConfigError("rollout.colocate=true runs the embedded engine in the trainer process: it needs "
+                              f"rollout.backend=embedded, not external servers (got {self.backend!r})")
         self.embedded_dtype = _dtype_field("rollout.embedded_dtype", self.embedded_dtype)
         if self.weights_dtype is None:
             self.weights_dtype = self.embedded_dtype if self.backend == "embedded" else _default_push_dtype()
@@ -324,6 +340,15 @@ class RunConfig:
                                   "with per-row rotary positions, which context-parallel attention does not split")
         # A restated prompt ends mid-sentence: the answer is the continuation, never a \boxed{}, so the boxed
         # rewards would score 0 on every sample and DAPO would drop every group, silently.
+        if self.rollout.colocate and self.rollout.embedded_dtype != self.model.dtype:
+            raise ConfigError(f"rollout.colocate=true shares the trainer's parameters with the engine: "
+                              f"rollout.embedded_dtype ({self.rollout.embedded_dtype}) must equal model.dtype "
+                              f"({self.model.dtype})")
+        if self.rollout.colocate and (self.parallel.tensor_model_parallel_size > 1
+                                      or self.parallel.pipeline_model_parallel_size > 1
+                                      or self.parallel.expert_model_parallel_size > 1):
+            raise ConfigError("rollout.colocate=true needs the whole model on one rank (TP, PP, EP 1): with "
+                              "model parallelism use rollout.colocate=false")
         if self.prompt.pred_restate and self.reward.pred_reward in ("exact_match", "exact_match_lenient"):
             raise ConfigError(f"prompt.pred_restate=true answers by continuation, not \\boxed{{}}: set "
                               f"reward.pred_reward=continuation_match (got {self.reward.pred_reward!r})")
@@ -361,6 +386,9 @@ class RunConfig:
 
     def validate_world(self, world_size: int) -> int:
         """Checks that need the world size; returns the DP size."""
+        if self.rollout.colocate and world_size > 1:
+            raise ConfigError(f"rollout.colocate=true needs world size 1 (one trainer process holding the engine), "
+                              f"got {world_size} processes: use rollout.colocate=false")
         dp = self.parallel.data_parallel_size(world_size)
         if self.train.paragraphs_per_step % dp:
             raise ConfigError(f"train.paragraphs_per_step={self.train.paragraphs_per_step} is not divisible by the "
@@ -380,7 +408,8 @@ class RunConfig:
         return [
             f"model    {self.policy.load} ({self.model.dtype})",
             f"layout   {world_size} process{'es' if world_size > 1 else ''}: {layout}; rollout {r.backend}, "
-            f"{r.weight_sync} weight sync in {r.weights_dtype}",
+            + ("colocated, weights shared with the trainer" if r.colocate else
+               f"{r.weight_sync} weight sync in {r.weights_dtype}"),
             f"run      {t.objective}, {t.steps} steps of {t.paragraphs_per_step} paragraphs x {batch}",
         ]
 

@@ -156,8 +156,10 @@ def update_policy(run: Run, samples: list[Sample]) -> dict[str, float]:
     """One GRPO update on this DP rank's samples (Megatron's pipeline schedule + distributed optimizer)."""
     from megatron.core import parallel_state as ps
 
+    from megatron_pz.trainer.connect import release_rollout_memory
     from megatron_pz.trainer.step import train_step
 
+    release_rollout_memory(run)  # SGLang on the trainer's GPUs (rollout.release_memory_in_train); else nothing
     microbatches = microbatches_for(run, samples)
     # sft_span: teacher-forced cross-entropy at temperature 1 (the model's own distribution), no rollout to match.
     supervised = run.cfg.train.objective == "sft_span"
@@ -203,12 +205,14 @@ def sync_weights(run: Run) -> None:
 
     A launched server that died is restarted from the new version's folder, which holds the pushed weights."""
     from megatron_pz.errors import RolloutError
-    from megatron_pz.trainer.connect import recover_rollout
+    from megatron_pz.trainer.connect import SERVING_MEMORY, WEIGHTS_MEMORY, recover_rollout, resume_rollout_memory
 
     state = run.weights.export(run.chunks)  # collective
     error = None
     try:
+        resume_rollout_memory(run, WEIGHTS_MEMORY)  # released for the train phase: back before they are written
         run.weights.publish(state)
+        resume_rollout_memory(run, SERVING_MEMORY)
     except RolloutError as exc:
         error = exc
     recover_rollout(run, error, f"weight sync to version {run.weight_version}")

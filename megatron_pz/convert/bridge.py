@@ -4,6 +4,8 @@
 * ``iter_hf_tensors``: gathers this PP stage's parameters across TP (experts: across expert-TP, then
   across EP) and yields them under HF names (used by export to HF and by weight sync to the rollout engine).
 * ``gather_hf_state_dict``: the whole HF state dict on global rank 0 (PP stages sent to it).
+* ``share_hf_params``: point an HF model's parameters at an unsharded Megatron model's own storage (colocated
+  rollout at world size 1): views wherever the layouts coincide, fresh tensors only where they do not.
 
 The global layer index of each decoder layer comes from the layer itself (``layer_number``), so uneven
 pipeline splits work and nothing here computes layer offsets from ranks. Experts are the exception: EP rank
@@ -11,6 +13,7 @@ r holds global experts r*E/EP ... (r+1)*E/EP-1, Megatron's fixed contiguous layo
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -165,4 +168,72 @@ def gather_hf_state_dict(model_chunks: list[torch.nn.Module], arch: ModelArch,
             for p in parts:
                 out.update(p)
     dist.barrier()
+    return out
+
+
+@dataclass
+class SharedParams:
+    """What ``share_hf_params`` did: which HF tensors are views of the Megatron storage, which are copies."""
+
+    shared: list[str]
+    copied: list[str]
+    shared_bytes: int
+    copied_bytes: int
+    """Bytes of the copies: Megatron's fused QKV interleaves the query groups ([q of group g; k_g; v_g], see
+    ``mapping``), so HF's separate q/k/v rows are strided, not contiguous, unless there is one KV group."""
+    num_params: int
+
+
+def _shares_storage(t: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether ``t`` lies inside ``param``'s storage (a view of it, or of the DDP buffer it is a view of)."""
+    return t.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
+
+
+@torch.no_grad()
+def share_hf_params(hf_model: torch.nn.Module, model_chunks: list[torch.nn.Module], arch: ModelArch
+                    ) -> SharedParams:
+    """Make every parameter of ``hf_model`` (a transformers model of ``arch``) read the Megatron chunks' weights.
+
+    Each Megatron parameter goes through ``mapping.to_hf``; an HF tensor that comes out as a view of the
+    parameter (embedding and output rows without the vocab padding, norms, o_proj, down_proj, gate/up as the two
+    row halves of linear_fc1) becomes that parameter's storage, so the optimizer's in-place updates reach the HF
+    model with no copy. The rest (q/k/v of the fused QKV with more than one KV group) are fresh tensors, the HF
+    model's own until the next call. Call again after every optimizer step: it re-materialises the copies and
+    re-points the views, should Megatron have moved a parameter's storage. Model parallelism must be 1 (the
+    chunks hold every weight unsharded); CheckpointError names an HF parameter left unbound or a shape that
+    does not fit.
+    """
+    _, tp_size, _ = _tp_info()
+    _, etp_size, _, _, ep_size, _ = _expert_info()
+    if max(tp_size, etp_size, ep_size) > 1:
+        raise CheckpointError(f"sharing weights needs unsharded parameters, got TP {tp_size}, expert TP "
+                              f"{etp_size}, EP {ep_size}")
+    hf_params = dict(hf_model.named_parameters())  # tied weights appear once, under the first name
+    out = SharedParams([], [], 0, 0, 0)
+    bound: set[str] = set()
+    for chunk in model_chunks:
+        for _, canonical, param in named_canonical_params(chunk):
+            if canonical == "output_layer.weight" and arch.tie_word_embeddings:
+                continue
+            for name, t in mapping.to_hf(canonical, param.detach(), arch).items():
+                target = hf_params.get(name)
+                if target is None:
+                    raise CheckpointError(f"the HF model has no parameter {name!r} (from {canonical})")
+                if tuple(t.shape) != tuple(target.shape):
+                    raise CheckpointError(f"{name}: Megatron gives {tuple(t.shape)}, the HF model has "
+                                          f"{tuple(target.shape)}")
+                t = t.to(target.dtype)  # a no-op (a view) when the dtypes agree
+                nbytes = t.numel() * t.element_size()
+                out.num_params += t.numel()
+                if _shares_storage(t, param):
+                    out.shared.append(name)
+                    out.shared_bytes += nbytes
+                else:
+                    out.copied.append(name)
+                    out.copied_bytes += nbytes
+                target.data = t  # a view, or a tensor this call just made (the old copy is freed)
+                bound.add(name)
+    missing = sorted(set(hf_params) - bound)
+    if missing:
+        raise CheckpointError(f"HF parameters with no Megatron source: {missing[:5]}")
     return out

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from megatron_pz.engine.generation import generate_rows, prompt_logprobs
-from megatron_pz.engine.model import load_model
+from megatron_pz.engine.model import LoadedModel, load_model
 from megatron_pz.engine.routing import moe_blocks
 from megatron_pz.engine.weights import StagedUpdate, StateSpec, read_safetensors_dir, validate_state
 from megatron_pz.engine.wire import PromptLogprobs
@@ -31,6 +32,7 @@ from megatron_pz.rollout.seeds import prompt_seeds, sample_seed
 logger = logging.getLogger(__name__)
 
 PAUSE_MODES = ("abort", "retract", "in_place")  # SGLang's PauseGenerationReqInput.mode
+T = TypeVar("T")
 
 
 class EmbeddedEngine:
@@ -41,13 +43,16 @@ class EmbeddedEngine:
     """
 
     def __init__(self, model_path: str | Path, dtype: str = "float32", device: str = "cpu",
-                 weight_version: int = 0, max_batch_size: int = 64, num_threads: int | None = None):
+                 weight_version: int = 0, max_batch_size: int = 64, num_threads: int | None = None,
+                 loaded: LoadedModel | None = None):
+        """``loaded``: a model built elsewhere (``model.build_model``, a colocated engine whose weights are the
+        trainer's); ``model_path`` then only names it, and ``dtype`` / ``device`` are the model's own."""
         self.model_path = str(model_path)
-        self.device = torch.device(device)
         self.max_batch_size = max_batch_size
         if num_threads:
             torch.set_num_threads(num_threads)
-        self._lm = load_model(model_path, dtype, self.device)
+        self._lm = loaded if loaded is not None else load_model(model_path, dtype, torch.device(device))
+        self.device = self._lm.device
         self.model = self._lm.model
         self.tokenizer = self._lm.tokenizer
         self.vocab_size = self._lm.vocab_size
@@ -169,6 +174,19 @@ class EmbeddedEngine:
                 params[name].copy_(t)  # shapes/dtypes were validated: this cannot fail half-way
             self._version = version
         logger.info("weights updated to version %d from %s", version, source)
+
+    def update_weights_in_place(self, version: int, refresh: Callable[[], T]) -> T:
+        """Colocated: the model's parameters are the trainer's own tensors, already updated in place by its
+        optimizer. ``refresh`` re-points them and re-materialises what is not shared
+        (``convert.bridge.share_hf_params``); it runs under the generation lock, so no batch sees a half-done
+        refresh, and the version moves when it returns. Returns what ``refresh`` returns."""
+        self._check_version(version)
+        with self._lock:
+            self._check_version(version)
+            out = refresh()
+            self._version = version
+        logger.info("weights updated to version %d in place", version)
+        return out
 
     def update_weights_from_disk(self, model_path: str, version: int) -> None:
         self._check_version(version)  # refuse early, before reading gigabytes

@@ -56,17 +56,51 @@ def load_model(model_path: str | Path, dtype: str = "float32", device: str | tor
     ``vocab_size``: the true vocabulary when the folder's embedding is padded past it (a Megatron-LM export
     written with its padded rows); default: the config's ``vocab_size`` (our exports write only the true rows).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     torch_type = parse_dtype(dtype)
     if not (Path(model_path) / "config.json").is_file():
         raise CheckpointError(f"{model_path}: not an HF model folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch_type)
+    return _prepare(model, _tokenizer(model_path), device, model_path, vocab_size)
+
+
+def build_model(config_dir: str | Path, dtype: str = "float32", device: str | torch.device = "cpu") -> LoadedModel:
+    """The model of an HF folder's config.json, its parameters allocated but neither read nor initialised: for a
+    colocated engine, whose parameters are then pointed at the trainer's (``convert.bridge.share_hf_params``).
+
+    The allocations are never written, so they take address space, not memory, until they are replaced.
+    CheckpointError when the folder has no config.json.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    torch_type = parse_dtype(dtype)
+    if not (Path(config_dir) / "config.json").is_file():
+        raise CheckpointError(f"{config_dir}: not an HF model folder (no config.json)")
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(config_dir)), dtype=torch_type)
+    model.tie_weights()  # from_pretrained ties; from_config under no_init_weights does not
+    if (Path(config_dir) / "generation_config.json").is_file():  # its token ids, as from_pretrained reads them
+        model.generation_config = GenerationConfig.from_pretrained(str(config_dir))
+    return _prepare(model, _tokenizer(config_dir), device, config_dir, None)
+
+
+def _tokenizer(model_path: str | Path) -> Any | None:
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        return AutoTokenizer.from_pretrained(str(model_path))
     except Exception as exc:  # a folder without tokenizer files still serves token ids
         logger.warning("no tokenizer in %s (%s): stop strings and text output are unavailable", model_path, exc)
-        tokenizer = None
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch_type)
+        return None
+
+
+def _prepare(model: Any, tokenizer: Any | None, device: str | torch.device, model_path: str | Path,
+             vocab_size: int | None) -> LoadedModel:
+    """Eval mode on ``device``, no gradients, the checkpoint's sampling defaults dropped."""
+    from transformers import GenerationConfig
+
     device = torch.device(device)
     model.to(device).eval()
     model.requires_grad_(False)

@@ -1,6 +1,6 @@
 """Connect a run to its rollout engine: start the embedded server (or find the SGLang ones), open a pool on
 every data owner, and give global rank 0 the configured weight-sync strategy; and restart a server this trainer
-launched when it dies (``recover_rollout``).
+launched when it dies (``recover_rollout``). A colocated run (``rollout.colocate``) is ``trainer/colocate.py``.
 
 The per-step push is ``weight_sync/publisher.py``.
 """
@@ -34,6 +34,11 @@ def start_rollout(run: Run) -> None:
     from megatron_pz.weight_sync import DiskWeightSync
 
     r = run.cfg.rollout
+    if r.colocate:  # the engine in this process, on these parameters: nothing to launch, write or push
+        from megatron_pz.trainer.colocate import start_colocated
+
+        start_colocated(run)
+        return
     weights_dir = Path(r.weights_dir or run.out / "weights").resolve()
     state = run.weights.export(run.chunks)  # collective
     urls: list[str] = []
@@ -71,6 +76,27 @@ def start_rollout(run: Run) -> None:
     if r.backend == "sglang":
         # SGLang servers were started from the initial checkpoint by the launcher; bring them to ours.
         run.weights.publish(state)
+
+
+# SGLang's memory types (GPU_MEMORY_TYPE_* in sglang/srt/constants.py): the weights come back before a weight
+# update writes them, the KV cache and CUDA graphs after it.
+WEIGHTS_MEMORY = ("weights",)
+SERVING_MEMORY = ("kv_cache", "cuda_graph")
+
+
+def release_rollout_memory(run: Run) -> None:
+    """``rollout.release_memory_in_train``: the SGLang servers on the trainer's GPUs free their weights, KV cache and
+    CUDA graphs (every type) for the train phase. Global rank 0 asks every server, once the rollout is over (SGLang
+    releases only when idle). Nothing otherwise."""
+    if run.cfg.rollout.release_memory_in_train and torch.distributed.get_rank() == 0:
+        run.engine.release_memory_occupation(None)
+
+
+def resume_rollout_memory(run: Run, tags: tuple[str, ...]) -> None:
+    """The memory ``release_rollout_memory`` freed, ``tags`` of it (``WEIGHTS_MEMORY`` before the weight sync,
+    ``SERVING_MEMORY`` after it). Global rank 0; nothing without ``rollout.release_memory_in_train``."""
+    if run.cfg.rollout.release_memory_in_train and torch.distributed.get_rank() == 0:
+        run.engine.resume_memory_occupation(list(tags))
 
 
 def make_weight_sync(run: Run, weights_dir: Path) -> WeightSync:
@@ -175,4 +201,7 @@ def stop_rollout(run: Run) -> None:
     run.weights.close()
     if run.engine is not None:
         run.engine.close()
+    if run.colocated_server is not None:
+        run.colocated_server.stop()
+        run.colocated_server = None
     stop_all(run.servers)

@@ -14,6 +14,7 @@ import torch
 if TYPE_CHECKING:  # type-only imports: building a Run never needs them at import time
     from megatron_pz.config import RunConfig
     from megatron_pz.data.corpus import CorpusReader
+    from megatron_pz.engine.server import RolloutServer
     from megatron_pz.logs import RunLogger
     from megatron_pz.model.arch import ModelArch
     from megatron_pz.model.tokenizer import HFTokenizer, SentencePieceTokenizer
@@ -50,6 +51,7 @@ class Run:
     corpus: CorpusReader | None = None  # data owners only
     engine: RolloutPool | None = None  # data owners only
     servers: list[LaunchedServer] = field(default_factory=list)  # embedded servers this process launched
+    colocated_server: RolloutServer | None = None  # rollout.colocate: the engine's server, a thread of this process
     engine_restarts: int = 0  # launched servers restarted after dying (rollout.max_engine_restarts bounds it)
     chat_template: ChatTemplate | None = None  # messages -> prompt text when prompt.style is "chat"
     start_step: int = 0  # completed steps when this process started (the resume point)

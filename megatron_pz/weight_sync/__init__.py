@@ -7,6 +7,8 @@ Modules (one strategy each; slime's ``update_weight_from_{disk,tensor,distribute
                   (the embedded server, shared filesystems)
   tensor.py       ``TensorWeightSync``: colocated SGLang, CUDA IPC buckets to /update_weights_from_tensor
   distributed.py  ``DistributedWeightSync``: disaggregated SGLang, rank 0 broadcasts each bucket (NCCL; gloo on CPU)
+  shared.py       ``SharedWeightSync``: the colocated embedded engine reads the trainer's own storage; a push is a
+                  version bump (plus the q/k/v re-materialisation), nothing is gathered or sent
   check.py        ``check_weights`` / ``check_logprobs``: does the engine now serve the trainer's weights?
   publisher.py    ``WeightPublisher``: the one owner of the weight version; gathers the Megatron shards into HF
                   tensors (collective) and pushes them through the strategy as version + 1
@@ -25,10 +27,11 @@ from megatron_pz.weight_sync.base import (
 from megatron_pz.weight_sync.check import CheckReport, check_logprobs, check_weights
 from megatron_pz.weight_sync.disk import DiskWeightSync
 from megatron_pz.weight_sync.distributed import DistributedWeightSync
+from megatron_pz.weight_sync.shared import SharedWeightSync
 from megatron_pz.weight_sync.tensor import TensorWeightSync, serialize_flattened_bucket
 
 __all__ = [
-    "DEFAULT_BUCKET_BYTES", "CheckReport", "DiskWeightSync", "DistributedWeightSync", "NamedTensors", "SyncReport",
-    "TensorWeightSync", "VersionedSync", "WeightSync", "check_logprobs", "check_weights", "iter_buckets",
+    "DEFAULT_BUCKET_BYTES", "CheckReport", "DiskWeightSync", "DistributedWeightSync", "NamedTensors", "SharedWeightSync",
+    "SyncReport", "TensorWeightSync", "VersionedSync", "WeightSync", "check_logprobs", "check_weights", "iter_buckets",
     "serialize_flattened_bucket",
 ]

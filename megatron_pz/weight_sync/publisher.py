@@ -28,9 +28,12 @@ class WeightPublisher:
         self.last_report: SyncReport | None = None  # the latest push (rank 0)
 
     def export(self, chunks: list[torch.nn.Module]) -> dict[str, torch.Tensor] | None:
-        """The policy as HF tensors on global rank 0, None elsewhere (collective over all ranks)."""
+        """The policy as HF tensors on global rank 0, None elsewhere (collective over all ranks). Nothing for a
+        strategy that reads the trainer's storage itself (``SharedWeightSync``, world size 1 only)."""
         from megatron_pz.convert.bridge import gather_hf_state_dict
 
+        if not getattr(self.sync, "needs_tensors", True):
+            return {}
         return gather_hf_state_dict(chunks, self.arch, dtype=self.dtype)
 
     def push(self, chunks: list[torch.nn.Module]) -> int:
