@@ -9,7 +9,7 @@
 (weights only, fresh optimizer), ``<root>/<arm>_s<seed>``; seed s sets ``train.seed = 1000 + s`` and
 ``corpus.seed = 1 + s``. A finished run is skipped and an interrupted one resumes, so the experiment can span
 sessions. ``eval`` scores the pretrained model, the warm-up's checkpoint (the base arm: greedy, so one evaluation) and every run's final
-checkpoint on held-out ``wiki_word`` (one-word spans, as trained), ``wiki_span`` and ``squad_span`` (the restated prompt, as in training), keeping per-item
+checkpoint on held-out ``wiki_word`` (one-word spans, as trained), ``wiki_span`` and ``squad_span`` (the arms' prediction prompt, as in training), keeping per-item
 records. ``report`` prints and writes ``<out>.md`` (tables) and ``<out>.png`` (curves):
   * the share of predictor groups with mixed rewards per arm and step, pooled over seeds (95 % Wilson);
   * the generator's curriculum per step (valid-mask rate, span length, accuracy on its own spans, its reward);
@@ -177,7 +177,8 @@ def cmd_report(args) -> int:
             if any(vals):
                 lines.append(f"| {title} | {arm} | " + " | ".join(vals) + " |")
     # ---- held-out eval
-    lines += ["", "## Held-out accuracy (greedy, restated prompt; mean, 95 % bootstrap over seeds and items)", "",
+    prompt = {"cloze": "cloze prompt"}.get(exp.get("variant", "restate"), "restated prompt")
+    lines += ["", f"## Held-out accuracy (greedy, {prompt}; mean, 95 % bootstrap over seeds and items)", "",
               "| arm | " + " | ".join(f"{s} {m}" for s in SUITES for m in ("strict", "lenient")) + " |",
               "|---|" + "---:|" * (2 * len(SUITES))]
     arms_eval = {"SmolLM2-135M-Instruct (before the warm-up)": ["pretrained"], "base (warm-up, step 0)": ["base"]} | {f"{a} (step {exp['steps']})": [f"{a}_s{s}" for s in seeds]
