@@ -3,7 +3,9 @@ rollout server in its own process, Random-span with a reward that has variance (
 
 The on-policy loop (max_staleness 0) generates every step's samples with the weights that train on them; with 1,
 step 1 is generated up front and every later step's batch while the previous step trained, one version old."""
+import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -69,8 +71,8 @@ def _assert_histogram(out, tag, want_steps):
 def test_overlap_resumes_exactly_after_kill9_with_a_batch_in_flight(tiny_policy, tmp_path):
     """SIGKILL in step 3's train phase, while step 4's batch is generated in the background: the checkpoint of
     step 2 holds step 3's batch (generated during step 2); the resumed run trains it and repeats the
-    uninterrupted run: data order, samples (responses, versions), weights. Resumed with max_staleness 0, the
-    saved batch (one version old) is generated again with the current weights, and logged."""
+    uninterrupted run: data order, samples (responses, versions), weights (to fp32 rounding). Resumed with
+    max_staleness 0, the saved batch (one version old) is generated again with the current weights, and logged."""
     extra = ["train.steps=4", *RS, "rollout.max_staleness=1"]
     ref = tmp_path / "uninterrupted"
     run(command(ref, tiny_policy, *extra))
@@ -86,27 +88,22 @@ def test_overlap_resumes_exactly_after_kill9_with_a_batch_in_flight(tiny_policy,
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
-    import json
-
     meta = json.loads((out / "checkpoints" / "iter_0000002" / "megatron_pz.json").read_text())
     flight = meta["rollout_in_flight"]["0"]
     assert flight["step"] == 2 and {s["weight_version"] for s in flight["samples"]} == {1}
+    strict = tmp_path / "strict"  # the killed run as it is, for the second resume below
+    shutil.copytree(out, strict, ignore=shutil.ignore_patterns("metrics.jsonl", "samples", "tensorboard"))
     run(cmd)  # the same command resumes
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
     assert data_order(out) == data_order(ref)
     for step in (1, 2, 3, 4):
         assert samples(out, step) == samples(ref, step), f"step {step} differs from the uninterrupted run"
+    # the same updates on the same samples; a process's fp32 kernels differ from another's by rounding (buffer
+    # alignment), about 1e-7 here, in the on-policy loop as in this one
     final, want = weights(out / "weights" / "v00000004"), weights(ref / "weights" / "v00000004")
-    assert all((final[k] == want[k]).all() for k in want)
+    assert max(float((final[k] - want[k]).abs().max()) for k in want) < 1e-5
 
     # the same checkpoint resumed on-policy: step 3's saved batch is one version old, over the bound of 0
-    strict = tmp_path / "strict"
-    import shutil
-
-    shutil.copytree(out, strict, ignore=shutil.ignore_patterns("metrics.jsonl", "samples", "tensorboard"))
-    for d in (strict / "checkpoints").glob("iter_000000[34]"):
-        shutil.rmtree(d)
-    (strict / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("2")
     p = run(command(strict, tiny_policy, "train.steps=3", *RS, "rollout.max_staleness=0"))
     assert "over rollout.max_staleness=0: regenerating them with weight version 2" in p.stderr + (
         strict / "train.log").read_text()
