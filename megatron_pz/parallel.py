@@ -121,6 +121,23 @@ def init_distributed(cfg: ParallelConfig) -> None:
     model_parallel_cuda_manual_seed(cfg.seed)
 
 
+def describe_hosts() -> str:
+    """Where the ranks run, e.g. ``2 ranks on 2 hosts: nodeA [0], nodeB [1]`` (host order of the lowest rank;
+    ``[0-7]`` for a contiguous run of ranks). Collective: one all_gather_object of the host names."""
+    hosts: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(hosts, socket.gethostname())
+    ranks: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        ranks.setdefault(str(host), []).append(rank)
+    spans = []
+    for host, rs in ranks.items():
+        contiguous = rs == list(range(rs[0], rs[-1] + 1))
+        spans.append(f"{host} [{rs[0]}-{rs[-1]}]" if contiguous and len(rs) > 1
+                     else f"{host} [{','.join(map(str, rs))}]")
+    return f"{len(hosts)} rank{'s' if len(hosts) > 1 else ''} on {len(ranks)} host{'s' if len(ranks) > 1 else ''}: " \
+           + ", ".join(spans)
+
+
 def destroy_distributed() -> None:
     from megatron.core import parallel_state
 
