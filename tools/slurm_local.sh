@@ -102,7 +102,9 @@ fi
 for b in munged mungekey slurmctld slurmd sbatch; do
   command -v "$b" >/dev/null || { echo "slurm_local.sh: $b not found; run: $0 install" >&2; exit 3; }
 done
-CPUS=${SLURM_LOCAL_CPUS:-$(nproc)}
+# The CPUs this process may use; not plain `nproc`, which answers OMP_NUM_THREADS when that is set (=1 in the test
+# runs here), and a node with fewer CPUs than a job's --cpus-per-task leaves it pending forever.
+CPUS=${SLURM_LOCAL_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}
 # Advertise 90% of physical memory (MB): slurmd refuses to register a node that claims more than it has.
 MEM_MB=${SLURM_LOCAL_MEM_MB:-$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) * 9 / 10240 ))}
 NODES=${SLURM_LOCAL_NODES:-1}
@@ -132,6 +134,11 @@ if [ "$NODES" -gt 1 ]; then
         SUBNET=10.213.$x; break
       fi
     done
+  fi
+  [ -n "$SUBNET" ] || { echo "slurm_local.sh: no free 10.213.X.0/24; set SLURM_LOCAL_SUBNET" >&2; exit 3; }
+  # Never adopt what someone else made: `stop` deletes everything named after the tag.
+  if ip netns list | grep -q "^$TAG" || ip -br link | grep -q "^$TAG"; then
+    echo "slurm_local.sh: namespaces or links named $TAG* exist already; pick another SLURM_LOCAL_TAG" >&2; exit 3
   fi
   printf 'TAG=%s\nNODES=%s\nSUBNET=%s\n' "$TAG" "$NODES" "$SUBNET" > "$DIR/netns.env"
   BR=${TAG}br
