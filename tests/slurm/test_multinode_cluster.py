@@ -7,7 +7,7 @@ c10d and train with gloo on CPU (one process a node, world size 2); the trainer 
 one and syncs weights through the disk. Mid-run, the time-limit signal (SIGUSR1 to the batch shell) makes the
 ranks checkpoint and stop; the job requeues itself and the second run resumes from that checkpoint.
 
-The tiny 2-layer policy keeps a step to seconds; the job takes ~4 minutes on 2 shared cores (slurm/README.md).
+The tiny 2-layer policy keeps a step to seconds; the test took 3-4 minutes on 2 shared cores (slurm/README.md).
 """
 import re
 import time
