@@ -164,6 +164,8 @@ class RolloutConfig:
     # An sglang-router in front of the servers: generation goes through it (weight updates still go to
     # each server in `urls` / the endpoints file).
     router_url: str | None = None
+    # Sent as `Authorization: Bearer` (and given to the embedded server this trainer starts); null = the
+    # MEGATRON_PZ_ROLLOUT_API_KEY environment variable, which keeps the key off command lines.
     api_key: str | None = None
     timeout_s: float = 600.0
     max_retries: int = 3

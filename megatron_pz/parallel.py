@@ -121,6 +121,27 @@ def init_distributed(cfg: ParallelConfig) -> None:
     model_parallel_cuda_manual_seed(cfg.seed)
 
 
+def describe_hosts() -> str:
+    """Where the ranks of the default group run (``format_hosts``). Collective: one all_gather_object."""
+    hosts: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(hosts, socket.gethostname())
+    return format_hosts([str(h) for h in hosts])
+
+
+def format_hosts(hosts: list[str]) -> str:
+    """``hosts[r]`` = rank r's host name -> ``3 ranks on 2 hosts: a [0-1], b [2]``. Hosts in order of their lowest
+    rank; a contiguous run of ranks as ``[first-last]``, anything else listed (``[0,2]``)."""
+    ranks: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        ranks.setdefault(host, []).append(rank)
+    spans = []
+    for host, rs in ranks.items():
+        contiguous = len(rs) > 1 and rs == list(range(rs[0], rs[-1] + 1))
+        spans.append(f"{host} [{rs[0]}-{rs[-1]}]" if contiguous else f"{host} [{','.join(map(str, rs))}]")
+    plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
+    return f"{plural(len(hosts), 'rank')} on {plural(len(ranks), 'host')}: {', '.join(spans)}"
+
+
 def destroy_distributed() -> None:
     from megatron.core import parallel_state
 

@@ -97,8 +97,8 @@ PZ_TRAINER_WRAP=(bash -c 'mkdir -p "$PZ_PID_DIR" && echo "$$ ${PZ_SIGNAL_TARGET:
 
 # pz_signal_trainers SIG: deliver SIG to the trainer ranks on every training node (PZ_TRAIN_NODELIST).
 pz_signal_trainers() {
-  local sig=$1
-  srun --overlap --nodes="${PZ_TRAIN_NNODES:-${SLURM_JOB_NUM_NODES:-1}}" --ntasks-per-node=1 \
+  local sig=$1 n=${PZ_TRAIN_NNODES:-${SLURM_JOB_NUM_NODES:-1}}
+  srun --overlap --nodes="$n" --ntasks="$n" --ntasks-per-node=1 \
        --nodelist="${PZ_TRAIN_NODELIST:-${SLURM_JOB_NODELIST:-$(hostname)}}" --output="$LOG_DIR/signal-%n.log" \
     bash -c 'f="$1/${SLURMD_NODENAME:-$(hostname)}.pid"; [ -f "$f" ] || { echo "no $f"; exit 0; }
              read -r pid mode < "$f"

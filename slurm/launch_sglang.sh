@@ -20,6 +20,9 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 TP=${TP:-1}                              # GPUs per SGLang server (its --tp-size)
 BASE_PORT=${BASE_PORT:-30000}            # server i on a node listens on BASE_PORT + i
 KIND=${KIND:-sglang}                     # sglang | embedded (CPU nodes: set GPUS_PER_NODE=0 TP=1 NUM_SERVERS=1)
+WEIGHTS_DIR=${WEIGHTS_DIR:-}             # embedded: the folder disk weight updates may read from (the trainer's
+                                         # rollout.weights_dir, on a filesystem both nodes see); empty = updates off
+EMBEDDED_EXTRA_ARGS=${EMBEDDED_EXTRA_ARGS:-}   # embedded: extra `megatron-pz serve-rollout` flags
 NUM_SERVERS=${NUM_SERVERS:-$(( GPUS_PER_NODE > 0 ? GPUS_PER_NODE / TP : 1 ))}
 HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-1800}   # seconds; large models take minutes to load and warm up
 # Extra flags for sglang.launch_server, e.g. "--mem-fraction-static 0.8 --context-length 8192".
@@ -43,6 +46,9 @@ GPU_FLAGS=()
 if [ "$GPUS_PER_NODE" -gt 0 ]; then GPU_FLAGS=(--gpus-per-server "$TP"); fi
 SERVER_FLAGS=()
 if [ "$KIND" = sglang ]; then read -r -a SERVER_FLAGS <<< "$SGLANG_EXTRA_ARGS"; fi
+if [ "$KIND" = embedded ]; then read -r -a SERVER_FLAGS <<< "$EMBEDDED_EXTRA_ARGS"; fi
+WEIGHT_FLAGS=()
+if [ -n "$WEIGHTS_DIR" ]; then WEIGHT_FLAGS=(--weights-dir "$WEIGHTS_DIR"); fi
 
 # One task per rollout node. $SLURM_NODEID is expanded on the node (single quotes), so each writes its own file.
 # SRUN_EXTRA_ARGS: extra srun flags for this step, e.g. the pyxis container flags of slurm/common.sh.
@@ -50,7 +56,7 @@ read -r -a SRUN_EXTRA <<< "${SRUN_EXTRA_ARGS:-}"
 srun "${SRUN_EXTRA[@]}" --overlap --nodes="$ROLLOUT_NODES" --ntasks="$ROLLOUT_NODES" --ntasks-per-node=1 --nodelist="$NODES" \
   --output="$RUN_DIR/logs/launcher-%n.log" \
   bash -c 'exec python -m megatron_pz.rollout.launcher --endpoints-file "'"$PARTS"'/node-$SLURM_NODEID.txt" "$@"' _ \
-    --kind "$KIND" --model "$MODEL" --num-servers "$NUM_SERVERS" "${GPU_FLAGS[@]}" \
+    --kind "$KIND" --model "$MODEL" --num-servers "$NUM_SERVERS" "${GPU_FLAGS[@]}" "${WEIGHT_FLAGS[@]}" \
     --base-port "$BASE_PORT" --host 0.0.0.0 --log-dir "$RUN_DIR/logs" --health-timeout "$HEALTH_TIMEOUT" \
     -- "${SERVER_FLAGS[@]}" &
 SRUN_PID=$!

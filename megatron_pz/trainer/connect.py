@@ -7,6 +7,7 @@ The per-step push is ``weight_sync/publisher.py``.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -20,6 +21,7 @@ from megatron_pz.errors import ConfigError, RolloutError
 from megatron_pz.parallel import free_port
 
 if TYPE_CHECKING:
+    from megatron_pz.config import RolloutConfig
     from megatron_pz.trainer.run import Run
     from megatron_pz.weight_sync import DiskWeightSync, WeightSync
 
@@ -53,7 +55,8 @@ def start_rollout(run: Run) -> None:
             spec = ServerSpec(kind="embedded", model_path=str(first), port=free_port(), weights_dir=str(weights_dir),
                               die_with_parent=True,
                               weight_version=run.weight_version, log_path=str(run.out / "rollout_server.log"),
-                              api_key=r.api_key, extra_args=["--max-batch-size", str(r.embedded_max_batch_size),
+                              api_key=rollout_api_key(r),
+                              extra_args=["--max-batch-size", str(r.embedded_max_batch_size),
                                                              "--dtype", long_name(r.embedded_dtype)])
             run.servers = launch([spec], endpoints_file=run.out / "endpoints.txt", health_timeout_s=r.timeout_s)
             urls = [s.url for s in run.servers]
@@ -66,7 +69,7 @@ def start_rollout(run: Run) -> None:
         pool_cfg = PoolConfig(max_concurrency_per_server=r.max_concurrency_per_server,
                               split_seeded=r.backend == "sglang")
         run.engine = RolloutPool(box[0], pool_cfg,
-                                 ClientConfig(api_key=r.api_key, generate_timeout_s=r.timeout_s,
+                                 ClientConfig(api_key=rollout_api_key(r), generate_timeout_s=r.timeout_s,
                                               max_retries=r.max_retries,
                                               return_routed_experts=run.cfg.model.moe_routing_replay),
                                  router_url=r.router_url)
@@ -76,6 +79,14 @@ def start_rollout(run: Run) -> None:
     if r.backend == "sglang":
         # SGLang servers were started from the initial checkpoint by the launcher; bring them to ours.
         run.weights.publish(state)
+
+
+def rollout_api_key(r: RolloutConfig) -> str | None:
+    """rollout.api_key, else $MEGATRON_PZ_ROLLOUT_API_KEY: the variable the launcher and `serve-rollout` read, so a
+    Slurm job can hand one key to servers and trainer without writing it into any command line (`ps`, sacct)."""
+    from megatron_pz.rollout.launcher import API_KEY_ENV
+
+    return r.api_key or os.environ.get(API_KEY_ENV) or None
 
 
 # SGLang's memory types (GPU_MEMORY_TYPE_* in sglang/srt/constants.py): the weights come back before a weight

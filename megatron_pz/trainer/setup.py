@@ -22,7 +22,7 @@ from megatron_pz.errors import ConfigError
 from megatron_pz.model.arch import ModelArch
 from megatron_pz.model.context import extend_context, parse_rope_scaling
 from megatron_pz.model.provider import build_model
-from megatron_pz.parallel import data_owner_rank, init_distributed
+from megatron_pz.parallel import data_owner_rank, describe_hosts, init_distributed
 from megatron_pz.trainer.checkpointer import Checkpointer
 from megatron_pz.trainer.connect import start_rollout, stop_rollout
 from megatron_pz.trainer.preflight import preflight
@@ -108,6 +108,7 @@ def setup(cfg: RunConfig) -> Run:
     preflight(cfg)  # every input path, before process groups, model or servers
     cfg.train.shared_prompt = cfg.shared_prompt_on()  # null resolved here, recorded so in config.json
     init_distributed(cfg.parallel)
+    logger.info("process group: %s (%s)", describe_hosts(), torch.distributed.get_backend())
     rank = torch.distributed.get_rank()
     dp_size = cfg.validate_world(torch.distributed.get_world_size())
     out = Path(cfg.output_dir)

@@ -62,11 +62,12 @@ printf '["scontrol", "%s", "%s"]\n' "$1" "${2:-}" >> "$FAKE_LOG"
 if [ "$1 $2" = "show hostnames" ]; then cat <<< "$(printf '%s\n' $FAKE_NODES)"; fi
 '''
 
-# "torchrun": records its argv and CUDA_VISIBLE_DEVICES, starts one rank, waits for it. The rank installs a
+# "torchrun": records its argv, CUDA_VISIBLE_DEVICES and rollout API key, starts one rank, waits for it. The rank installs a
 # SIGUSR1 handler (as the trainer does) and waits up to FAKE_RANK_WAIT seconds for it.
 FAKE_TORCHRUN = r'''#!PYTHON
 import json, os, subprocess, sys
-rec = {"argv": sys.argv[1:], "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}
+rec = {"argv": sys.argv[1:], "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(),
+       "key": os.environ.get("MEGATRON_PZ_ROLLOUT_API_KEY")}
 with open(os.environ["FAKE_TRAINER"], "w") as f:
     json.dump(rec, f)
 rank = """
@@ -150,6 +151,33 @@ def test_multinode_splits_nodes_and_launches_rollout_router_and_training(fake):
     pid_file = next(Path(run, ".pids").glob("*/trainA.pid"))
     assert pid_file.read_text().split() == [str(rec["pid"]), "children"]
     assert ["scontrol", "requeue", "4242"] not in calls()
+
+
+def test_multinode_embedded_starts_serve_rollout_and_syncs_through_the_disk(fake):
+    env, calls, trainer = fake
+    env.update(FAKE_NODES="roll0 trainA trainB", SLURM_JOB_NUM_NODES="3", ROLLOUT_MODEL="/ckpt/hf",
+               ROLLOUT="embedded", GPUS_PER_NODE="1")
+    env.pop("MEGATRON_PZ_ROLLOUT_API_KEY", None)
+    p = subprocess.run(["bash", str(REPO / "slurm" / "multinode.sbatch")], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    run = env["OUTPUT_DIR"]
+    launcher = _srun_with(calls, "megatron_pz.rollout.launcher")[0]
+    assert "--nodelist=roll0" in launcher
+    value = lambda flag: launcher[launcher.index(flag) + 1]  # noqa: E731
+    assert (value("--kind"), value("--num-servers"), value("--weights-dir")) == ("embedded", "1", f"{run}/weights")
+    assert "--gpus-per-server" not in launcher and Path(run, "weights").is_dir()
+    assert not _srun_with(calls, "sglang_router")
+    train = _srun_with(calls, "megatron_pz.train")[0]
+    assert {"--nodes=2", "--ntasks=2", "--nodelist=trainA,trainB"} <= set(train)
+    rec = json.loads(trainer.read_text())
+    assert {"--nnodes=2", "--nproc-per-node=1", "--rdzv-endpoint=trainA:29500"} <= set(rec["argv"])
+    assert {"rollout.backend=sglang", f"rollout.endpoints_file={run}/rollout/endpoints.txt",
+            "rollout.weight_sync=disk", f"rollout.weights_dir={run}/weights"} <= set(rec["argv"])
+    # A key was made for the servers on 0.0.0.0 and reached the trainer through the environment, on no argv.
+    assert rec["key"] and len(rec["key"]) == 32
+    assert not any(rec["key"] in arg for call in calls() for arg in call)
+    assert "rollout nodes roll0 (embedded, TP 1); training nodes trainA trainB (2 processes)" in p.stdout
 
 
 def test_multinode_usr1_reaches_only_the_ranks_then_requeues(fake):

@@ -3,19 +3,19 @@
 The job runs the real entry point on the real quickstart config (SmolLM2-135M, embedded rollout server); only
 the batch is shrunk (fewer paragraphs/masks/predictions, shorter responses) so a step takes seconds.
 """
-import json
 import time
 from pathlib import Path
 
 import local_cluster
 import pytest
+from local_cluster import FINAL, steps_logged, wait_for
+from local_cluster import tail as _tail
 
 pytestmark = pytest.mark.multiproc
 slurm_cluster = local_cluster.slurm_cluster  # the session fixture (tests/slurm/local_cluster.py)
 REPO = Path(__file__).resolve().parents[2]
 SHRINK = ["train.paragraphs_per_step=2", "train.masks_per_paragraph=2", "train.predictions_per_mask=2",
           "rollout.gen_max_new_tokens=16", "rollout.pred_max_new_tokens=12", "corpus.max_prompt_tokens=200"]
-FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
 def submit(cluster, tmp_path: Path, steps: int) -> tuple[str, Path, Path]:
@@ -24,26 +24,6 @@ def submit(cluster, tmp_path: Path, steps: int) -> tuple[str, Path, Path]:
     job = cluster.run("sbatch", "--parsable", f"--chdir={REPO}", f"--output={log}", "--time=00:15:00",
                       str(REPO / "slurm" / "smoke.sbatch"), *SHRINK, env=env).stdout.strip().split(";")[0]
     return job, out, Path(str(log).replace("%j", job))
-
-
-def wait_for(cluster, job: str, log: Path, timeout_s: float = 600) -> dict[str, str]:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        info = cluster.job(job)
-        if info.get("JobState") in FINAL:
-            return info
-        time.sleep(2)
-    cluster.run("scancel", job, check=False)
-    raise AssertionError(f"job {job} not finished after {timeout_s}s: {info}\n{_tail(log)}\n{cluster.logs()}")
-
-
-def _tail(log: Path) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-40:]) if log.exists() else "(no job log)"
-
-
-def steps_logged(out: Path) -> list[int]:
-    path = out / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
 def test_smoke_job_completes_its_steps(slurm_cluster, smollm2, tmp_path):
