@@ -64,9 +64,20 @@ def table_rows(s: dict[str, dict[str, Any]]) -> list[list[str]]:
 
 
 def markdown(s: dict[str, dict[str, Any]]) -> str:
-    rows = table_rows(s)
+    return markdown_table(table_rows(s))
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    """A header row and body rows as a Markdown table."""
     return "\n".join(["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])] +
                      ["| " + " | ".join(r) + " |" for r in rows[1:]]) + "\n"
+
+
+def print_table(rows: list[list[str]]) -> None:
+    """The same rows as aligned console columns (first column left, the others right)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,10 +98,7 @@ def run(args: argparse.Namespace) -> int:
               "summary": summary, "per_step": rows, "sides": sides}
     (out / "saves.json").write_text(json.dumps(result, indent=1, default=str))
     (out / "saves.md").write_text(markdown(summary))
-    rows_txt = table_rows(summary)
-    widths = [max(len(r[i]) for r in rows_txt) for i in range(len(rows_txt[0]))]
-    for r in rows_txt:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    print_table(table_rows(summary))
     print("load before -> after: " + "; ".join(f"{m} {v['load_before']} -> {v['load_after']}"
                                                for m, v in sides.items()))
     print(f"wrote {out / 'saves.json'} and {out / 'saves.md'}")

@@ -171,6 +171,12 @@ class RolloutConfig:
     # again from the current weight version and the step's rollout (or weight sync) is retried, at most this many
     # times per process; 0 = stop with exit status 3 as for external servers, which are never restarted.
     max_engine_restarts: int = 3
+    # Rollout/train overlap: 0 = on-policy (each step's rollout, then its update). >= 1: the next step's rollout is
+    # generated on a background thread while this step trains (one batch in flight), with the weights of this
+    # step, so its samples are 1 weight version old when trained; the importance weight (loss.mismatch) corrects
+    # for it. A batch older than this bound (a run resumed with a smaller value) is generated again from its
+    # paragraphs with the current weights. Needs a separate rollout server (rollout.colocate=false).
+    max_staleness: int = 0
     max_concurrency_per_server: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
@@ -232,6 +238,12 @@ class RolloutConfig:
         if self.weights_dtype is None:
             self.weights_dtype = self.embedded_dtype if self.backend == "embedded" else _default_push_dtype()
         self.weights_dtype = _dtype_field("rollout.weights_dtype", self.weights_dtype)
+        if self.max_staleness < 0:
+            raise ConfigError(f"rollout.max_staleness must be >= 0 (0 = on-policy), got {self.max_staleness}")
+        if self.max_staleness > 0 and self.colocate:
+            raise ConfigError("rollout.max_staleness > 0 generates the next step's rollout while this step trains: "
+                              "a colocated engine (rollout.colocate=true) computes with the parameters the "
+                              "optimizer is writing; use a separate rollout server (rollout.colocate=false)")
         if self.max_engine_restarts < 0:
             raise ConfigError(f"rollout.max_engine_restarts must be >= 0 (0 = never restart), "
                               f"got {self.max_engine_restarts}")
@@ -405,7 +417,8 @@ class RunConfig:
             f"layout   {world_size} process{'es' if world_size > 1 else ''}: {layout}; rollout {r.backend}, "
             + (("colocated, weights shared with the trainer" if world_size == 1 else
                 "colocated on rank 0, weights copied in memory") if r.colocate else
-               f"{r.weight_sync} weight sync in {r.weights_dtype}"),
+               f"{r.weight_sync} weight sync in {r.weights_dtype}")
+            + (f"; next rollout overlaps training (max_staleness {r.max_staleness})" if r.max_staleness else ""),
             f"run      {t.objective}, {t.steps} steps of {t.paragraphs_per_step} paragraphs x {batch}",
         ]
 

@@ -60,12 +60,15 @@ def train(cfg: RunConfig) -> None:
             publish_saves(run, timer)  # here and between phases: the previous checkpoint, once it is written
             with phase(timer, done, "rollout"):
                 samples, rollout_metrics = rollout(run, step)
+            prefetch(run, step + 1)  # rollout.max_staleness > 0: the next step's rollout runs while this one trains
             if step == run.start_step:
                 rollout_metrics.update(check_on_policy(run, samples))
             publish_saves(run, timer)
             with phase(timer, done, "train"):
                 train_metrics = update_policy(run, samples)
             publish_saves(run, timer)
+            with phase(timer, done, "rollout_wait"):
+                rollout_metrics.update(finish_prefetch(run))
             with phase(timer, done, "sync"):
                 sync_weights(run)
             out_of_time = done < cfg.train.steps and deadline.no_room_for_another_step(timer.summary()["time/step"])
@@ -110,30 +113,77 @@ def announce_stop(run: Run, step: int, deadline: Deadline) -> None:
 
 # ------------------------------------------------------------------ stages
 def rollout(run: Run, step: int) -> tuple[list[Sample], dict[str, float]]:
-    """Data owners collect this DP rank's samples; every rank of the model-parallel group gets them."""
-    from megatron_pz.errors import RolloutError
+    """Data owners collect this DP rank's samples (or take the batch generated while the previous step trained);
+    every rank of the model-parallel group gets them."""
     from megatron_pz.parallel import share_samples
-    from megatron_pz.trainer.collect import StepContext, collect
     from megatron_pz.trainer.connect import recover_rollout
+    from megatron_pz.trainer.overlap import collect_batch, read_batch
 
-    samples, metrics = None, {}
+    batch = None
     if run.is_data_owner:
-        per_rank = run.cfg.train.paragraphs_per_step // run.dp_size
-        paragraphs = [next(run.corpus) for _ in range(per_rank)]
-        ctx = StepContext(encode=run.tokenizer.encode, decode=run.tokenizer.decode,
-                          chat_template=run.chat_template, step=step, dp_rank=run.dp_rank,
-                          eos_token_id=run.tokenizer.eos_token_id)
+        batch = take_prefetched(run, step) or read_batch(run, step)
     while True:  # again, on the same paragraphs and seeds, after a launched server that died is restarted
         error = None
-        if run.is_data_owner:
-            try:
-                samples, metrics = collect(paragraphs, run.cfg, run.engine, ctx)
-                metrics = {f"rollout/{k}": v for k, v in metrics.items()}
-            except RolloutError as exc:
-                error = exc
+        if batch is not None and batch.samples is None:
+            error = collect_batch(run, batch)
         if not recover_rollout(run, error, f"step {step + 1}: rollout"):
             break
+        if batch is not None:
+            batch.reset()  # every data owner collects again after a restart
+    samples, metrics = (batch.samples, batch.metrics) if batch is not None else (None, {})
+    if run.cfg.rollout.max_staleness > 0 and samples is not None:
+        metrics = {**metrics, **mark_staleness(run, samples)}
     return share_samples(samples), metrics
+
+
+def take_prefetched(run: Run, step: int):
+    """The batch generated for ``step`` while the previous step trained (or restored from the checkpoint), once
+    it is within ``rollout.max_staleness``; None when there is none. A batch whose background attempt failed, or
+    that is older than the bound (a run resumed with a smaller ``max_staleness``), is collected again from its
+    paragraphs with the current weights and the same seeds (logged)."""
+    from megatron_pz.algo.staleness import stalest
+
+    batch = run.prefetch.take(step)
+    if batch is None:
+        return None
+    if batch.error is not None:
+        logger.warning("step %d: the rollout generated during step %d failed (%s); generating it again",
+                       step + 1, step, batch.error)
+        batch.reset()
+    elif batch.samples is not None and stalest(batch.samples, run.weight_version) > run.cfg.rollout.max_staleness:
+        logger.warning("step %d: %d samples are %d weight versions old, over rollout.max_staleness=%d: "
+                       "regenerating them with weight version %d", step + 1, len(batch.samples),
+                       stalest(batch.samples, run.weight_version), run.cfg.rollout.max_staleness, run.weight_version)
+        run.stale_regenerated += len(batch.samples)
+        batch.reset()
+    return batch
+
+
+def mark_staleness(run: Run, samples: list[Sample]) -> dict[str, float]:
+    """Each sample's staleness in its metadata (``hist/staleness``) and the step's staleness metrics."""
+    from megatron_pz.algo.staleness import staleness, staleness_metrics
+
+    for s in samples:
+        k = staleness(s, run.weight_version)
+        if k is not None:
+            s.metadata["staleness"] = k
+    metrics = staleness_metrics(samples, run.weight_version)
+    metrics["rollout/stale_regenerated"] = float(run.stale_regenerated)  # so far in this process
+    return metrics
+
+
+def prefetch(run: Run, step: int) -> None:
+    """``rollout.max_staleness`` > 0: start collecting ``step``'s batch in the background (data owners), while
+    the current step trains on the current weights. Nothing after the last step, or on-policy."""
+    if run.cfg.rollout.max_staleness > 0 and run.is_data_owner and step < run.cfg.train.steps:
+        run.prefetch.submit(run, step)
+
+
+def finish_prefetch(run: Run) -> dict[str, float]:
+    """Wait for the batch in flight before the weight sync: it finishes on the weights it started with, so every
+    batch comes from one weight version. Returns ``time/rollout_background`` (the batch's own wall time)."""
+    batch = run.prefetch.wait()
+    return {"time/rollout_background": batch.seconds} if batch is not None and batch.seconds else {}
 
 
 def microbatches_for(run: Run, samples: list[Sample]) -> list[MicroBatch]:

@@ -82,12 +82,15 @@ def sample_scalars(samples: Sequence[Sample]) -> dict[str, float]:
 
 
 def sample_histograms(samples: Sequence[Sample]) -> dict[str, list[float]]:
-    """Distributions of one step: ``hist/reward_mask_gen`` (generator rewards) and ``hist/length_<task>``
-    (response tokens of generated samples). Empty distributions are left out."""
+    """Distributions of one step: ``hist/reward_mask_gen`` (generator rewards), ``hist/length_<task>`` (response
+    tokens of generated samples) and ``hist/staleness`` (with rollout/train overlap). Empty ones are left out."""
     out: dict[str, list[float]] = {}
     gen_rewards = [float(s.reward) for s in samples if s.task == Task.MASK_GEN and s.reward is not None]
     if gen_rewards:
         out["hist/reward_mask_gen"] = gen_rewards
+    stale = [float(s.metadata["staleness"]) for s in samples if "staleness" in s.metadata]
+    if stale:  # rollout.max_staleness > 0: weight versions between each sample's generator and the trained policy
+        out["hist/staleness"] = stale
     for t, group in by_task(samples).items():
         lengths = [float(len(s.response_ids)) for s in group if s.status in GENERATED]
         if lengths:

@@ -3,7 +3,8 @@
 A checkpoint (Megatron-LM layout, ``megatron_pz.checkpoint`` writes and reads it) holds:
   * the model and the distributed optimizer's state, sharded (``dist_checkpointing``);
   * in ``megatron_pz.json``: step (completed steps), weight version, the LR scheduler, every DP rank's corpus
-    position, and every rank's RNG states (Python, NumPy, torch CPU).
+    position, and every rank's RNG states (Python, NumPy, torch CPU); with ``rollout.max_staleness`` > 0 also
+    every data owner's rollout batch in flight (the next step's samples, ``trainer/overlap.py``).
 On resume the LR schedule is the config's, continued at the checkpoint's step count (``restore_scheduler``), so a
 finished run extended with a larger ``train.steps`` decays over the new total.
 Adding a piece of run state means editing ``_state`` and ``_restore`` here, nothing else. Saves are collective
@@ -139,8 +140,16 @@ def _state(run: Run, step: int) -> dict[str, Any]:
     mine = (run.dp_rank, run.corpus.state_dict()) if run.corpus is not None else None
     corpus = {str(r): s for item in gather_to_all(mine) if item is not None for r, s in [item]}
     rng = {str(r): s for r, s in enumerate(gather_to_all(rng_state()))}
-    return {"step": step, "weight_version": run.weight_version, "scheduler": run.training.scheduler.state_dict(),
-            "corpus": corpus, "rng": rng, "run_name": run.cfg.name}
+    state = {"step": step, "weight_version": run.weight_version, "scheduler": run.training.scheduler.state_dict(),
+             "corpus": corpus, "rng": rng, "run_name": run.cfg.name}
+    # rollout.max_staleness: the next step's batch, generated during this step (trainer/overlap.py); the corpus
+    # position above already counts its paragraphs
+    run.prefetch.wait()
+    mine = (run.dp_rank, run.prefetch.state_dict()) if run.corpus is not None else None
+    flight = {str(r): f for item in gather_to_all(mine) if item is not None for r, f in [item] if f is not None}
+    if flight:
+        state["rollout_in_flight"] = flight
+    return state
 
 
 def _restore(run: Run, meta: dict[str, Any]) -> None:
@@ -153,6 +162,7 @@ def _restore(run: Run, meta: dict[str, Any]) -> None:
             raise ConfigError(f"checkpoint has no corpus position for DP rank {run.dp_rank} (saved with a different "
                               f"data-parallel size?); resume with the DP size it was saved with")
         run.corpus.load_state_dict(state)
+        run.prefetch.load_state_dict(meta.get("rollout_in_flight", {}).get(str(run.dp_rank)))
     rng = meta.get("rng", {})  # absent in checkpoints written before RNG states were saved
     mine = rng.get(str(torch.distributed.get_rank()))
     if mine is not None and len(rng) == torch.distributed.get_world_size():

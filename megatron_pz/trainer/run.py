@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from megatron_pz.trainer.overlap import Prefetcher
+
 if TYPE_CHECKING:  # type-only imports: building a Run never needs them at import time
     from megatron_pz.config import RunConfig
     from megatron_pz.data.corpus import CorpusReader
@@ -52,10 +54,13 @@ class Run:
     engine: RolloutPool | None = None  # data owners only
     servers: list[LaunchedServer] = field(default_factory=list)  # embedded servers this process launched
     colocated_server: RolloutServer | None = None  # rollout.colocate: the engine's server, a thread of this process
+    stale_regenerated: int = 0  # samples over rollout.max_staleness generated again (trainer/overlap.py)
     engine_restarts: int = 0  # launched servers restarted after dying (rollout.max_engine_restarts bounds it)
     chat_template: ChatTemplate | None = None  # messages -> prompt text when prompt.style is "chat"
     start_step: int = 0  # completed steps when this process started (the resume point)
     stop_requested: bool = False  # set by SIGUSR1/SIGTERM: checkpoint after this step and stop
+    # rollout.max_staleness > 0: the next step's rollout, generated while this step trains (trainer/overlap.py)
+    prefetch: Prefetcher = field(default_factory=Prefetcher)
 
     @property
     def chunks(self) -> list[torch.nn.Module]:

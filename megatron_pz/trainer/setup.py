@@ -193,4 +193,5 @@ def write_hf_meta(run: Run, tok_dir: Path) -> None:
 def shutdown(run: Run) -> None:
     if run.logger is not None:
         run.logger.close()
+    run.prefetch.close()  # a batch still in flight (after an error) finishes or fails before the servers stop
     stop_rollout(run)
