@@ -17,8 +17,10 @@ paragraphs our trainer logged in data_order.jsonl are the ones the other sides g
 Figures per side, over the steps after ``--warmup``: step time (ours without checkpoint saving: TRL saves
 nothing), rollout tokens/s = generated tokens / rollout phase time, train tokens/s = prompt + response tokens of
 the trained samples (no padding) / train phase time, peak RSS; ratios ours/TRL. Ours also: achieved train FLOP/s
-= 6 x parameters x trained tokens / train time (the dense 6NT rule: forward + backward, attention FLOPs not
-counted) over this process's measured fp32 matmul FLOP/s (``megatron_pz.scaling.measure.matmul_gflops``);
+= the matmul FLOPs the trainer executed / train time (``train/flops``: the micro-batches as laid out, padding and
+attention included, a shared prompt once per micro-batch, ``plan.flops.microbatch_flops``; metrics without it fall
+back to the dense 6NT rule on prompt + response tokens) over this process's measured fp32 matmul FLOP/s
+(``megatron_pz.scaling.measure.matmul_gflops``);
 rollout tokens/s over plain generate; weight-sync seconds; the share of the step in rollout / train / sync / save /
 idle (idle = step - the phases). Writes <out>/bench.json and <out>/bench.md, and prints the table. ``uptime`` load
 averages are recorded before and after each side: the figures are only comparable at similar load. So is the
@@ -134,8 +136,12 @@ def compare(config: str, overrides: list[str], out: Path, steps: int | None, war
                                                      and "dapo" not in o] + ["train.objective=pretrainzero"])
         pz = summarize(pz_rows, None, None, warmup=warmup, params=params, matmul_gflops=gflops,
                        peak_rss={"ours": info["pretrainzero"]["peak_rss_bytes"]})["ours"]
-        # with the DAPO filter on, throughput/tokens_per_s counts filtered samples too: no train-token figures
-        for k in ("train_tokens_per_s", "trained_tokens", "train_flops_per_s", "train_flops_over_matmul"):
+        # with the DAPO filter on, throughput/tokens_per_s counts filtered samples too: no train-token figures;
+        # the executed FLOPs count only the micro-batches the trainer ran, so they stay
+        dropped = ["train_tokens_per_s", "trained_tokens"]
+        if pz.get("train_flops_source") != "executed":
+            dropped += ["train_flops_per_s", "train_flops_over_matmul", "train_flops_source"]
+        for k in dropped:
             pz.pop(k, None)
         pz["loss_tokens"] = mean([r["loss_tokens"] for r in pz_rows[warmup:]])
         summary["pretrainzero"] = pz

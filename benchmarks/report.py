@@ -28,7 +28,9 @@ def ours_steps(rows: list[dict[str, Any]]) -> list[dict[str, float]]:
                     "idle_s": step - sum(phases.values()), "generated_tokens": gen_tokens,
                     # throughput/tokens_per_s = prompt + response tokens of the step's samples / time/step
                     "trained_tokens": r.get("throughput/tokens_per_s", 0.0) * step,
-                    "loss_tokens": r.get("train/tokens", 0.0)})
+                    "loss_tokens": r.get("train/tokens", 0.0),
+                    # the matmul FLOPs the trainer ran, as laid out (shared prompts once); None from older runs
+                    "train_flops": r.get("train/flops")})
     return out
 
 
@@ -43,7 +45,13 @@ def summarize(ours: list[dict[str, float]], trl: list[dict[str, float]] | None, 
     step_total = sum(r["step_s"] for r in o)
     ours_s["share"] = {k: _div(sum(r[f"{k}_s"] for r in o), step_total)
                        for k in ("rollout", "train", "sync", "save", "idle")}
-    flops = 6.0 * params * sum(r["trained_tokens"] for r in o) / max(sum(r["train_s"] for r in o), 1e-12)
+    train_s = max(sum(r["train_s"] for r in o), 1e-12)
+    if all(r.get("train_flops") is not None for r in o):
+        # executed: the micro-batches as the trainer laid them out (train.py executed_flops), so a shared prompt
+        # counts once per micro-batch, padding and attention count as run
+        flops, ours_s["train_flops_source"] = sum(r["train_flops"] for r in o) / train_s, "executed"
+    else:  # metrics without train/flops: the dense 6NT rule on the unshared prompt + response tokens
+        flops, ours_s["train_flops_source"] = 6.0 * params * sum(r["trained_tokens"] for r in o) / train_s, "6NT"
     ours_s["train_flops_per_s"] = flops
     ours_s["train_flops_over_matmul"] = _div(flops, matmul_gflops * 1e9)
     out: dict[str, Any] = {"warmup_steps": warmup, "measured_steps": len(o), "params": params,
@@ -101,9 +109,11 @@ def table_rows(s: dict[str, Any]) -> list[list[str]]:
 
 def extra_lines(s: dict[str, Any]) -> list[str]:
     o = s["ours"]
-    lines = [(f"train FLOP/s (6 x {s['params'] / 1e6:.1f}M params x trained tokens / train time): "
-              f"{o['train_flops_per_s'] / 1e9:.2f} GFLOP/s = {100 * o['train_flops_over_matmul']:.1f}% of measured "
-              f"fp32 matmul {s['matmul_gflops']:.1f} GFLOP/s")]
+    how = ("matmul FLOPs of the micro-batches as run, shared prompts once / train time"
+           if o.get("train_flops_source") == "executed" else
+           f"6 x {s['params'] / 1e6:.1f}M params x trained tokens / train time")
+    lines = [(f"train FLOP/s ({how}): {o['train_flops_per_s'] / 1e9:.2f} GFLOP/s = "
+              f"{100 * o['train_flops_over_matmul']:.1f}% of measured fp32 matmul {s['matmul_gflops']:.1f} GFLOP/s")]
     if "generate" in s:
         lines.append(f"rollout tokens/s over plain transformers generate: {o['rollout_tokens_per_s']:.1f} / "
                      f"{s['generate']['tokens_per_s']:.1f} = {o['rollout_over_generate']:.2f}")
@@ -112,9 +122,11 @@ def extra_lines(s: dict[str, Any]) -> list[str]:
     lines.append("share of our step (with save): " + ", ".join(f"{k} {100 * sh[k]:.1f}%" for k in sh))
     if "pretrainzero" in s:
         p = s["pretrainzero"]
+        flops = (f"train {p['train_flops_per_s'] / 1e9:.2f} GFLOP/s executed, " if "train_flops_per_s" in p
+                 else "")
         lines.append(f"full PretrainZero step (ours): {p['step_s']:.2f} s (with save {p['step_with_save_s']:.2f}), "
                      f"rollout {p['rollout_tokens_per_s']:.1f} tok/s, {p.get('loss_tokens', 0):.0f} trained response "
-                     f"tokens per step, shares " +
+                     f"tokens per step, {flops}shares " +
                      ", ".join(f"{k} {100 * v:.1f}%" for k, v in p["share"].items()))
     return lines
 

@@ -190,10 +190,13 @@ class RolloutConfig:
     # Separate response caps for the two tasks; null = train.max_response_tokens.
     gen_max_new_tokens: int | None = None
     pred_max_new_tokens: int | None = None
-    # Colocated rollout (backend=embedded, world size 1): the embedded engine runs inside the trainer process and
-    # its model's parameters are views of the trainer's own (one copy of the weights; q/k/v, which Megatron fuses
-    # group-interleaved, are re-materialised at each sync); a weight sync is a version bump, nothing is written
-    # to disk. Needs rollout.embedded_dtype = model.dtype. false: a separate server process, disk weight sync.
+    # Colocated rollout (backend=embedded): the embedded engine runs inside global rank 0's trainer process, no
+    # server process. World size 1: its model's parameters are views of the trainer's own (one copy of the
+    # weights; q/k/v, which Megatron fuses group-interleaved, are re-materialised at each sync) and a weight sync
+    # is a version bump. World size > 1 (TP, PP, DP): the engine keeps its own full copy on rank 0 and a sync
+    # copies the gathered tensors into it in memory. Nothing is written to disk either way; every data owner
+    # reaches rank 0's server over HTTP. Needs rollout.embedded_dtype = model.dtype. false: a separate server
+    # process, disk weight sync.
     colocate: bool = False
     # backend=sglang with servers on the trainer's GPUs (started with --enable-memory-saver): global rank 0 asks
     # them to free their weights, KV cache and CUDA graphs for the train phase, then to take back their weights'
@@ -358,11 +361,6 @@ class RunConfig:
             raise ConfigError(f"rollout.colocate=true shares the trainer's parameters with the engine: "
                               f"rollout.embedded_dtype ({self.rollout.embedded_dtype}) must equal model.dtype "
                               f"({self.model.dtype})")
-        if self.rollout.colocate and (self.parallel.tensor_model_parallel_size > 1
-                                      or self.parallel.pipeline_model_parallel_size > 1
-                                      or self.parallel.expert_model_parallel_size > 1):
-            raise ConfigError("rollout.colocate=true needs the whole model on one rank (TP, PP, EP 1): with "
-                              "model parallelism use rollout.colocate=false")
         if self.prompt.pred_restate and self.reward.pred_reward in ("exact_match", "exact_match_lenient"):
             raise ConfigError(f"prompt.pred_restate=true answers by continuation, not \\boxed{{}}: set "
                               f"reward.pred_reward=continuation_match (got {self.reward.pred_reward!r})")
@@ -400,9 +398,6 @@ class RunConfig:
 
     def validate_world(self, world_size: int) -> int:
         """Checks that need the world size; returns the DP size."""
-        if self.rollout.colocate and world_size > 1:
-            raise ConfigError(f"rollout.colocate=true needs world size 1 (one trainer process holding the engine), "
-                              f"got {world_size} processes: use rollout.colocate=false")
         dp = self.parallel.data_parallel_size(world_size)
         if self.train.paragraphs_per_step % dp:
             raise ConfigError(f"train.paragraphs_per_step={self.train.paragraphs_per_step} is not divisible by the "
@@ -422,7 +417,8 @@ class RunConfig:
         return [
             f"model    {self.policy.load} ({self.model.dtype})",
             f"layout   {world_size} process{'es' if world_size > 1 else ''}: {layout}; rollout {r.backend}, "
-            + ("colocated, weights shared with the trainer" if r.colocate else
+            + (("colocated, weights shared with the trainer" if world_size == 1 else
+                "colocated on rank 0, weights copied in memory") if r.colocate else
                f"{r.weight_sync} weight sync in {r.weights_dtype}")
             + (f"; next rollout overlaps training (max_staleness {r.max_staleness})" if r.max_staleness else ""),
             f"run      {t.objective}, {t.steps} steps of {t.paragraphs_per_step} paragraphs x {batch}",

@@ -219,7 +219,29 @@ def update_policy(run: Run, samples: list[Sample]) -> dict[str, float]:
     metrics["train/microbatches"] = float(len(microbatches))
     if not ps.is_pipeline_last_stage():  # loss metrics exist on the last stage only
         metrics = {k: v for k, v in metrics.items() if k in ("train/grad_norm", "train/lr", "train/update_skipped")}
+    metrics["train/flops"] = executed_flops(run, microbatches)
     return metrics
+
+
+def executed_flops(run: Run, microbatches: list[MicroBatch]) -> float:
+    """The step's training matmul FLOPs as laid out, summed over the DP replicas (collective over the DP group):
+    every row position through the layers (padding included, a shared prompt once per micro-batch), the output
+    layer from ``logits_start`` on where the model slices it (``plan.flops.microbatch_flops``). The benchmark's
+    train FLOP/s is this over the train time."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_pz import device
+    from megatron_pz.model.logit_window import slicing_supported
+    from megatron_pz.plan.flops import microbatch_flops
+    from megatron_pz.trainer.step import logits_start
+
+    sliced = slicing_supported(run.chunks[0].config)
+    flops = sum(microbatch_flops(run.arch, *mb.tokens.shape,
+                                 logit_positions=mb.tokens.shape[1] - logits_start(mb) if sliced else None)
+                for mb in microbatches)
+    total = torch.tensor([flops], dtype=torch.float64, device=device.default_device())
+    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group())
+    return float(total.item())
 
 
 def check_on_policy(run: Run, samples: list[Sample]) -> dict[str, float]:

@@ -9,6 +9,8 @@ Modules (one strategy each; slime's ``update_weight_from_{disk,tensor,distribute
   distributed.py  ``DistributedWeightSync``: disaggregated SGLang, rank 0 broadcasts each bucket (NCCL; gloo on CPU)
   shared.py       ``SharedWeightSync``: the colocated embedded engine reads the trainer's own storage; a push is a
                   version bump (plus the q/k/v re-materialisation), nothing is gathered or sent
+  memory.py       ``InMemoryWeightSync``: the colocated embedded engine of a model-parallel run (on global rank 0)
+                  takes the gathered tensors by an in-place copy under its generation lock; no disk, no HTTP
   check.py        ``check_weights`` / ``check_logprobs``: does the engine now serve the trainer's weights?
   publisher.py    ``WeightPublisher``: the one owner of the weight version; gathers the Megatron shards into HF
                   tensors (collective) and pushes them through the strategy as version + 1
@@ -27,11 +29,12 @@ from megatron_pz.weight_sync.base import (
 from megatron_pz.weight_sync.check import CheckReport, check_logprobs, check_weights
 from megatron_pz.weight_sync.disk import DiskWeightSync
 from megatron_pz.weight_sync.distributed import DistributedWeightSync
+from megatron_pz.weight_sync.memory import InMemoryWeightSync
 from megatron_pz.weight_sync.shared import SharedWeightSync
 from megatron_pz.weight_sync.tensor import TensorWeightSync, serialize_flattened_bucket
 
 __all__ = [
-    "DEFAULT_BUCKET_BYTES", "CheckReport", "DiskWeightSync", "DistributedWeightSync", "NamedTensors", "SharedWeightSync",
-    "SyncReport", "TensorWeightSync", "VersionedSync", "WeightSync", "check_logprobs", "check_weights", "iter_buckets",
-    "serialize_flattened_bucket",
+    "DEFAULT_BUCKET_BYTES", "CheckReport", "DiskWeightSync", "DistributedWeightSync", "InMemoryWeightSync",
+    "NamedTensors", "SharedWeightSync", "SyncReport", "TensorWeightSync", "VersionedSync", "WeightSync",
+    "check_logprobs", "check_weights", "iter_buckets", "serialize_flattened_bucket",
 ]

@@ -3,7 +3,8 @@
 The one owner of the weight version. Version 0 is the weights the run started from (or resumed at); every
 ``push`` makes version + 1 on every rank, so checkpoints, logs and samples agree on what the engine serves.
 Gathering is collective (TP/PP shards meet on global rank 0); only global rank 0 holds a sync strategy
-(disk, CUDA-IPC tensor or NCCL/gloo broadcast, the strategies beside this module) and pushes.
+(disk, CUDA-IPC tensor or NCCL/gloo broadcast, or the colocated engine's in-memory copy, the strategies beside
+this module) and pushes.
 """
 from __future__ import annotations
 

@@ -42,8 +42,10 @@ def test_bench_compare_one_measured_step(tiny_policy, tmp_path):
     assert t["step_s"] == pytest.approx(trl2["step_s"])
     assert s["generate"]["tokens_per_s"] == pytest.approx(gen2["generated_tokens"] / gen2["generate_s"])
     assert o["rollout_over_generate"] == pytest.approx(o["rollout_tokens_per_s"] / s["generate"]["tokens_per_s"])
+    # train FLOP/s: the FLOPs the trainer executed (train/flops, its micro-batches as laid out) over the train time
+    assert o["train_flops_source"] == "executed" and ours2["train_flops"] > 0
     assert 0 < o["train_flops_over_matmul"] and o["train_flops_per_s"] == pytest.approx(
-        6 * s["params"] * ours2["trained_tokens"] / ours2["train_s"])
+        ours2["train_flops"] / ours2["train_s"])
     assert sum(o["share"].values()) == pytest.approx(1.0, abs=1e-6)
     # memory from the kernel's marks: ours counts the trainer and its rollout server, never a forked copy
     sides = s["sides"]

@@ -61,6 +61,25 @@ def test_summarize_ratios_come_from_the_measured_values():
     assert sum(o["share"].values()) == pytest.approx(1.0)
 
 
+def test_train_flops_are_the_executed_ones_when_the_trainer_logs_them():
+    rows = [_metrics_row(1, 4.0, 2.0, 1.0, 0.0), _metrics_row(2, 4.0, 2.0, 1.0, 0.0),
+            _metrics_row(3, 4.0, 6.0, 1.0, 0.0)]
+    rows[1]["train/flops"], rows[2]["train/flops"] = 3e9, 5e9  # the warm-up row has none: not measured
+    s = report.summarize(report.ours_steps(rows), None, None, warmup=1, params=1_000_000, matmul_gflops=10.0,
+                         peak_rss={})
+    # (3 + 5) GFLOP over 2 + 6 s of train phase, whatever the (unshared) token count says
+    assert s["ours"]["train_flops_source"] == "executed"
+    assert s["ours"]["train_flops_per_s"] == pytest.approx(1e9)
+    assert s["ours"]["train_flops_over_matmul"] == pytest.approx(0.1)
+    assert "shared prompts once" in report.text_table(s)
+    # a measured row without train/flops (an older run): the 6NT rule for all of them
+    del rows[2]["train/flops"]
+    s = report.summarize(report.ours_steps(rows), None, None, warmup=1, params=1_000_000, matmul_gflops=10.0,
+                         peak_rss={})
+    assert s["ours"]["train_flops_source"] == "6NT"
+    assert s["ours"]["train_flops_per_s"] == pytest.approx(6 * 1e6 * 4000 / 8.0)
+
+
 def test_tables_have_every_column_and_row():
     s = _hand_made()
     text, md = report.text_table(s), report.markdown_table(s)

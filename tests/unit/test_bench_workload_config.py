@@ -69,3 +69,48 @@ def test_bench_workload_resolves_to_its_pinned_values():
     got = dict(_flat(json.loads(json.dumps(asdict(load_config(BENCH))))))
     wrong = {k: (got.get(k, "<missing>"), v) for k, v in EXPECTED.items() if got.get(k, "<missing>") != v}
     assert not wrong, f"examples/bench_cpu.yaml resolves differently (key: (now, pinned)): {wrong}"
+
+
+# ---------------------------------------------------------------- the PretrainZero-shaped workload
+BENCH_PZ = BENCH.with_name("bench_pz_cpu.yaml")
+# bench_cpu's resolution with the PretrainZero shape: groups of 8 in one shared-prompt micro-batch each, prompts
+# capped at 512 tokens from paragraphs of 160 or more, answers of 48 tokens at most.
+EXPECTED_PZ = {**EXPECTED, 'name': 'bench_pz_cpu', 'output_dir': 'runs/bench_pz_cpu', 'train.predictions_per_mask': 8,
+               'train.micro_batch_size': 8, 'train.shared_prompt': True, 'corpus.max_prompt_tokens': 512,
+               'corpus.min_paragraph_tokens': 160, 'train.max_tokens_per_microbatch': None}
+
+
+def test_pz_bench_workload_file_inherits_nothing_and_resolves_to_its_pinned_values():
+    assert "base" not in yaml.safe_load(BENCH_PZ.read_text())
+    got = dict(_flat(json.loads(json.dumps(asdict(load_config(BENCH_PZ))))))
+    wrong = {k: (got.get(k, "<missing>"), v) for k, v in EXPECTED_PZ.items() if got.get(k, "<missing>") != v}
+    assert not wrong, f"examples/bench_pz_cpu.yaml resolves differently (key: (now, pinned)): {wrong}"
+
+
+def test_pz_bench_computes_a_group_prompt_once_and_fits_the_trl_side():
+    """One group of 8 predictions on a 300-token prompt (the workload's prompts are 220-383 tokens) with answers at
+    the 48-token cap: the run file's micro-batch holds the whole group in one shared-prompt row, and the FLOPs the
+    trainer logs for it (``train.executed_flops``) count the prompt once, not 8 times. TRL's side takes the same
+    batch (samples per step a multiple of its micro-batch)."""
+    from benchmarks.trl_grpo import GRPOSettings
+    from megatron_pz.plan.archs import preset
+    from megatron_pz.plan.flops import microbatch_flops
+    from megatron_pz.trainer.batching import build_microbatches
+    from megatron_pz.types import Sample, Status, Task
+
+    cfg = load_config(BENCH_PZ)
+    t = cfg.train
+    assert 4 * cfg.pred_max_new_tokens <= cfg.corpus.max_prompt_tokens // 2 <= 8 * cfg.pred_max_new_tokens
+    prompt, answer = list(range(1, 301)), cfg.pred_max_new_tokens
+    group = [Sample(task=Task.RANDOM_SPAN, group_id="g", prompt_ids=prompt, response_ids=[7] * answer,
+                    rollout_logprobs=[-1.0] * answer, status=Status.COMPLETED, advantage=(-1.0) ** i)
+             for i in range(t.predictions_per_mask)]
+    shared = build_microbatches(group, t.micro_batch_size, shared_prompt=t.shared_prompt)
+    unshared = build_microbatches(group, t.micro_batch_size)
+    assert [tuple(mb.tokens.shape) for mb in shared] == [(1, 304 + 8 * answer)]  # 300 + 8 x 48, padded to 8
+    assert [tuple(mb.tokens.shape) for mb in unshared] == [(8, 352)]
+    arch = preset("smollm2-135m")
+    ratio = microbatch_flops(arch, 1, 304 + 8 * answer) / microbatch_flops(arch, 8, 352)
+    assert ratio < 0.5  # 688 positions against 2816 (x 0.24 through the layers; attention is S^2 per row)
+    s = GRPOSettings.from_config(cfg)
+    assert s.num_generations == 8 and (t.paragraphs_per_step * t.masks_per_paragraph * 8) % s.micro_batch_size == 0

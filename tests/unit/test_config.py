@@ -56,8 +56,6 @@ def test_overrides_are_typed_yaml_scalars():
     (["rollout.max_staleness=1", "rollout.colocate=true", "model.dtype=fp32"],
      r"rollout\.max_staleness > 0 .* colocated engine"),
     (["rollout.colocate=true"], r"rollout\.embedded_dtype \(fp32\) must equal model\.dtype \(bf16\)"),
-    (["rollout.colocate=true", "model.dtype=fp32", "parallel.tensor_model_parallel_size=2"],
-     r"rollout\.colocate=true needs the whole model on one rank"),
     (["parallel.tensor_model_parallel_size=0"], r"tensor_model_parallel_size must be a positive integer"),
     (["train"], r"not of the form key\.sub=value"),
     (["train.steps.x=1"], r"'train\.steps' = \{'x': 1\} has the wrong type"),
@@ -205,9 +203,12 @@ def test_describe_is_the_set_up_in_a_few_lines():
     assert lines[2] == "run      pretrainzero, 3 steps of 4 paragraphs x 4 masks x 4 predictions"
 
 
-def test_colocated_rollout_needs_world_size_one():
+def test_colocated_rollout_shares_at_world_size_one_and_copies_with_model_parallelism():
     c = load_config(None, ["rollout.colocate=true", "model.dtype=fp32", "train.paragraphs_per_step=2"])
     assert c.validate_world(1) == 1
     assert "rollout embedded, colocated, weights shared with the trainer" in c.describe(1)[1]
-    with pytest.raises(ConfigError, match=r"rollout\.colocate=true needs world size 1 .* got 2 processes"):
-        c.validate_world(2)
+    mp = load_config(None, ["rollout.colocate=true", "model.dtype=fp32", "train.paragraphs_per_step=2",
+                            "parallel.tensor_model_parallel_size=2"])
+    assert mp.validate_world(4) == 2
+    assert "TP 2 x PP 1 x CP 1 x DP 2; rollout embedded, colocated on rank 0, weights copied in memory" in \
+        mp.describe(4)[1]

@@ -148,3 +148,52 @@ def test_tensor_sync_tags_all_but_the_last_bucket_partial():
     assert parse_weight_version("default") == -1
     with pytest.raises(UserError):
         sync.push(_named([1]), 7)
+
+
+class _Versions:
+    def __init__(self):
+        self.marked = []
+
+    def mark_updated(self, version):
+        self.marked.append(version)
+
+
+def test_in_memory_sync_copies_a_complete_state_in_place_or_nothing(tiny_qwen3_hf):
+    """The colocated engine of a model-parallel run (``InMemoryWeightSync``): built from config.json and loaded
+    like ``trainer.colocate`` does, a push copies the tensors into the same parameter storage, bit for bit, and
+    moves engine, pool and strategy to the version; a state with a NaN is refused whole, naming the tensor."""
+    from megatron_pz.engine.engine import EmbeddedEngine
+    from megatron_pz.engine.model import build_model
+    from megatron_pz.errors import CheckpointError
+    from megatron_pz.trainer.colocate import load_state
+    from megatron_pz.weight_sync import InMemoryWeightSync
+
+    state = read_safetensors_dir(tiny_qwen3_hf)
+    lm = build_model(tiny_qwen3_hf, "float32")
+    load_state(lm, state, "the initial weights")
+    engine = EmbeddedEngine(tiny_qwen3_hf, loaded=lm)
+    held = lm.model.state_dict()
+    assert all(torch.equal(held[n], t) for n, t in state.items())
+    ptrs = {n: t.data_ptr() for n, t in held.items()}
+    pool = _Versions()
+    sync = InMemoryWeightSync(engine, pool=pool, current_version=0)
+
+    new = {n: t + 0.01 * (i + 1) for i, (n, t) in enumerate(state.items())}
+    report = sync.push(new.items(), 1)
+    held = lm.model.state_dict()
+    assert all(torch.equal(held[n], t) for n, t in new.items())
+    assert {n: t.data_ptr() for n, t in held.items()} == ptrs  # copied into the storage, nothing re-bound
+    assert engine.weight_version() == sync.version == 1 and pool.marked == [1]
+    assert (report.num_tensors, report.num_bytes) == (len(new), sum(t.numel() * 4 for t in new.values()))
+    assert report.path is None and report.num_buckets == 0
+
+    bad = dict(new)
+    name = sorted(bad)[1]
+    bad[name] = bad[name].clone()
+    bad[name].view(-1)[0] = float("nan")
+    with pytest.raises(CheckpointError, match=f"{name}.*NaN"):
+        sync.push(bad.items(), 2)
+    assert engine.weight_version() == sync.version == 1 and pool.marked == [1]
+    assert all(torch.equal(lm.model.state_dict()[n], t) for n, t in new.items())
+    with pytest.raises(UserError, match="not above"):
+        sync.push(new.items(), 1)
