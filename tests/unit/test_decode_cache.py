@@ -111,3 +111,13 @@ def test_only_full_attention_layers_are_replaced(tiny):
 
     cache = preallocated_cache(AutoConfig.from_pretrained(tiny), capacity=8)
     assert cache.layers and all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
+
+
+def test_same_samples_with_a_padded_vocabulary(tiny):
+    from megatron_pz.engine.model import load_model
+
+    # the tiny model's 260 embedding rows, of which the last 10 pad a 250-id vocabulary (as Megatron pads it)
+    engine = EmbeddedEngine(tiny, loaded=load_model(tiny, vocab_size=250))
+    old, new = _both(engine, _prompts(engine), SamplingParams(n=3, max_new_tokens=16, ignore_eos=True, seed=4))
+    _assert_same(old, new)
+    assert max(t for r in new for t in r.response_ids) < 250
