@@ -78,8 +78,8 @@ class PreallocatedLayer(DynamicLayer):
         self.is_initialized = False
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self.batch_select_indices(torch.arange(self._k.shape[0], device=self._k.device).repeat_interleave(repeats)
-                                  if self.is_initialized else torch.zeros(0, dtype=torch.long))
+        if self.is_initialized:
+            self.batch_select_indices(torch.arange(self._k.shape[0], device=self._k.device).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Rows ``indices`` (B',) of the cache: new (B', H_kv, capacity, D) buffers, the filled columns copied."""

@@ -95,15 +95,16 @@ def test_layer_matches_dynamic_layer_through_select_and_crop():
     for layer in (dyn, pre):
         layer.update(k, v)
         layer.batch_select_indices(torch.tensor([1, 0, 1]))
+        layer.batch_repeat_interleave(2)  # (6, H, 5, D)
     for q in (1, 1, 2):
-        k, v = kv(3, q)
+        k, v = kv(6, q)
         a, b = dyn.update(k, v), pre.update(k, v)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert pre.get_seq_length() == dyn.get_seq_length() == 9
     pre.crop(-2)
     assert pre.get_seq_length() == 7 and torch.equal(pre.keys, dyn.keys[:, :, :7])
     with pytest.raises(RuntimeError, match="cannot take position 9"):
-        pre.update(*kv(3, 3))
+        pre.update(*kv(6, 3))
 
 
 def test_only_full_attention_layers_are_replaced(tiny):
