@@ -6,6 +6,7 @@ HTTP wire format, so the production client (``megatron_pz.rollout``) is exercise
 Modules (each one job):
   model.py       load the HF model and tokenizer, with the checkpoint's sampling defaults neutralised
   generation.py  one batched ``generate`` call: per-token logprobs, SGLang stop semantics, shared prefill
+  decode.py      a KV cache written in place, so a decode step does not copy the whole cache
   weights.py     read a safetensors folder, validate a complete state, stage distributed-update buckets
   engine.py      ``EmbeddedEngine``: the engine object (generation, versioned weight updates, pause/abort)
   limits.py      the server's request limits and their defaults

@@ -44,11 +44,14 @@ class EmbeddedEngine:
 
     def __init__(self, model_path: str | Path, dtype: str = "float32", device: str = "cpu",
                  weight_version: int = 0, max_batch_size: int = 64, num_threads: int | None = None,
-                 loaded: LoadedModel | None = None):
+                 loaded: LoadedModel | None = None, preallocated_kv: bool = True):
         """``loaded``: a model built elsewhere (``model.build_model``, a colocated engine whose weights are the
-        trainer's); ``model_path`` then only names it, and ``dtype`` / ``device`` are the model's own."""
+        trainer's); ``model_path`` then only names it, and ``dtype`` / ``device`` are the model's own.
+        ``preallocated_kv``: decode into a KV cache written in place (``decode.py``: the same samples, faster);
+        False: transformers' own ``DynamicCache``."""
         self.model_path = str(model_path)
         self.max_batch_size = max_batch_size
+        self.preallocated_kv = preallocated_kv
         if num_threads:
             torch.set_num_threads(num_threads)
         self._lm = loaded if loaded is not None else load_model(model_path, dtype, torch.device(device))
@@ -111,7 +114,8 @@ class EmbeddedEngine:
         with self._lock:
             out = generate_rows(self._lm, [prompts[i] for i, _ in chunk], params, self._version,
                                 self.eos_token_ids, self._abort,
-                                row_seeds=[sample_seed(seeds[i], j) for i, j in chunk])
+                                row_seeds=[sample_seed(seeds[i], j) for i, j in chunk],
+                                preallocated_kv=self.preallocated_kv)
         for (i, _), res in zip(chunk, out):
             res.prompt_index = i
         return out

@@ -164,14 +164,19 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Te
 @torch.no_grad()
 def generate_rows(lm: LoadedModel, rows: list[Sequence[int]], params: SamplingParams, version: int,
                   eos_token_ids: set[int], abort: threading.Event | None,
-                  row_seeds: Sequence[int | None] | None = None) -> list[GenerationResult]:
+                  row_seeds: Sequence[int | None] | None = None,
+                  preallocated_kv: bool = True) -> list[GenerationResult]:
     """Sample one response per row (left-padded into one batch) with the model's current weights.
 
     ``row_seeds``: one sampling seed per row (None: unseeded); ``params.seed`` is not read here, the caller
-    derives the rows' seeds from it (``rollout.seeds``). The caller holds the lock that keeps weights fixed for the
+    derives the rows' seeds from it (``rollout.seeds``). ``preallocated_kv``: the KV cache is written in place
+    (``decode.py``; same tokens and log-probs, no per-step copy of the cache) for the model families
+    ``shared_prompt_cache`` serves; False: transformers' ``DynamicCache``. The caller holds the lock that keeps weights fixed for the
     call; every result is tagged with ``version``. ``prompt_index`` is left at -1 for the caller to fill.
     """
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+    from megatron_pz.engine.decode import preallocated_cache
 
     t0 = time.perf_counter()
     input_ids, attention_mask = left_pad(rows, lm.pad_token_id)
@@ -194,7 +199,11 @@ def generate_rows(lm: LoadedModel, rows: list[Sequence[int]], params: SamplingPa
     )
     input_ids, attention_mask = input_ids.to(lm.device), attention_mask.to(lm.device)
     with RoutingRecorder(lm.model) as routing:  # records nothing for a dense model
-        cache = shared_prompt_cache(lm, rows, input_ids, attention_mask)
+        capacity = prompt_len + params.max_new_tokens if preallocated_kv and lm.share_prompts else None
+        cache = shared_prompt_cache(lm, rows, input_ids, attention_mask, capacity)
+        shared = cache is not None
+        if cache is None and capacity is not None:
+            cache = preallocated_cache(lm.model.config, capacity)  # generate prefills every row into it
         cache_arg = {lm.cache_kw: cache} if cache is not None else {}
         sequences = lm.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, **cache_arg,
@@ -216,8 +225,8 @@ def generate_rows(lm: LoadedModel, rows: list[Sequence[int]], params: SamplingPa
             ends.append((new_tokens.shape[1], "length", None))
     routed = [None] * len(rows)
     if routing.calls:
-        shared = None if cache is None else _distinct_index(rows)
-        routed = assemble(routing.calls, [len(r) for r in rows], [n for n, _, _ in ends], shared)
+        routed = assemble(routing.calls, [len(r) for r in rows], [n for n, _, _ in ends],
+                          _distinct_index(rows) if shared else None)
     out = []
     for r, (n_keep, reason, matched) in enumerate(ends):
         ids = new_tokens[r, :n_keep].tolist()
@@ -253,7 +262,7 @@ def prompt_logprobs(lm: LoadedModel, prompt: Sequence[int], top_k: int) -> Promp
 
 
 def shared_prompt_cache(lm: LoadedModel, rows: list[Sequence[int]], input_ids: torch.Tensor,
-                        attention_mask: torch.Tensor):
+                        attention_mask: torch.Tensor, capacity: int | None = None):
     """The KV cache of columns [0, L-1) for every row, computed once per *distinct* prompt.
 
     A request for n samples of one prompt arrives as n identical rows. ``generate`` would prefill each of them:
@@ -261,9 +270,12 @@ def shared_prompt_cache(lm: LoadedModel, rows: list[Sequence[int]], input_ids: t
     the cache rows are copied to the rows that share it; ``generate`` then feeds only the last prompt column
     (it skips the columns a given cache covers) and samples as before. Positions follow ``generate``'s own rule
     for left padding (cumsum of the mask - 1). Returns None (plain ``generate``) when no prompt repeats, for
-    prompts of one token, or for models whose cache is not a plain ``DynamicCache``.
+    prompts of one token, or for models whose cache is not a plain ``DynamicCache``. ``capacity``: build the cache
+    with in-place layers of that many positions (``decode.preallocated_cache``); None: a plain ``DynamicCache``.
     """
     from transformers import DynamicCache
+
+    from megatron_pz.engine.decode import preallocated_cache
 
     if input_ids.shape[1] < 2 or not lm.share_prompts:
         return None
@@ -277,7 +289,7 @@ def shared_prompt_cache(lm: LoadedModel, rows: list[Sequence[int]], input_ids: t
     sel = torch.tensor([r - 1 for r in rep], device=input_ids.device)
     ids_u, mask_u = input_ids[sel, :-1], attention_mask[sel, :-1]  # (U, L-1), U = distinct prompts
     pos = (mask_u.long().cumsum(-1) - 1).masked_fill_(mask_u == 0, 1)
-    cache = DynamicCache(config=lm.model.config)
+    cache = DynamicCache(config=lm.model.config) if capacity is None else preallocated_cache(lm.model.config, capacity)
     lm.model(input_ids=ids_u, attention_mask=mask_u, position_ids=pos, use_cache=True, logits_to_keep=1,
              **{lm.cache_kw: cache})
     cache.batch_select_indices(torch.tensor(index, device=input_ids.device))
