@@ -3,9 +3,8 @@
 Linux keeps, per process, the largest resident set it has had (``VmHWM`` in /proc/PID/status; ``ru_maxrss`` of
 ``wait4`` when it exits). Reading that mark is a few counters per process, so it can be read rarely without losing
 the peak: the peak is kept by the kernel between reads. Only the growth of a process in its last
-``POLL_S`` before exit can be missed. ``wait4``'s ru_maxrss would close that gap for the main process
-(``credit_exit``), but Linux carries the mark across exec, so a side started from a large parent reports the
-parent's RSS; ``run_side`` does not use it.
+``POLL_S`` before exit can be missed. ``wait4``'s ru_maxrss would close that gap for the main process, but Linux
+carries the mark across exec, so a side started from a large parent reports the parent's RSS; it is not used.
 
 The side's figure is the **sum of the per-process peaks**. The processes need not peak at the same moment, so the
 sum is an upper bound of the tree's simultaneous peak; the resident sets also count shared library pages once per
@@ -103,13 +102,6 @@ class TreePeaks:
         self.see(self.root, None, _read(f"/proc/{self.root}/cmdline"), vm_hwm_bytes(self.root))
         for pid, ppid in descendants(self.root, parent_map()):
             self.see(pid, ppid, _read(f"/proc/{pid}/cmdline"), vm_hwm_bytes(pid))
-
-    def credit_exit(self, maxrss_bytes: int) -> None:
-        """``wait4``'s ru_maxrss of the root: the largest mark of the root and of the descendants it reaped. Above
-        every mark read, it is growth after the last read; it is credited to the root (the side's main process)."""
-        if maxrss_bytes > max((p.peak_bytes for p in self.procs.values()), default=0):
-            # a side shorter than one read has no record yet
-            self.procs.setdefault(self.root, Proc(b"", None, forked=False)).peak_bytes = maxrss_bytes
 
     def summary(self) -> dict[str, object]:
         counted = [p for p in self.procs.values() if not p.forked]

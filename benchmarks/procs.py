@@ -70,7 +70,7 @@ def run_side(name: str, cmd: list[str], log_path: Path, env: dict[str, str] | No
         tail = log_path.read_text()[-3000:]
         raise UserError(f"bench: side {name!r} failed (exit {proc.returncode}); log: {log_path}\n{tail}")
     ru = reaped["rusage"]
-    # wait4's ru_maxrss is not credited to the root (peaks.credit_exit): Linux carries a process's high-water mark
+    # wait4's ru_maxrss is not credited to the root: Linux carries a process's high-water mark
     # across exec, so a side started from a large parent (a test runner holding torch) reports the parent's RSS.
     wall = reaped["wall_s"]
     # CPU seconds of the side's whole process tree (set-up and warm-up included): less sensitive than wall time to

@@ -37,19 +37,6 @@ def test_forked_copies_are_left_out_and_exec_restarts_the_mark():
     assert {p["pid"]: p["forked"] for p in s["processes"]} == {100: False, 101: False, 102: True, 103: False}
 
 
-def test_exit_maxrss_above_every_read_is_credited_to_the_root():
-    t = peaks.TreePeaks(root=7)
-    t.see(7, None, b"a", 100)
-    t.see(8, 7, b"b", 300)
-    t.credit_exit(250)  # explained by a read: nothing changes
-    assert t.summary()["peak_rss_bytes"] == 400
-    t.credit_exit(350)  # growth after the last read
-    assert t.summary()["peak_rss_bytes"] == 650
-    short = peaks.TreePeaks(root=9)  # exited before the first read
-    short.credit_exit(40)
-    assert short.summary()["peak_rss_bytes"] == 40
-
-
 CHILD = ("import os, subprocess, sys, time\n"
          "big = bytearray(b'x') * (200 << 20)\n"                      # 200 MB of touched pages in the root
          "c = subprocess.Popen([sys.executable, '-c', \"b = bytearray(b'y') * (100 << 20); import time; "
