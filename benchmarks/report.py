@@ -18,6 +18,7 @@ def _div(a: float, b: float) -> float:
 def ours_steps(rows: list[dict[str, Any]]) -> list[dict[str, float]]:
     """Per-step phase times and token counts from our metrics.jsonl rows."""
     out = []
+    background = 0.0  # rollout.max_staleness: this step's batch was generated during the previous step
     for r in rows:
         step = r.get("time/step", 0.0)
         gen_tokens = sum(r.get(f"count/{t}", 0.0) * r.get(f"length/{t}_mean", 0.0)
@@ -26,11 +27,15 @@ def ours_steps(rows: list[dict[str, Any]]) -> list[dict[str, float]]:
         out.append({"step": r["step"], "step_s": step, "step_no_save_s": step - phases["save"],
                     **{f"{k}_s": v for k, v in phases.items()},
                     "idle_s": step - sum(phases.values()), "generated_tokens": gen_tokens,
+                    # the wall time that generated this step's samples: its rollout phase, plus with rollout/train
+                    # overlap the background rollout logged by the previous step (the phase is then ~0)
+                    "generating_s": phases["rollout"] + background,
                     # throughput/tokens_per_s = prompt + response tokens of the step's samples / time/step
                     "trained_tokens": r.get("throughput/tokens_per_s", 0.0) * step,
                     "loss_tokens": r.get("train/tokens", 0.0),
                     # the matmul FLOPs the trainer ran, as laid out (shared prompts once); None from older runs
                     "train_flops": r.get("train/flops")})
+        background = r.get("time/rollout_background", 0.0)
     return out
 
 
@@ -77,7 +82,8 @@ def _side_summary(rows: list[dict[str, Any]], step_key: str, peak_bytes: int) ->
     rollout second, trained tokens per train second, peak memory, and the mean token counts."""
     return {
         "step_s": mean([r[step_key] for r in rows]),
-        "rollout_tokens_per_s": _div(sum(r["generated_tokens"] for r in rows), sum(r["rollout_s"] for r in rows)),
+        "rollout_tokens_per_s": _div(sum(r["generated_tokens"] for r in rows),
+                                     sum(r.get("generating_s", r["rollout_s"]) for r in rows)),
         "train_tokens_per_s": _div(sum(r["trained_tokens"] for r in rows), sum(r["train_s"] for r in rows)),
         "peak_rss_bytes": peak_bytes,
         "generated_tokens": mean([r["generated_tokens"] for r in rows]),

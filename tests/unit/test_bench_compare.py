@@ -24,6 +24,19 @@ def test_ours_steps_reads_phases_tokens_and_idle():
     assert r["trained_tokens"] == pytest.approx(2000.0)
 
 
+def test_with_overlap_the_rollout_time_is_the_previous_steps_background_rollout():
+    # rollout.max_staleness=1: step 2's batch was generated during step 1 (9 s in the background), step 3's during
+    # step 2 (11 s); their rollout phases only take the ready batch (0.1 s)
+    rows = [_metrics_row(1, 20.0, 2.0, 0.5, 0.0) | {"time/rollout_background": 9.0},
+            _metrics_row(2, 0.1, 2.0, 0.5, 0.0) | {"time/rollout_background": 11.0},
+            _metrics_row(3, 0.1, 2.0, 0.5, 0.0)]
+    steps = report.ours_steps(rows)
+    assert [r["generating_s"] for r in steps] == pytest.approx([20.0, 9.1, 11.1])
+    assert [r["rollout_s"] for r in steps] == pytest.approx([20.0, 0.1, 0.1])  # the phase, for the step's shares
+    s = report.summarize(steps, None, None, warmup=1, params=1, matmul_gflops=1.0, peak_rss={})
+    assert s["ours"]["rollout_tokens_per_s"] == pytest.approx(320 / 20.2)  # 2 x 160 tokens over 9.1 + 11.1 s
+
+
 def _hand_made():
     ours = report.ours_steps([_metrics_row(1, 40.0, 10.0, 1.0, 0.0, extra_idle=5.0),  # warm-up, left out
                                _metrics_row(2, 4.0, 2.0, 1.0, 3.0),
