@@ -117,11 +117,11 @@ def rollout(run: Run, step: int) -> tuple[list[Sample], dict[str, float]]:
     every rank of the model-parallel group gets them."""
     from megatron_pz.parallel import share_samples
     from megatron_pz.trainer.connect import recover_rollout
-    from megatron_pz.trainer.overlap import collect_batch, read_batch
+    from megatron_pz.trainer.overlap import collect_batch, mark_staleness, read_batch, take_batch
 
     batch = None
     if run.is_data_owner:
-        batch = take_prefetched(run, step) or read_batch(run, step)
+        batch = take_batch(run, step) or read_batch(run, step)
     while True:  # again, on the same paragraphs and seeds, after a launched server that died is restarted
         error = None
         if batch is not None and batch.samples is None:
@@ -134,42 +134,6 @@ def rollout(run: Run, step: int) -> tuple[list[Sample], dict[str, float]]:
     if run.cfg.rollout.max_staleness > 0 and samples is not None:
         metrics = {**metrics, **mark_staleness(run, samples)}
     return share_samples(samples), metrics
-
-
-def take_prefetched(run: Run, step: int):
-    """The batch generated for ``step`` while the previous step trained (or restored from the checkpoint), once
-    it is within ``rollout.max_staleness``; None when there is none. A batch whose background attempt failed, or
-    that is older than the bound (a run resumed with a smaller ``max_staleness``), is collected again from its
-    paragraphs with the current weights and the same seeds (logged)."""
-    from megatron_pz.algo.staleness import stalest
-
-    batch = run.prefetch.take(step)
-    if batch is None:
-        return None
-    if batch.error is not None:
-        logger.warning("step %d: the rollout generated during step %d failed (%s); generating it again",
-                       step + 1, step, batch.error)
-        batch.reset()
-    elif batch.samples is not None and stalest(batch.samples, run.weight_version) > run.cfg.rollout.max_staleness:
-        logger.warning("step %d: %d samples are %d weight versions old, over rollout.max_staleness=%d: "
-                       "regenerating them with weight version %d", step + 1, len(batch.samples),
-                       stalest(batch.samples, run.weight_version), run.cfg.rollout.max_staleness, run.weight_version)
-        run.stale_regenerated += len(batch.samples)
-        batch.reset()
-    return batch
-
-
-def mark_staleness(run: Run, samples: list[Sample]) -> dict[str, float]:
-    """Each sample's staleness in its metadata (``hist/staleness``) and the step's staleness metrics."""
-    from megatron_pz.algo.staleness import staleness, staleness_metrics
-
-    for s in samples:
-        k = staleness(s, run.weight_version)
-        if k is not None:
-            s.metadata["staleness"] = k
-    metrics = staleness_metrics(samples, run.weight_version)
-    metrics["rollout/stale_regenerated"] = float(run.stale_regenerated)  # so far in this process
-    return metrics
 
 
 def prefetch(run: Run, step: int) -> None:

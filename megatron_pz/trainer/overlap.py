@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from megatron_pz.algo.staleness import stalest, staleness, staleness_metrics
 from megatron_pz.data.shards import Paragraph
 from megatron_pz.errors import CheckpointError, RolloutError
 from megatron_pz.types import Sample, Status, Task
@@ -75,6 +76,38 @@ def collect_batch(run: Run, batch: Batch) -> RolloutError | None:
         return exc
     batch.samples, batch.metrics = samples, {f"rollout/{k}": v for k, v in metrics.items()}
     return None
+
+
+def take_batch(run: Run, step: int) -> Batch | None:
+    """The batch generated for ``step`` while the previous step trained (or restored from the checkpoint), once
+    it is within ``rollout.max_staleness``; None when there is none. A batch whose background attempt failed, or
+    that is older than the bound (a run resumed with a smaller ``max_staleness``), is collected again from its
+    paragraphs with the current weights and the same seeds (logged)."""
+    batch = run.prefetch.take(step)
+    if batch is None:
+        return None
+    if batch.error is not None:
+        logger.warning("step %d: the rollout generated during step %d failed (%s); generating it again",
+                       step + 1, step, batch.error)
+        batch.reset()
+    elif batch.samples is not None and stalest(batch.samples, run.weight_version) > run.cfg.rollout.max_staleness:
+        logger.warning("step %d: %d samples are %d weight versions old, over rollout.max_staleness=%d: "
+                       "regenerating them with weight version %d", step + 1, len(batch.samples),
+                       stalest(batch.samples, run.weight_version), run.cfg.rollout.max_staleness, run.weight_version)
+        run.stale_regenerated += len(batch.samples)
+        batch.reset()
+    return batch
+
+
+def mark_staleness(run: Run, samples: list[Sample]) -> dict[str, float]:
+    """Each sample's staleness in its metadata (``hist/staleness``) and the step's staleness metrics."""
+    for s in samples:
+        k = staleness(s, run.weight_version)
+        if k is not None:
+            s.metadata["staleness"] = k
+    metrics = staleness_metrics(samples, run.weight_version)
+    metrics["rollout/stale_regenerated"] = float(run.stale_regenerated)  # so far in this process
+    return metrics
 
 
 class Prefetcher:
