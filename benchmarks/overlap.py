@@ -15,14 +15,11 @@ since figures are comparable only at similar load.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
-from benchmarks.compare import DEFAULT_CONFIG, OURS_OVERRIDES, _read_jsonl, run_ours
-from benchmarks.saves import markdown_table, print_table
+from benchmarks.modes import main as modes_main
+from benchmarks.modes import run_modes
 from megatron_pz.errors import UserError
 
 MODES = {"on-policy": "rollout.max_staleness=0", "overlap": "rollout.max_staleness=1"}
@@ -73,42 +70,11 @@ def table_rows(s: dict[str, dict[str, Any]]) -> list[list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    overrides = [*args.overrides, f"train.steps={args.steps}"]
-    rows, sides = {}, {}
-    for mode, key in MODES.items():
-        _, sides[mode], run_dir = run_ours(args.config, overrides, out, mode.replace("-", "_"),
-                                           [*OURS_OVERRIDES, key])
-        rows[mode] = _read_jsonl(run_dir / "metrics.jsonl")
-    summary = summarize_modes(rows, args.warmup)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            check=False).stdout.strip()
-    result = {"command": " ".join(["python", "-m", "benchmarks.overlap", *sys.argv[1:]]), "commit": commit,
-              "summary": summary, "per_step": rows, "sides": sides}
-    (out / "overlap.json").write_text(json.dumps(result, indent=1, default=str))
-    (out / "overlap.md").write_text(markdown_table(table_rows(summary)))
-    print_table(table_rows(summary))
-    print("load before -> after: " + "; ".join(f"{m} {v['load_before']} -> {v['load_after']}"
-                                               for m, v in sides.items()))
-    print(f"wrote {out / 'overlap.json'} and {out / 'overlap.md'}")
-    return 0
+    return run_modes("overlap", args, {mode: [key] for mode, key in MODES.items()}, summarize_modes, table_rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.overlap", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"run file (default {DEFAULT_CONFIG})")
-    p.add_argument("--out", default="runs/bench/overlap", help="output folder (overlap.json, overlap.md, logs)")
-    p.add_argument("--steps", type=int, default=4, help="steps per mode, warm-up and the last included")
-    p.add_argument("--warmup", type=int, default=1, help="leading steps left out of the figures")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the run file")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"python -m benchmarks.overlap: error: {exc}", file=sys.stderr)
-        return 2
+    return modes_main("overlap", __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ shares, and the background writer's own time (``time/save_background``). Writes 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
-from benchmarks.compare import DEFAULT_CONFIG, OURS_OVERRIDES, _read_jsonl, run_ours
+from benchmarks.modes import main as modes_main
+from benchmarks.modes import markdown_table, run_modes
 from megatron_pz.errors import UserError
 
 MODES = {"sync": "checkpoint.async_save=false", "async": "checkpoint.async_save=true"}
@@ -67,58 +66,13 @@ def markdown(s: dict[str, dict[str, Any]]) -> str:
     return markdown_table(table_rows(s))
 
 
-def markdown_table(rows: list[list[str]]) -> str:
-    """A header row and body rows as a Markdown table."""
-    return "\n".join(["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])] +
-                     ["| " + " | ".join(r) + " |" for r in rows[1:]]) + "\n"
-
-
-def print_table(rows: list[list[str]]) -> None:
-    """The same rows as aligned console columns (first column left, the others right)."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-
-
 def run(args: argparse.Namespace) -> int:
-    import subprocess
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    overrides = [*args.overrides, f"train.steps={args.steps}"]
-    rows, sides = {}, {}
-    for mode, key in MODES.items():
-        _, sides[mode], run_dir = run_ours(args.config, overrides, out, mode,
-                                           [*OURS_OVERRIDES, "checkpoint.save_interval=1", key])
-        rows[mode] = _read_jsonl(run_dir / "metrics.jsonl")
-    summary = summarize_modes(rows, args.warmup)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            check=False).stdout.strip()
-    result = {"command": " ".join(["python", "-m", "benchmarks.saves", *sys.argv[1:]]), "commit": commit,
-              "summary": summary, "per_step": rows, "sides": sides}
-    (out / "saves.json").write_text(json.dumps(result, indent=1, default=str))
-    (out / "saves.md").write_text(markdown(summary))
-    print_table(table_rows(summary))
-    print("load before -> after: " + "; ".join(f"{m} {v['load_before']} -> {v['load_after']}"
-                                               for m, v in sides.items()))
-    print(f"wrote {out / 'saves.json'} and {out / 'saves.md'}")
-    return 0
+    modes = {mode: ["checkpoint.save_interval=1", key] for mode, key in MODES.items()}
+    return run_modes("saves", args, modes, summarize_modes, table_rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.saves", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"run file (default {DEFAULT_CONFIG})")
-    p.add_argument("--out", default="runs/bench/saves", help="output folder (saves.json, saves.md, logs)")
-    p.add_argument("--steps", type=int, default=4, help="steps per mode, warm-up and the last included")
-    p.add_argument("--warmup", type=int, default=1, help="leading steps left out of the figures")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the run file")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"python -m benchmarks.saves: error: {exc}", file=sys.stderr)
-        return 2
+    return modes_main("saves", __doc__, run, argv)
 
 
 if __name__ == "__main__":
