@@ -64,17 +64,23 @@ def _start_and_kill_server_at(out: Path, cmd: list[str], marker: str, timeout: f
     raise AssertionError(f"{marker!r} not reached in {timeout}s")
 
 
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    """Wait for the trainer (its whole process group is killed if it overruns); assert exit 0; return its stderr."""
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-4000:]
+    return stderr
+
+
 def test_a_launched_server_killed_mid_step_is_restarted_and_every_step_runs_once(tiny_policy, tmp_path):
     out = tmp_path / "run"
     # loss.mismatch=mis_token rides along: the masked-IS counts reach metrics.jsonl through the real step
     cmd = command(out, tiny_policy, *RS, "loss.mismatch=mis_token", "loss.mismatch_band=[0.5, 2.0]")
     proc, killed = _start_and_kill_server_at(out, cmd, "step 2: rollout")
-    try:
-        _, stderr = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, stderr[-4000:]
+    stderr = finish(proc)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]  # every step, each logged once
     assert [r["weight_version"] for r in rows] == [1, 2]

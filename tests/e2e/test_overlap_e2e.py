@@ -127,17 +127,12 @@ def test_a_server_killed_during_the_background_rollout_is_restarted_and_every_st
     """kill -9 the launched server while step 2 trains and step 3's batch is generated in the background: the
     background attempt fails, the weight sync finds the server dead and restarts it, and step 3's batch is generated
     again in the main thread with the current weights (so it is on-policy)."""
-    from test_engine_restart_e2e import _start_and_kill_server_at
+    from test_engine_restart_e2e import _start_and_kill_server_at, finish
 
     out = tmp_path / "run"
     cmd = command(out, tiny_policy, *STEPS, *RS, "rollout.max_retries=1", "rollout.max_staleness=1")
     proc, _ = _start_and_kill_server_at(out, cmd, "step 2: train")
-    try:
-        _, stderr = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, stderr[-4000:]
+    finish(proc)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and [r["weight_version"] for r in rows] == [1, 2, 3]
     assert max(r.get("rollout/engine_restarts", 0) for r in rows) == 1
