@@ -152,3 +152,23 @@ def test_reward_rises_at_pp2(smollm2, tmp_path):
     summary = "\n".join([report("brevity pp2", up), report("flipped", down), contrast(up, down)])
     print(summary)
     assert learned(up, down), summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1234, 1, 2])
+def test_reward_rises_seeded(smollm2, tmp_path, seed):
+    """The same test with per-sample seeded sampling (``rollout.reproducible=true``, the trainer's default) at three
+    ``train.seed`` values (1234 is the default). Both runs share the seed, so their step-1 samples are the same
+    draws (same weights, same seeds); they part from step 2 on, as their updates differ. The sampler itself is
+    checked by ``tests/unit/test_seeded_sampling_fit.py``; figures in docs/learning.md."""
+    seeded = ["rollout.reproducible=true", f"train.seed={seed}"]
+    pos, neg = tmp_path / "pos", tmp_path / "neg"
+    runs = [start(pos, BREVITY, *seeded), start(neg, "plugin_rewards:neg_brevity", *seeded)]  # one core each
+    for p in runs:
+        finish(p)
+    up, down = curve(pos, 1.0), curve(neg, -1.0)
+    summary = "\n".join([f"train.seed={seed}, seeded", report("brevity", up), report("flipped", down),
+                         contrast(up, down)])
+    print(summary)
+    assert learned(up, down), summary
+    assert not_learned(down), summary
