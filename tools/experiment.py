@@ -51,20 +51,42 @@ def bootstrap(runs: list[list[float]], reps: int = 2000, seed: int = 0) -> tuple
     return mean, stats[int(0.025 * reps)], stats[int(0.975 * reps) - 1]
 
 
-def run_dir(root: Path, arm: str, seed: int) -> Path:
-    return root / f"{arm}_s{seed}"
+def run_name(arm: str, seed: int, lr: float | None = None) -> str:
+    """``<arm>_s<seed>``, or ``<arm>_lr<lr>_s<seed>`` for a run of a learning-rate sweep."""
+    return f"{arm}_s{seed}" if lr is None else f"{arm}_lr{lr:g}_s{seed}"
 
 
-def train_cmd(root: Path, warmup: Path, arm: str, seed: int, steps: int, variant: str = "restate") -> list[str]:
-    return [sys.executable, "-m", "megatron_pz.cli", "train", "--config",
-            str(ROOT / "examples" / f"smollm2_{variant}_{arm}.yaml"), f"policy.load={warmup / 'checkpoints'}",
-            f"output_dir={run_dir(root, arm, seed)}", f"train.seed={1000 + seed}", f"corpus.seed={1 + seed}",
-            f"train.steps={steps}", "train.micro_batch_size=2"]  # memory: two runs share 24 GB; same gradient
+def run_dir(root: Path, arm: str, seed: int, lr: float | None = None) -> Path:
+    return root / run_name(arm, seed, lr)
 
 
-def launch(jobs: list[tuple[str, list[str], Path]], parallel: int) -> int:
-    """Run (name, argv, log) jobs, ``parallel`` at a time, one thread each; returns the number that failed."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+# The experiment's settings beside the run file (issue: on-policy, colocated, shared prompts with micro-batches that
+# hold whole groups, the final checkpoint only, every generator sample logged for the curriculum's health).
+SETTINGS = ["rollout.colocate=true", "rollout.max_staleness=0", "checkpoint.save_interval=0", "checkpoint.keep_last=1",
+            "logging.sample_interval=1", "logging.tensorboard=false"]
+FLIP = "reward.pred_reward=control_rewards:neg_continuation_match"  # tools/control_rewards.py
+
+
+def train_cmd(root: Path, warmup: Path, arm: str, seed: int, steps: int, variant: str = "restate",
+              lr: float | None = None, paragraphs: int | None = None) -> list[str]:
+    """One run: ``arm`` is ``random_span``, ``pretrainzero`` or ``random_span_flip`` (Random-span on minus the
+    reward). ``lr`` sets the peak and a tenth of it as the cosine floor; ``paragraphs`` the paragraphs a step."""
+    base_arm = arm.removesuffix("_flip")
+    argv = [sys.executable, "-m", "megatron_pz.cli", "train", "--config",
+            str(ROOT / "examples" / f"smollm2_{variant}_{base_arm}.yaml"), f"policy.load={warmup / 'checkpoints'}",
+            f"output_dir={run_dir(root, arm, seed, lr)}", f"train.seed={1000 + seed}", f"corpus.seed={1 + seed}",
+            f"train.steps={steps}", *SETTINGS]
+    if paragraphs is not None:  # all generator samples of a step logged: masks_per_paragraph is 4 in the run files
+        argv += [f"train.paragraphs_per_step={paragraphs}", f"logging.samples_per_log={4 * paragraphs}"]
+    if lr is not None:
+        argv += [f"optim.lr={lr:g}", f"optim.min_lr={lr / 10:g}"]
+    return argv + ([FLIP] if arm.endswith("_flip") else [])
+
+
+def launch(jobs: list[tuple[str, list[str], Path]], parallel: int, threads: int = 1) -> int:
+    """Run (name, argv, log) jobs, ``parallel`` at a time, ``threads`` each; returns the number that failed."""
+    path = os.pathsep.join(filter(None, [str(ROOT / "tools"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}  # tools/ for the control's reward
     pending, running, failed = list(jobs), [], 0
     while pending or running:
         while pending and len(running) < parallel:
@@ -88,17 +110,22 @@ def cmd_run(args) -> int:
     root, warmup = Path(args.root), Path(args.warmup)
     if not (warmup / "checkpoints").is_dir():
         print(f"experiment: {warmup}/checkpoints is missing: run the warm-up first "
-              f"(megatron-pz train --config examples/smollm2_restate_warmup.yaml output_dir={warmup})",
+              f"(megatron-pz train --config examples/smollm2_{args.variant}_warmup.yaml output_dir={warmup})",
               file=sys.stderr)
         return 2
-    jobs = [(f"{arm} seed {s}", train_cmd(root, warmup, arm, s, args.steps, args.variant),
-             run_dir(root, arm, s) / "console.log")
-            for s in args.seeds for arm in ARMS if not finished(run_dir(root, arm, s), args.steps)]
-    (root / "experiment.json").parent.mkdir(parents=True, exist_ok=True)
-    (root / "experiment.json").write_text(json.dumps({"warmup": str(warmup), "seeds": args.seeds,
-                                                      "variant": args.variant,
-                                                      "steps": args.steps}, indent=1))
-    return 1 if launch(jobs, args.jobs) else 0
+    runs = [{"name": run_name(arm, s, lr), "arm": arm, "seed": s, "lr": lr}
+            for lr in (args.lrs or [None]) for s in args.seeds for arm in args.arms]
+    jobs = [(r["name"], train_cmd(root, warmup, r["arm"], r["seed"], args.steps, args.variant, r["lr"],
+                                  args.paragraphs), root / r["name"] / "console.log")
+            for r in runs if not finished(root / r["name"], args.steps)]
+    path = root / "experiment.json"
+    exp = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+    known = {r["name"] for r in exp.get("runs", [])}
+    exp.update(warmup=str(warmup), variant=args.variant, steps=args.steps, paragraphs=args.paragraphs,
+               runs=exp.get("runs", []) + [r for r in runs if r["name"] not in known])
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(exp, indent=1))
+    return 1 if launch(jobs, args.jobs, args.threads) else 0
 
 
 def eval_cmd(load: Path, out: Path, limit: int, suites: list[str], variant: str = "restate") -> list[str]:
@@ -246,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--steps", type=int, default=8)
     r.add_argument("--jobs", type=int, default=2)
+    r.add_argument("--threads", type=int, default=1, help="OMP threads a run")
+    r.add_argument("--arms", nargs="+", default=list(ARMS), choices=(*ARMS, "random_span_flip"),
+                   help="random_span_flip: Random-span on minus the reward (the negative control)")
+    r.add_argument("--lrs", type=float, nargs="+", help="a learning-rate sweep (default: the run file's lr)")
+    r.add_argument("--paragraphs", type=int, default=2, help="paragraphs a step (train.paragraphs_per_step)")
     r.add_argument("--variant", choices=("restate", "cloze"), default="restate",
                    help="the arms' run files: examples/smollm2_<variant>_<arm>.yaml")
     e = sub.add_parser("eval")
