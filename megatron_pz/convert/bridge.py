@@ -85,9 +85,13 @@ def load_hf_into_model(model_chunks: list[torch.nn.Module], get_hf: Callable[[st
 
 
 @torch.no_grad()
-def iter_hf_tensors(model_chunks: list[torch.nn.Module], arch: ModelArch,
-                    dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_tensors(model_chunks: list[torch.nn.Module], arch: ModelArch, dtype: torch.dtype | None = None,
+                    of: Callable[[torch.nn.Parameter], torch.Tensor] | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, full tensor) for the parameters of this PP stage, gathered across TP.
+
+    ``of``: what to take of each parameter, laid out like it (default: the parameter; e.g. its ``main_grad``
+    to gather gradients under HF names).
 
     Every rank of the stage takes part in the gathers and receives the same tensors: experts are gathered
     across the expert-TP group and then across the EP group, so each rank yields all experts. With tied
@@ -100,11 +104,12 @@ def iter_hf_tensors(model_chunks: list[torch.nn.Module], arch: ModelArch,
         for _, canonical, param in named_canonical_params(chunk):
             if canonical == "output_layer.weight" and arch.tie_word_embeddings:
                 continue
+            value = (param if of is None else of(param)).detach()
             if not mapping.is_expert(canonical):
-                full = _gather(canonical, param.detach(), tp_size, tp_group)
+                full = _gather(canonical, value, tp_size, tp_group)
                 fulls = [(canonical, full)]
             else:
-                full = _gather(canonical, param.detach(), etp_size, etp_group)
+                full = _gather(canonical, value, etp_size, etp_group)
                 # Local expert l of EP rank r is global expert r*E/EP + l; this rank's own index fixes l.
                 local = mapping.expert_index(canonical) % (experts // ep_size)
                 fulls = [(mapping.with_expert_index(canonical, r * (experts // ep_size) + local), t)
@@ -137,19 +142,21 @@ def _is_view(t: torch.Tensor) -> bool:
     return t.untyped_storage().nbytes() > t.numel() * t.element_size()
 
 
-def gather_hf_state_dict(model_chunks: list[torch.nn.Module], arch: ModelArch,
-                         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
-    """The full HF state dict on global rank 0 (None elsewhere). Collective over all ranks."""
+def gather_hf_state_dict(model_chunks: list[torch.nn.Module], arch: ModelArch, dtype: torch.dtype | None = None,
+                         of: Callable[[torch.nn.Parameter], torch.Tensor] | None = None
+                         ) -> dict[str, torch.Tensor] | None:
+    """The full HF state dict on global rank 0 (None elsewhere). Collective over all ranks. ``of``: as in
+    ``iter_hf_tensors`` (it is taken on DP rank 0, so a gradient must be DP-reduced there in full)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return dict(iter_hf_tensors(model_chunks, arch, dtype))
+        return dict(iter_hf_tensors(model_chunks, arch, dtype, of))
     # One sender per PP stage: TP rank 0 of DP rank 0. Stage dicts are gathered over the PP group.
     is_sender = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
     pp_size = ps.get_pipeline_model_parallel_world_size()
     local: dict[str, torch.Tensor] = {}
-    for name, t in iter_hf_tensors(model_chunks, arch, dtype):  # every rank joins the gathers ...
+    for name, t in iter_hf_tensors(model_chunks, arch, dtype, of):  # every rank joins the gathers ...
         if is_sender:  # ... but only senders keep the result (a whole stage per rank would not fit an MoE node)
             # Stage dicts cross ranks pickled, and pickling a view writes its whole storage. Megatron's DDP keeps
             # every parameter as a view of one contiguous grad-bucket buffer, so without the copy each of a

@@ -127,6 +127,21 @@ def _step_counts(out: dict[str, float]) -> None:
                 "train/mis_masked_seq_frac": masked_seqs / max(seqs, 1.0)})
 
 
+def compute_gradients(state: Any, microbatches: list[MicroBatch], loss_cfg: LossConfig, vocab_size: int,
+                      temperature: float, supervised: bool = False) -> list[dict[str, Any]]:
+    """The gradient half of ``train_step``: zero the gradient buffers, forward/backward over all micro-batches,
+    then ``finalize_model_grads`` (DP reduction, tied-embedding reduction across PP stages, / global token
+    count). Afterwards each parameter's ``main_grad`` holds the gradient of the step's loss, on this rank's
+    shard of each DDP bucket when the distributed optimizer reduce-scatters. Collective; no optimizer step.
+    Returns the per-micro-batch reports of the last pipeline stage ([] elsewhere)."""
+    for m in state.model:
+        m.train()
+        m.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    return _forward_backward(state.model, microbatches, loss_cfg, vocab_size, temperature, forward_only=False,
+                             supervised=supervised)
+
+
 def train_step(state: Any, microbatches: list[MicroBatch], loss_cfg: LossConfig, vocab_size: int,
                temperature: float, supervised: bool = False) -> dict[str, float]:
     """Forward/backward over all micro-batches, then one optimizer + scheduler step. Collective.
@@ -145,13 +160,8 @@ def train_step(state: Any, microbatches: list[MicroBatch], loss_cfg: LossConfig,
     """
     if _global_tokens(microbatches) == 0:
         return _empty_step(state)
-    for m in state.model:
-        m.train()
-        m.zero_grad_buffer()
-    state.optimizer.zero_grad()
     lr = state.optimizer.param_groups[0]["lr"]  # this step's (the scheduler moves on to the next one's below)
-    reports = _forward_backward(state.model, microbatches, loss_cfg, vocab_size, temperature, forward_only=False,
-                                supervised=supervised)
+    reports = compute_gradients(state, microbatches, loss_cfg, vocab_size, temperature, supervised=supervised)
     ok, grad_norm, _ = state.optimizer.step()
     if ok:
         state.scheduler.step(increment=1)
