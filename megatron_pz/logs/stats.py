@@ -35,6 +35,9 @@ def sample_scalars(samples: Sequence[Sample]) -> dict[str, float]:
       ``entropy/t``: mean of -log pi_rollout over the generated response tokens, an unbiased estimate of the
       per-token entropy of the distribution sampled from (tokens are drawn from it; the recorded log-probs are
       of that tempered distribution). A collapse shows as entropy falling towards 0.
+      ``trained_tokens/t``: response tokens of the samples that enter the policy loss (``Sample.trainable``: generated,
+      with an advantage, not DAPO-filtered), summed over the ranks' samples; the tasks' values add up to the step's
+      loss tokens (``train/tokens`` on one rank).
     Generator (MASK_GEN metadata set by ``data.tasks.prediction_samples``): ``mask/valid_rate`` over samples
     that carry ``mask_valid``; ``mask/span_words_mean``, ``mask/span_chars_mean`` over valid spans.
     Predictor: ``acc/mask_pred`` = mean MASK_PRED reward (exact match, so the accuracy).
@@ -53,6 +56,7 @@ def sample_scalars(samples: Sequence[Sample]) -> dict[str, float]:
         token_logps = [lp for s in group if s.status in GENERATED for lp in s.rollout_logprobs]
         if token_logps:
             out[f"entropy/{t}"] = -_mean(token_logps)
+        out[f"trained_tokens/{t}"] = float(sum(len(s.response_ids) for s in group if s.trainable))
         truncated = sum(s.status is Status.TRUNCATED or s.finish_reason == "length" for s in group)
         out[f"trunc_rate/{t}"] = truncated / n
         out[f"abort_rate/{t}"] = sum(s.status is Status.ABORTED for s in group) / n

@@ -15,3 +15,9 @@ def neg_brevity(response: str, target: str, **info) -> float:
     from megatron_pz.rewards.format import brevity
 
     return -brevity(response, target, **info)
+
+
+def one_in_three(response: str, target: str, **info) -> float:
+    """1 when the response's length in characters is a multiple of 3: about a third of random responses, so some
+    masks' 4 predictions all score 0 (accuracy 0, PretrainZero Eq. 9's zero rule) and others do not."""
+    return float(len(response) % 3 == 0)

@@ -47,6 +47,7 @@ def test_sample_scalars_hand_computed():
         "trunc_rate/mask_gen": 2 / 4,  # TRUNCATED + FILTERED with finish_reason "length"
         "abort_rate/mask_gen": 1 / 4,
         "filtered_frac/mask_gen": 1 / 4,
+        "trained_tokens/mask_gen": 0.0,  # no advantages yet: nothing enters the loss (see the next test)
         "groups/mask_gen": 1.0,  # group "g": three scored generated samples (the aborted one has no reward)
         "groups_mixed/mask_gen": 1.0,  # rewards 0.75, 0.0, 0.5 are not all equal
         "groups_mixed_frac/mask_gen": 1.0,
@@ -61,6 +62,7 @@ def test_sample_scalars_hand_computed():
         "trunc_rate/mask_pred": 0.0,
         "abort_rate/mask_pred": 0.0,
         "filtered_frac/mask_pred": 0.0,
+        "trained_tokens/mask_pred": 0.0,
         "groups/mask_pred": 1.0,
         "groups_mixed/mask_pred": 1.0,  # 1, 0, 1, 0
         "groups_mixed_frac/mask_pred": 1.0,
@@ -79,6 +81,17 @@ def test_mixed_groups_count_only_groups_whose_rewards_differ():
     assert got["groups_mixed_frac/mask_pred"] == pytest.approx(1 / 3)
 
 
+def test_trained_tokens_count_the_response_tokens_of_the_samples_in_the_loss():
+    samples = _step_samples()
+    for s, a in zip(samples, [0.9, -1.2, 0.0, None, 1.0, -1.0, 1.0, -1.0]):
+        s.advantage = a
+    got = sample_scalars(samples)
+    # generator: the completed (4) and truncated (10) samples; the DAPO-filtered one and the aborted one are out
+    assert (got["trained_tokens/mask_gen"], got["trained_tokens/mask_pred"]) == (14.0, 2 + 3 + 5 + 6)
+    samples[5].response_ids = []  # a response without tokens trains nothing
+    assert sample_scalars(samples)["trained_tokens/mask_pred"] == 2 + 5 + 6
+
+
 def test_entropy_estimate_is_minus_the_mean_rollout_logprob_of_generated_tokens():
     a = _s(Task.RANDOM_SPAN, "a", 2, 1.0)
     a.rollout_logprobs = [-0.5, -1.5]
@@ -94,7 +107,8 @@ def test_sample_scalars_skips_empty_sets():
     assert sample_histograms([]) == {}
     pending = [Sample(Task.RANDOM_SPAN, "r")]  # not generated, no reward: only counts and rates
     assert sample_scalars(pending) == {"count/random_span": 1.0, "trunc_rate/random_span": 0.0,
-                                       "abort_rate/random_span": 0.0, "filtered_frac/random_span": 0.0}
+                                       "abort_rate/random_span": 0.0, "filtered_frac/random_span": 0.0,
+                                       "trained_tokens/random_span": 0.0}
     assert sample_histograms(pending) == {}
 
 
