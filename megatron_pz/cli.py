@@ -18,6 +18,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("serve-rollout", "megatron_pz.engine.serve"),
     ("train", "megatron_pz.train"),
     ("eval", "megatron_pz.eval.cli"),
+    ("heldout", "megatron_pz.eval.heldout_cli"),
     ("plan", "megatron_pz.plan.cli"),
     ("scaling", "megatron_pz.scaling.cli"),
 ]
