@@ -1,26 +1,29 @@
 #!/usr/bin/env python3
-"""The PretrainZero vs Random-span experiment of docs/results.md: run the arms, evaluate, report with intervals.
+"""The PretrainZero vs Random-span experiment of docs/results.md: train the arms, score them held out, report.
 
-    python tools/experiment.py run runs/exp --warmup runs/exp/warmup --seeds 0 1 2 --steps 8 --jobs 2
-    python tools/experiment.py eval runs/exp --jobs 2
-    python tools/experiment.py report runs/exp --out docs/results/restate
+    python tools/experiment.py run runs/exp --warmup runs/exp/warmup --variant cloze --seeds 0 1 2 --steps 60 \
+        --arms random_span pretrainzero --lrs 1e-4
+    python tools/experiment.py run runs/exp --warmup runs/exp/warmup --variant cloze --seeds 0 --steps 60 \
+        --arms random_span_flip --lrs 1e-4
+    python tools/experiment.py eval runs/exp --split test --items 1000
+    python tools/experiment.py report runs/exp --split test --items 1000 --out docs/results/heldout
 
-``run`` trains each arm (``examples/smollm2_<variant>_<arm>.yaml``, ``--variant restate`` or ``cloze``) once per seed from the warm-up's checkpoint
-(weights only, fresh optimizer), ``<root>/<arm>_s<seed>``; seed s sets ``train.seed = 1000 + s`` and
-``corpus.seed = 1 + s``. A finished run is skipped and an interrupted one resumes, so the experiment can span
-sessions. ``eval`` scores the pretrained model, the warm-up's checkpoint (the base arm: greedy, so one evaluation) and every run's final
-checkpoint on held-out ``wiki_word`` (one-word spans, as trained), ``wiki_span`` and ``squad_span`` (the arms' prediction prompt, as in training), keeping per-item
-records. ``report`` prints and writes ``<out>.md`` (tables) and ``<out>.png`` (curves):
-  * the share of predictor groups with mixed rewards per arm and step, pooled over seeds (95 % Wilson);
-  * the generator's curriculum per step (valid-mask rate, span length, accuracy on its own spans, its reward);
-  * held-out accuracy (strict and lenient) per arm with a 95 % bootstrap interval over seeds and items.
+``run`` trains each arm (``examples/smollm2_<variant>_<arm>.yaml``) per seed and learning rate from the warm-up's
+checkpoint (weights only, fresh optimizer) into ``<root>/<arm>[_lr<lr>]_s<seed>``: seed s sets ``train.seed =
+1000 + s`` and ``corpus.seed = 1 + s``, so the same seed reads the same paragraphs in every arm;
+``random_span_flip`` is Random-span on minus the reward (the negative control). Runs are on-policy and colocated
+(``SETTINGS``). A finished run is skipped and an interrupted one resumes from its last save, so the experiment
+can span sessions. ``eval`` scores the warm-up's weights (the base) and every finished run's final checkpoint with
+``megatron-pz heldout`` (p(span), log p, greedy exact match, plain-text NLL; per-item records). ``report`` writes
+``<out>.md`` and ``<out>.png``: each run's iteration, max|dw| and trained tokens, run - base per metric (also per
+10k trained predictor tokens), the seeds pooled, PretrainZero - Random-span per seed, paired and with 95 % cluster
+bootstrap intervals over articles, and the generator's health (entropy, valid masks, distinct spans, length).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -34,21 +37,7 @@ from mixed_groups import wilson  # noqa: E402  (one Wilson interval for both too
 
 from megatron_pz.trainer.stages import finished  # noqa: E402  (the tracker test staged runs use)
 ARMS = ("random_span", "pretrainzero")
-SUITES = ("wiki_word", "wiki_span", "squad_span")
 PRED_TASK = {"random_span": "random_span", "pretrainzero": "mask_pred"}
-
-
-def bootstrap(runs: list[list[float]], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and 95 % percentile interval over seeds and items: each replicate resamples the seeds (runs), then
-    the items within each drawn run. ``runs``: per seed, per-item scores (0/1)."""
-    rng = random.Random(seed)
-    mean = statistics.mean(x for r in runs for x in r)
-    stats = []
-    for _ in range(reps):
-        drawn = [runs[rng.randrange(len(runs))] for _ in runs]
-        stats.append(statistics.mean(r[rng.randrange(len(r))] for r in drawn for _ in r))
-    stats.sort()
-    return mean, stats[int(0.025 * reps)], stats[int(0.975 * reps) - 1]
 
 
 def run_name(arm: str, seed: int, lr: float | None = None) -> str:
@@ -62,20 +51,21 @@ def run_dir(root: Path, arm: str, seed: int, lr: float | None = None) -> Path:
 
 # The experiment's settings beside the run file (issue: on-policy, colocated, shared prompts with micro-batches that
 # hold whole groups, the final checkpoint only, every generator sample logged for the curriculum's health).
-SETTINGS = ["rollout.colocate=true", "rollout.max_staleness=0", "checkpoint.save_interval=0", "checkpoint.keep_last=1",
-            "logging.sample_interval=1", "logging.tensorboard=false"]
+SETTINGS = ["rollout.colocate=true", "rollout.max_staleness=0", "checkpoint.keep_last=1", "logging.sample_interval=1",
+            "logging.tensorboard=false"]
 FLIP = "reward.pred_reward=control_rewards:neg_continuation_match"  # tools/control_rewards.py
 
 
 def train_cmd(root: Path, warmup: Path, arm: str, seed: int, steps: int, variant: str = "restate",
-              lr: float | None = None, paragraphs: int | None = None) -> list[str]:
+              lr: float | None = None, paragraphs: int | None = None, save_interval: int = 0) -> list[str]:
     """One run: ``arm`` is ``random_span``, ``pretrainzero`` or ``random_span_flip`` (Random-span on minus the
-    reward). ``lr`` sets the peak and a tenth of it as the cosine floor; ``paragraphs`` the paragraphs a step."""
+    reward). ``lr`` sets the peak and a tenth of it as the cosine floor; ``paragraphs`` the paragraphs a step;
+    ``save_interval`` 0 saves the final checkpoint only (a run killed before it starts again from step 1)."""
     base_arm = arm.removesuffix("_flip")
     argv = [sys.executable, "-m", "megatron_pz.cli", "train", "--config",
             str(ROOT / "examples" / f"smollm2_{variant}_{base_arm}.yaml"), f"policy.load={warmup / 'checkpoints'}",
             f"output_dir={run_dir(root, arm, seed, lr)}", f"train.seed={1000 + seed}", f"corpus.seed={1 + seed}",
-            f"train.steps={steps}", *SETTINGS]
+            f"train.steps={steps}", f"checkpoint.save_interval={save_interval}", *SETTINGS]
     if paragraphs is not None:  # all generator samples of a step logged: masks_per_paragraph is 4 in the run files
         argv += [f"train.paragraphs_per_step={paragraphs}", f"logging.samples_per_log={4 * paragraphs}"]
     if lr is not None:
@@ -93,8 +83,8 @@ def launch(jobs: list[tuple[str, list[str], Path]], parallel: int, threads: int 
             name, argv, log = pending.pop(0)
             log.parent.mkdir(parents=True, exist_ok=True)
             print(f"start  {name}", flush=True)
-            running.append((name, subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env),
-                            time.time()))
+            proc = subprocess.Popen(argv, stdout=log.open("a"), stderr=subprocess.STDOUT, env=env)
+            running.append((name, proc, time.time()))
         time.sleep(5)
         for item in list(running):
             name, proc, t0 = item
@@ -116,7 +106,7 @@ def cmd_run(args) -> int:
     runs = [{"name": run_name(arm, s, lr), "arm": arm, "seed": s, "lr": lr}
             for lr in (args.lrs or [None]) for s in args.seeds for arm in args.arms]
     jobs = [(r["name"], train_cmd(root, warmup, r["arm"], r["seed"], args.steps, args.variant, r["lr"],
-                                  args.paragraphs), root / r["name"] / "console.log")
+                                  args.paragraphs, args.save_interval), root / r["name"] / "console.log")
             for r in runs if not finished(root / r["name"], args.steps)]
     path = root / "experiment.json"
     exp = json.loads(path.read_text()) if path.is_file() else {"runs": []}
@@ -128,34 +118,66 @@ def cmd_run(args) -> int:
     return 1 if launch(jobs, args.jobs, args.threads) else 0
 
 
-def eval_cmd(load: Path, out: Path, limit: int, suites: list[str], variant: str = "restate") -> list[str]:
-    return [sys.executable, "-m", "megatron_pz.cli", "eval", "--load", str(load), "--suite", ",".join(suites),
-            "--limit", str(limit), "--restate", *(["--cloze"] if variant == "cloze" else []),
-            "--max-new-tokens", "6", "--temperature", "0", "--out", str(out)]
+def heldout_cmd(load: Path, reference: Path, out: Path, split: str, items: int, variant: str,
+                base: bool = False) -> list[str]:
+    """Score ``load`` on held-out one-word spans (``megatron-pz heldout``) with the Random-span run file's layout:
+    both arms share it, and the flipped control's run file would name its minus reward."""
+    return [sys.executable, "-m", "megatron_pz.cli", "heldout", "--load", str(load), "--reference", str(reference),
+            "--split", split, "--items", str(items), "--config",
+            str(ROOT / "examples" / f"smollm2_{variant}_random_span.yaml"), "--out", str(out),
+            *(["--allow-unchanged"] if base else [])]
+
+
+def heldout_dir(root: Path, split: str, items: int) -> Path:
+    return root / f"heldout_{split}_{items}"
 
 
 def cmd_eval(args) -> int:
     root = Path(args.root)
     exp = json.loads((root / "experiment.json").read_text())
-    targets = [("pretrained", Path("smollm2")), ("base", Path(exp["warmup"]))]
-    targets += [(f"{a}_s{s}", run_dir(root, a, s)) for a in ARMS for s in exp["seeds"]]
-    jobs = []
-    for name, run in targets:  # only the suites a target still lacks (an interrupted eval keeps what it finished)
-        missing = [s for s in SUITES if not (root / "eval" / name / f"eval_{s}.json").is_file()]
-        if missing:
-            cmd = eval_cmd(run, root / "eval" / name / "part", args.limit, missing, exp.get("variant", "restate"))
-            jobs.append((f"eval {name} ({', '.join(missing)})", cmd, root / "eval" / f"{name}.log"))
-    rc = launch(jobs, args.jobs)
-    for name, _ in targets:  # each eval writes its suites' files into part/: move them up
-        part = root / "eval" / name / "part"
-        for f in part.glob("eval_*.json") if part.is_dir() else []:
-            f.replace(part.parent / f.name)
-    return 1 if rc else 0
+    warmup, variant = Path(exp["warmup"]), exp.get("variant", "cloze")
+    folder = heldout_dir(root, args.split, args.items)
+    targets = [("base", warmup, True)] + [(r["name"], root / r["name"], False) for r in exp["runs"]
+                                          if finished(root / r["name"], exp["steps"])]
+    jobs = [(f"heldout {name}", heldout_cmd(load, warmup, folder / f"{name}.json", args.split, args.items, variant,
+                                            base), folder / f"{name}.log")
+            for name, load, base in targets if not (folder / f"{name}.json").is_file()]
+    return 1 if launch(jobs, args.jobs, args.threads) else 0
 
 
-def item_scores(path: Path, key: str) -> list[float]:
-    doc = json.loads(path.read_text())
-    return [float(r["responses"][0][key]) for r in doc["records"]]
+def distinct_per_100(spans: list[str]) -> float:
+    """Distinct spans per 100 masks: the number of distinct strings among ``spans``, scaled to 100 (a collapse onto
+    a few words gives a small number; 100 = no repeats)."""
+    return 100.0 * len(set(spans)) / len(spans) if spans else float("nan")
+
+
+def generator_spans(run: Path) -> dict[int, list[str]]:
+    """Per step, the valid spans the generator chose (every generator sample is logged: SETTINGS)."""
+    out: dict[int, list[str]] = {}
+    for f in sorted((run / "samples").glob("step_*.jsonl")):
+        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        out[int(f.stem.removeprefix("step_"))] = [r["metadata"]["span"] for r in rows if r.get("task") == "mask_gen"
+                                                  and r.get("metadata", {}).get("mask_valid")]
+    return out
+
+
+def generator_health(run: Path, window: int = 5) -> dict[str, object]:
+    """The curriculum's health over the first and the last ``window`` steps: the generator's entropy, the valid-mask
+    rate, distinct spans per 100 valid masks, their mean length in characters and the most frequent spans."""
+    rows, spans = metrics(run), generator_spans(run)
+    steps = sorted(spans)
+    out: dict[str, object] = {}
+    for name, sel in (("first", steps[:window]), ("last", steps[-window:])):
+        chosen = [x for st in sel for x in spans[st]]
+        ent = [r["entropy/mask_gen"] for r in rows if r["step"] in sel and "entropy/mask_gen" in r]
+        valid = [r["mask/valid_rate"] for r in rows if r["step"] in sel and "mask/valid_rate" in r]
+        top = sorted(set(chosen), key=lambda x: (-chosen.count(x), x))[:5]
+        out[name] = {"steps": sel, "entropy": statistics.mean(ent) if ent else float("nan"),
+                     "valid_rate": statistics.mean(valid) if valid else float("nan"), "masks": len(chosen),
+                     "distinct_per_100": distinct_per_100(chosen),
+                     "span_chars": statistics.mean(map(len, chosen)) if chosen else float("nan"),
+                     "top": [f"{x!r} x{chosen.count(x)}" for x in top]}
+    return out
 
 
 def metrics(run: Path) -> list[dict]:
@@ -164,102 +186,121 @@ def metrics(run: Path) -> list[dict]:
     return load_metrics(run)
 
 
+METRICS = (("p", "p(span)", "{:+.4f}"), ("log_p", "log p(span)", "{:+.3f}"), ("exact", "greedy exact", "{:+.3f}"),
+           ("nll", "NLL/token (plain text)", "{:+.4f}"))
+"""Held-out metrics of ``megatron-pz heldout``: field, title, format of a difference (nll: per token)."""
+
+
+def averaged(record_sets: list[list[dict]]) -> list[dict]:
+    """Per item, the mean of each metric over the runs (seeds) in ``record_sets``: a pooled arm, paired by item."""
+    by_key = [{r["key"]: r for r in rs} for rs in record_sets]
+    out = []
+    for key, first in by_key[0].items():
+        rows = [b[key] for b in by_key]
+        out.append({**first, **{f: statistics.fmean(float(r[f]) for r in rows) for f, _, _ in METRICS}})
+    return out
+
+
+def trained_tokens(rows: list[dict], task: str) -> float:
+    return sum(r.get(f"trained_tokens/{task}", 0.0) for r in rows)
+
+
+def interval_cell(iv, fmt: str) -> str:
+    mark = "" if iv.low <= 0 <= iv.high else " *"
+    return f"{fmt.format(iv.estimate)} [{fmt.format(iv.low)}, {fmt.format(iv.high)}]{mark}"
+
+
 def cmd_report(args) -> int:
+    from megatron_pz.eval.heldout_stats import compare, load_records
+
     root, out = Path(args.root), Path(args.out)
     exp = json.loads((root / "experiment.json").read_text())
-    seeds, lines = exp["seeds"], []
-    runs = {a: {s: metrics(run_dir(root, a, s)) for s in seeds if (run_dir(root, a, s) / "metrics.jsonl").is_file()}
-            for a in ARMS}
-    # ---- mixed predictor groups per arm and step, pooled over seeds
-    lines += ["## Predictor groups with mixed rewards (pooled over seeds; 95 % Wilson)", "",
-              "| arm | " + " | ".join(f"step {i}" for i in range(1, exp["steps"] + 1)) + " | all steps |",
-              "|---|" + "---:|" * (exp["steps"] + 1)]
-    mixed_curve = {}
-    for arm, by_seed in runs.items():
-        task, cells, tk, tn, curve = PRED_TASK[arm], [], 0, 0, []
-        for step in range(1, exp["steps"] + 1):
-            rows = [r for rs in by_seed.values() for r in rs if r["step"] == step]
-            k = sum(int(r.get(f"groups_mixed/{task}", 0)) for r in rows)
-            n = sum(int(r.get(f"groups/{task}", 0)) for r in rows)
-            tk, tn = tk + k, tn + n
-            cells.append(f"{k}/{n}" + (f" ({k / n:.0%})" if n else ""))
-            curve.append(k / n if n else float("nan"))
-        lo, hi = wilson(tk, tn)
-        mixed_curve[arm] = curve
-        lines.append(f"| {arm} ({len(by_seed)} seeds) | " + " | ".join(cells) +
-                     f" | **{tk}/{tn} = {tk / max(tn, 1):.1%}** [{lo:.1%}, {hi:.1%}] |")
-    # ---- generator curriculum (PretrainZero), mean over seeds per step
-    keys = (("mask/valid_rate", "valid-mask rate"), ("mask/span_words_mean", "span words"),
-            ("mask/span_chars_mean", "span chars"), ("acc/mask_pred", "accuracy on own spans"),
-            ("reward/mask_gen", "generator reward"), ("reward/random_span", "Random-span reward"))
-    lines += ["", "## Curriculum per step (mean over seeds; blank = no value that step)", "",
-              "| metric | arm | " + " | ".join(f"step {i}" for i in range(1, exp["steps"] + 1)) + " |",
-              "|---|---|" + "---:|" * exp["steps"]]
-    for key, title in keys:
-        for arm, by_seed in runs.items():
-            vals = []
-            for step in range(1, exp["steps"] + 1):
-                xs = [r[key] for rs in by_seed.values() for r in rs if r["step"] == step and key in r]
-                vals.append(f"{statistics.mean(xs):.3f}" if xs else "")
-            if any(vals):
-                lines.append(f"| {title} | {arm} | " + " | ".join(vals) + " |")
-    # ---- held-out eval
-    prompt = {"cloze": "cloze prompt"}.get(exp.get("variant", "restate"), "restated prompt")
-    lines += ["", f"## Held-out accuracy (greedy, {prompt}; mean, 95 % bootstrap over seeds and items)", "",
-              "| arm | " + " | ".join(f"{s} {m}" for s in SUITES for m in ("strict", "lenient")) + " |",
-              "|---|" + "---:|" * (2 * len(SUITES))]
-    arms_eval = {"SmolLM2-135M-Instruct (before the warm-up)": ["pretrained"], "base (warm-up, step 0)": ["base"]} | {f"{a} (step {exp['steps']})": [f"{a}_s{s}" for s in seeds]
-                                                        for a in ARMS}
-    for title, names in arms_eval.items():
-        cells = []
-        for suite in SUITES:
-            for key in ("correct", "lenient_correct"):
-                files = [root / "eval" / n / f"eval_{suite}.json" for n in names]
-                files = [f for f in files if f.is_file()]
-                if not files:
-                    cells.append("–")
-                    continue
-                m, lo, hi = bootstrap([item_scores(f, key) for f in files])
-                n_items = len(item_scores(files[0], key))
-                cells.append(f"{m:.1%} [{lo:.1%}, {hi:.1%}] (n={n_items}x{len(files)})")
-        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    folder = heldout_dir(root, args.split, args.items)
+    docs = {f.stem: json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))}
+    if "base" not in docs:
+        print(f"experiment: {folder}/base.json is missing: run `experiment.py eval` first", file=sys.stderr)
+        return 2
+    base = docs["base"]["records"]
+    runs = [r for r in exp["runs"] if r["name"] in docs]
+    rows = {r["name"]: metrics(root / r["name"]) for r in runs}
+    tokens = {r["name"]: trained_tokens(rows[r["name"]], PRED_TASK[r["arm"].removesuffix("_flip")]) for r in runs}
+    sb = docs["base"]["summary"]
+    lines = [f"Held-out: {sb['n']} one-word spans of `{args.split}` ({sb['articles']} articles), the cloze layout; "
+             f"base = the warm-up's weights (iteration {docs['base']['iteration']}): mean p(span) {sb['mean_p']:.4f}, "
+             f"mean log p {sb['mean_log_p']:.3f}, greedy exact {sb['exact']:.3f}, NLL {sb['nll_per_token']:.4f} "
+             f"nats/token. Differences are paired by item, 95 % cluster bootstrap over articles; * = excludes 0.", "",
+             "## Runs", "", "| run | lr | steps | iteration scored | max abs dw | trained predictor tokens | "
+             "trained generator tokens | mixed predictor groups |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        d, rs, task = docs[r["name"]], rows[r["name"]], PRED_TASK[r["arm"].removesuffix("_flip")]
+        mixed = sum(x.get(f"groups_mixed/{task}", 0) for x in rs), sum(x.get(f"groups/{task}", 0) for x in rs)
+        lo, hi = wilson(int(mixed[0]), int(mixed[1]))
+        lines.append(f"| {r['name']} | {r['lr'] if r['lr'] is not None else 'run file'} | {len(rs)} | "
+                     f"{d['iteration']} | {d['max_abs_dw']:.3g} | {tokens[r['name']]:.0f} | "
+                     f"{trained_tokens(rs, 'mask_gen'):.0f} | {mixed[0]:.0f}/{mixed[1]:.0f} "
+                     f"[{lo:.0%}, {hi:.0%}] |")
+    for field, title, fmt in METRICS:
+        lines += ["", f"## {title}: run - base", "", "| run | run - base | per 10k trained predictor tokens |",
+                  "|---|---:|---:|"]
+        for r in runs:
+            recs = docs[r["name"]]["records"]
+            iv = compare(base, recs, field)
+            per = compare(base, recs, field, scale=max(tokens[r["name"]], 1.0) / 1e4)
+            lines.append(f"| {r['name']} | {interval_cell(iv, fmt)} | {interval_cell(per, fmt)} |")
+        groups: dict[tuple, list[dict]] = {}
+        for r in runs:
+            groups.setdefault((r["arm"], r["lr"]), []).append(r)
+        for (arm, lr), members in groups.items():
+            if len(members) > 1:
+                pooled = averaged([docs[m["name"]]["records"] for m in members])
+                lines.append(f"| **{arm} lr {lr}, mean of {len(members)} seeds** | "
+                             f"{interval_cell(compare(base, pooled, field), fmt)} | |")
+        pairs = [(x, y) for x in runs for y in runs if x["arm"] == "random_span" and y["arm"] == "pretrainzero"
+                 and x["seed"] == y["seed"] and x["lr"] == y["lr"]]
+        if pairs:
+            lines += ["", f"{title}: PretrainZero - Random-span (same seed and lr)", "", "| seed | lr | PZ - RS |",
+                      "|---:|---:|---:|"]
+            for x, y in pairs:
+                iv = compare(docs[x["name"]]["records"], docs[y["name"]]["records"], field)
+                lines.append(f"| {x['seed']} | {x['lr']} | {interval_cell(iv, fmt)} |")
+    pz = [r for r in runs if r["arm"] == "pretrainzero"]
+    if pz:
+        lines += ["", "## The generator's health (first and last 5 steps)", "",
+                  "| run | window | entropy | valid-mask rate | valid masks | distinct spans per 100 | span chars | "
+                  "most frequent |", "|---|---|---:|---:|---:|---:|---:|---|"]
+        for r in pz:
+            for window, h in generator_health(root / r["name"]).items():
+                lines.append(f"| {r['name']} | {window} {h['steps'][0]}-{h['steps'][-1]} | {h['entropy']:.2f} | "
+                             f"{h['valid_rate']:.2f} | {h['masks']} | {h['distinct_per_100']:.0f} | "
+                             f"{h['span_chars']:.1f} | {', '.join(h['top'])} |")
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
-    plot(runs, mixed_curve, exp["steps"], out.with_suffix(".png"))
+    plot(runs, rows, out.with_suffix(".png"))
     print(text)
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
     return 0
 
 
-def plot(runs: dict, mixed_curve: dict, steps: int, path: Path) -> None:
+def plot(runs: list[dict], rows: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    xs = list(range(1, steps + 1))
-    for arm, curve in mixed_curve.items():
-        axes[0].plot(xs, curve, marker="o", label=arm)
-    axes[0].axhline(0.2, color="grey", ls=":", lw=1)
-    axes[0].set(title="mixed predictor groups (pooled over seeds)", xlabel="step", ylim=(0, 1))
-    for arm, by_seed in runs.items():
-        key = "reward/random_span" if arm == "random_span" else "acc/mask_pred"
-        for s, rows in by_seed.items():
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            axes[1].plot(*zip(*pts), marker=".", alpha=0.7, color="C0" if arm == "random_span" else "C1",
-                         label=f"{arm}" if s == min(by_seed) else None) if pts else None
-    axes[1].set(title="predictor training accuracy (per seed)", xlabel="step")
-    for key, label in (("mask/valid_rate", "valid-mask rate"), ("reward/mask_gen", "generator reward")):
-        for s, rows in runs.get("pretrainzero", {}).items():
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            if pts:
-                axes[2].plot(*zip(*pts), marker=".", alpha=0.7, color="C2" if "valid" in key else "C3",
-                             label=label if s == min(runs["pretrainzero"]) else None)
-    axes[2].set(title="PretrainZero generator (per seed)", xlabel="step")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, r in enumerate(runs):
+        task = PRED_TASK[r["arm"].removesuffix("_flip")]
+        pts = [(x["step"], x[f"reward/{task}"]) for x in rows[r["name"]] if f"reward/{task}" in x]
+        if pts:
+            axes[0].plot(*zip(*pts), marker=".", color=f"C{i % 10}", label=r["name"])
+        pts = [(x["step"], x["entropy/mask_gen"]) for x in rows[r["name"]] if "entropy/mask_gen" in x]
+        if pts:
+            axes[1].plot(*zip(*pts), marker=".", color=f"C{i % 10}", label=r["name"])
+    axes[0].set(title="predictor reward in training", xlabel="step")
+    axes[1].set(title="generator entropy (nats/token)", xlabel="step")
     for ax in axes:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -274,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--steps", type=int, default=8)
     r.add_argument("--jobs", type=int, default=2)
     r.add_argument("--threads", type=int, default=1, help="OMP threads a run")
+    r.add_argument("--save-interval", type=int, default=0, help="steps between saves (0: the final one only)")
     r.add_argument("--arms", nargs="+", default=list(ARMS), choices=(*ARMS, "random_span_flip"),
                    help="random_span_flip: Random-span on minus the reward (the negative control)")
     r.add_argument("--lrs", type=float, nargs="+", help="a learning-rate sweep (default: the run file's lr)")
@@ -281,12 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--variant", choices=("restate", "cloze"), default="restate",
                    help="the arms' run files: examples/smollm2_<variant>_<arm>.yaml")
     e = sub.add_parser("eval")
-    e.add_argument("root")
-    e.add_argument("--limit", type=int, default=64)
-    e.add_argument("--jobs", type=int, default=2)
     p = sub.add_parser("report")
-    p.add_argument("root")
-    p.add_argument("--out", default="docs/results/restate")
+    for x in (e, p):
+        x.add_argument("root")
+        x.add_argument("--split", choices=("valid", "test"), default="test", help="valid: for pilots")
+        x.add_argument("--items", type=int, default=1000)
+    e.add_argument("--jobs", type=int, default=1)
+    e.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="docs/results/heldout")
     args = ap.parse_args(argv)
     return {"run": cmd_run, "eval": cmd_eval, "report": cmd_report}[args.cmd](args)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-from experiment import bootstrap, wilson  # noqa: E402
+from experiment import averaged, wilson  # noqa: E402
 
 
 def test_wilson_by_hand():
@@ -20,11 +20,18 @@ def test_wilson_by_hand():
     assert wilson(0, 0) == (0.0, 1.0)
 
 
-def test_bootstrap_over_seeds_and_items():
-    assert bootstrap([[1.0] * 10, [1.0] * 10]) == (1.0, 1.0, 1.0)  # no spread, no interval
-    mean, lo, hi = bootstrap([[0.0, 1.0] * 32] * 3)
-    assert mean == 0.5 and lo < 0.5 < hi and hi - lo < 0.3
-    # seeds that disagree widen the interval beyond what the items alone give
-    _, lo1, hi1 = bootstrap([[0.0, 1.0] * 32] * 3)
-    _, lo2, hi2 = bootstrap([[0.0] * 64, [0.0, 1.0] * 32, [1.0] * 64])
-    assert hi2 - lo2 > 2 * (hi1 - lo1)
+def test_distinct_spans_per_100_masks():
+    from experiment import distinct_per_100
+
+    assert distinct_per_100(["of", "of", "the", "of"]) == 50.0  # 2 distinct in 4
+    assert distinct_per_100(["a", "b", "c"]) == 100.0
+    assert math.isnan(distinct_per_100([]))
+
+
+def test_seeds_pooled_per_item():
+    a = [{"key": "x", "span": "Paris", "p": 0.2, "log_p": -1.0, "exact": 1.0, "nll": 10.0, "tokens": 5},
+         {"key": "y", "span": "of", "p": 0.4, "log_p": -2.0, "exact": 0.0, "nll": 4.0, "tokens": 2}]
+    b = [{**a[0], "p": 0.4, "exact": 0.0, "nll": 12.0}, {**a[1], "p": 0.0, "log_p": -4.0}]
+    pooled = {r["key"]: r for r in averaged([a, b])}
+    assert pooled["x"]["p"] == pytest.approx(0.3) and pooled["x"]["exact"] == 0.5 and pooled["x"]["nll"] == 11.0
+    assert pooled["y"]["log_p"] == -3.0 and pooled["y"]["tokens"] == 2 and pooled["y"]["span"] == "of"
