@@ -9,6 +9,7 @@ staged file) with optional per-stage overrides::
       - config: smollm2_restate_warmup.yaml
         overrides: [train.steps=8]
       - config: smollm2_restate_pretrainzero.yaml
+        heldout: 64
 
 Stage k trains into ``<output_dir>/<its name>``; from the second stage on, ``policy.load`` is the previous stage's
 ``checkpoints/`` (its newest weights; optimizer, schedule and step start fresh: ``trainer/setup.py``
@@ -18,9 +19,15 @@ command line apply to every stage, after the stage's own, except ``output_dir`` 
 skipped, an unfinished one resumes, so re-running the command continues where it stopped. Each stage runs in a
 fresh process (memory is returned between stages); staged files are launched by ``megatron-pz train`` itself, so
 under ``torchrun`` launch each stage's run file instead.
+
+``heldout: N`` scores a stage held out once it has trained: ``megatron-pz heldout`` on N one-word spans of the
+validation articles, with the stage's prediction prompt, at the stage's starting weights and at its end, and prints
+one line: the mean p(span) at both and their paired change with a 95 % interval (``eval.heldout_stats``). The
+scorers' output goes to ``<stage>/heldout/heldout.log``.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +44,8 @@ class Stage:
     name: str
     output_dir: Path
     steps: int
+    start: str = ""  # the stage's starting weights (policy.load)
+    heldout: int = 0  # held-out items scored at the start and the end (0: none)
 
 
 def is_staged(data: object) -> bool:
@@ -71,9 +80,13 @@ def plan_stages(path: Path, data: dict, cli_overrides: list[str]) -> list[Stage]
         if isinstance(entry, str):
             entry = {"config": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("config"), str) or \
-                set(entry) - {"config", "overrides"}:
-            raise ConfigError(f"{path}: stages[{i - 1}] must be {{config: FILE, overrides: [key=value, ...]}}, "
-                              f"got {entry!r}")
+                set(entry) - {"config", "overrides", "heldout"}:
+            raise ConfigError(f"{path}: stages[{i - 1}] must be {{config: FILE, overrides: [key=value, ...], "
+                              f"heldout: N}}, got {entry!r}")
+        heldout = entry.get("heldout", 0)
+        if isinstance(heldout, bool) or not isinstance(heldout, int) or heldout < 0:
+            raise ConfigError(f"{path}: stages[{i - 1}].heldout must be a number of held-out items >= 0, "
+                              f"got {heldout!r}")
         own = entry.get("overrides") or []
         if not isinstance(own, list) or not all(isinstance(o, str) and "=" in o for o in own):
             raise ConfigError(f"{path}: stages[{i - 1}].overrides must be a list of key=value strings")
@@ -86,7 +99,7 @@ def plan_stages(path: Path, data: dict, cli_overrides: list[str]) -> list[Stage]
                                               first_load)
         overrides = (*own, *cli_overrides, *chained)
         cfg = load_config(cfg_path, list(overrides))  # validates the stage as it will run
-        out.append(Stage(cfg_path, overrides, probe.name, output, cfg.train.steps))
+        out.append(Stage(cfg_path, overrides, probe.name, output, cfg.train.steps, str(cfg.policy.load), heldout))
     return out
 
 
@@ -119,4 +132,32 @@ def run_stages(path: Path, data: dict, cli_overrides: list[str]) -> int:
         if rc != 0:
             say(f"{head}: exit {rc}; rerun the same command to resume it")
             return rc
+        if st.heldout:
+            say(f"{head}: {heldout_change(st)}")
     return 0
+
+
+def heldout_change(st: Stage) -> str:
+    """Score the stage's start and end on ``st.heldout`` validation items (two ``megatron-pz heldout`` processes)
+    and describe the change of the mean p(span) in one line."""
+    from megatron_pz.eval.heldout_stats import compare
+
+    folder = st.output_dir / "heldout"
+    folder.mkdir(parents=True, exist_ok=True)
+    common = ["--split", "valid", "--items", str(st.heldout), "--config", str(st.config)]
+    points = {"start": [st.start, "--allow-unchanged"], "end": [str(st.output_dir)]}
+    docs = {}
+    with open(folder / "heldout.log", "a", encoding="utf-8") as log:
+        for name, (load, *extra) in points.items():
+            out = folder / f"{name}.json"
+            rc = subprocess.call([sys.executable, "-m", "megatron_pz.cli", "heldout", "--load", load, "--reference",
+                                  st.start, *extra, *common, "--out", str(out)], stdout=log, stderr=subprocess.STDOUT)
+            if rc != 0:
+                return f"held-out scoring of the {name} weights failed (exit {rc}; see {folder / 'heldout.log'})"
+            docs[name] = json.loads(out.read_text(encoding="utf-8"))
+    a, b = docs["start"], docs["end"]
+    iv = compare(a["records"], b["records"], "p")
+    return (f"held-out p(span) on {iv.n} validation spans: {a['summary']['mean_p']:.4f} at the start, "
+            f"{b['summary']['mean_p']:.4f} at the end (iteration {b['iteration']}, max|dw| {b['max_abs_dw']:.2g}); "
+            f"change {iv.estimate:+.4f}, 95 % [{iv.low:+.4f}, {iv.high:+.4f}] (paired, bootstrap over "
+            f"{iv.clusters} articles)")

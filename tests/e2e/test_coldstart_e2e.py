@@ -66,12 +66,17 @@ def test_a_staged_run_file_chains_the_stages_and_a_rerun_skips_the_finished_ones
         f"  - config: {quick}\n    overrides: [name=warm, policy.load={tiny_policy}, train.objective=sft_span,"
         f" train.steps=2, optim.lr=3e-3]\n"
         f"  - config: {quick}\n    overrides: [name=rl, train.objective=random_span, train.steps=1,"
-        f" reward.pred_reward=plugin_rewards:odd_length]\n")
+        f" reward.pred_reward=plugin_rewards:odd_length]\n    heldout: 4\n")
     cmd = [*command(tmp_path / "unused", tiny_policy)[:4], "--config", str(staged), *SMALL, *FAST]
     p = run(cmd)
     one, two = tmp_path / "out" / "warm", tmp_path / "out" / "rl"
     assert "stage 1/2 warm" in p.stdout and "stage 2/2 rl" in p.stdout and "from stage 1's weights" in p.stdout
     assert [r["step"] for r in metrics(one)] == [1, 2] and [r["step"] for r in metrics(two)] == [1]
+    # stage 2 scored held out at its start (stage 1's weights) and its end, one line with the paired change
+    change = [x for x in p.stdout.splitlines() if "held-out p(span) on 4 validation spans" in x]
+    assert len(change) == 1 and "iteration 1" in change[0] and "95 % [" in change[0], p.stdout[-3000:]
+    start = json.loads((two / "heldout" / "start.json").read_text())
+    assert start["iteration"] == 2 and start["max_abs_dw"] == 0.0 and len(start["records"]) == 4
     first, last = weights(two / "weights" / "v00000000"), weights(one / "weights" / "v00000002")
     assert first.keys() == last.keys() and all(torch.equal(first[k], last[k]) for k in first)
     p = run(cmd)
@@ -91,6 +96,9 @@ def test_staged_run_file_errors_name_the_culprit(tmp_path):
         plan_stages(f, {"stages": ["missing.yaml"]}, [])
     with pytest.raises(ConfigError, match=r"stages\[0\] must be"):
         plan_stages(f, {"stages": [{"config": "a.yaml", "steps": 3}]}, [])
+    for bad in (-1, True, "64"):
+        with pytest.raises(ConfigError, match=r"stages\[0\].heldout must be a number of held-out items"):
+            plan_stages(f, {"stages": [{"config": "a.yaml", "heldout": bad}]}, [])
     # on the command line output_dir is the staged run's folder and policy.load the first stage's weights
     from test_train_e2e import REPO
 
@@ -100,3 +108,6 @@ def test_staged_run_file_errors_name_the_culprit(tmp_path):
     assert one.output_dir == tmp_path / "root" / "quickstart_cpu" and two.output_dir == tmp_path / "root" / "b"
     assert "policy.load=/w" in one.overrides and f"policy.load={one.output_dir / 'checkpoints'}" in two.overrides
     assert "policy.load=/w" not in two.overrides and one.steps == two.steps == 2
+    assert (one.start, two.start) == ("/w", str(one.output_dir / "checkpoints")) and one.heldout == two.heldout == 0
+    _, scored = plan_stages(f, {"stages": [quick, {"config": quick, "overrides": ["name=b"], "heldout": 64}]}, [])
+    assert scored.heldout == 64
