@@ -21,7 +21,8 @@ fresh process (memory is returned between stages); staged files are launched by 
 under ``torchrun`` launch each stage's run file instead.
 
 ``heldout: N`` scores a stage held out once it has trained: ``megatron-pz heldout`` on N one-word spans of the
-validation articles, with the stage's prediction prompt, at the stage's starting weights and at its end, and prints
+shipped validation sample (``assets/wiki_sample/valid``: articles no training split holds; shipped, so a fresh
+clone needs no other data), with the stage's prediction prompt, at the stage's starting weights and at its end, and prints
 one line: the mean p(span) at both and their paired change with a 95 % interval (``eval.heldout_stats``). The
 scorers' output goes to ``<stage>/heldout/heldout.log``.
 """
@@ -140,11 +141,13 @@ def run_stages(path: Path, data: dict, cli_overrides: list[str]) -> int:
 def heldout_change(st: Stage) -> str:
     """Score the stage's start and end on ``st.heldout`` validation items (two ``megatron-pz heldout`` processes)
     and describe the change of the mean p(span) in one line."""
+    from megatron_pz.data.shards import sample_corpus_path
     from megatron_pz.eval.heldout_stats import compare
 
     folder = st.output_dir / "heldout"
     folder.mkdir(parents=True, exist_ok=True)
-    common = ["--split", "valid", "--items", str(st.heldout), "--config", str(st.config)]
+    data = sorted(sample_corpus_path("valid").glob("shard-*.jsonl"))[0]
+    common = ["--data", str(data), "--items", str(st.heldout), "--config", str(st.config)]
     points = {"start": [st.start, "--allow-unchanged"], "end": [str(st.output_dir)]}
     docs = {}
     with open(folder / "heldout.log", "a", encoding="utf-8") as log:
