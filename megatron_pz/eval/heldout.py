@@ -39,6 +39,9 @@ from megatron_pz.errors import ConfigError, DataError
 SPLITS = ("valid", "test")
 CONTINUATION_REWARDS = ("continuation_match",)
 BOXED_REWARDS = ("exact_match", "exact_match_lenient")
+DEFAULT_RESPONSE_CAP = 4096
+"""A run's prediction response cap when its file sets none: ``TrainConfig.max_response_tokens``'s default (a test
+keeps them equal; eval sits below config in the layers and cannot import it)."""
 JOINERS = ("'", "’", "-")
 """Characters that join two words (``word_offsets``): a token made of one alone continues the word ("anti" "-"
 "war"), the next token decides; counting it as continuing keeps p(end) a lower bound."""
@@ -63,10 +66,12 @@ class Layout:
     """The prediction response cap (a run's ``rollout.pred_max_new_tokens``); the greedy decode uses it too."""
 
     def __post_init__(self) -> None:
-        want = CONTINUATION_REWARDS if self.prompt.pred_restate else BOXED_REWARDS
-        if self.reward not in want:
+        # A plug-in reward (a dotted path) scores the greedy answer; p(span) keeps the layout's rule.
+        wrong, right, answer = ((BOXED_REWARDS, "continuation_match", "a continuation") if self.prompt.pred_restate
+                                else (CONTINUATION_REWARDS, "exact_match", "\\boxed{span}"))
+        if self.reward in wrong:
             raise ConfigError(f"held-out metrics: reward {self.reward!r} with prompt.pred_restate="
-                              f"{self.prompt.pred_restate}: expected one of {want}")
+                              f"{self.prompt.pred_restate}: the answer is {answer}, use {right}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"held-out metrics: max_new_tokens must be >= 1, got {self.max_new_tokens}")
 

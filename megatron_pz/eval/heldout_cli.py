@@ -59,7 +59,7 @@ def load_layout(path: str | None):
     """The ``Layout`` of a run file: its prompt, span and reward sections and its prediction response cap."""
     from megatron_pz.data.prompts import PromptConfig
     from megatron_pz.data.spans import SpanConfig
-    from megatron_pz.eval.heldout import Layout
+    from megatron_pz.eval.heldout import DEFAULT_RESPONSE_CAP, Layout
     from megatron_pz.rewards.span import RewardConfig
     from megatron_pz.typed_yaml import build, read_yaml
 
@@ -67,10 +67,7 @@ def load_layout(path: str | None):
         return Layout()
     data = read_yaml(Path(path))
     sec = {k: data.get(k) or {} for k in ("prompt", "span", "reward", "rollout", "train")}
-    cap = sec["rollout"].get("pred_max_new_tokens") or sec["train"].get("max_response_tokens")
-    if cap is None:
-        raise ConfigError(f"--config {path}: sets neither rollout.pred_max_new_tokens nor train.max_response_tokens "
-                          "(the prediction response cap)")
+    cap = sec["rollout"].get("pred_max_new_tokens") or sec["train"].get("max_response_tokens") or DEFAULT_RESPONSE_CAP
     reward = build(RewardConfig, sec["reward"], path, where="reward")
     return Layout(prompt=build(PromptConfig, sec["prompt"], path, where="prompt"),
                   span=build(SpanConfig, sec["span"], path, where="span"), reward=reward.pred_reward,

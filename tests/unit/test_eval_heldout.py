@@ -82,6 +82,17 @@ def test_default_layout_is_the_cloze_arms():
     assert got == want
 
 
+def test_a_run_file_without_a_response_cap_gets_the_runs_default(tmp_path):
+    from megatron_pz.config import TrainConfig
+    from megatron_pz.eval.heldout import DEFAULT_RESPONSE_CAP
+    from megatron_pz.eval.heldout_cli import load_layout
+
+    assert DEFAULT_RESPONSE_CAP == TrainConfig().max_response_tokens
+    (tmp_path / "r.yaml").write_text("prompt:\n  style: plain\n")
+    got = load_layout(str(tmp_path / "r.yaml"))
+    assert got.max_new_tokens == DEFAULT_RESPONSE_CAP and got.reward == "exact_match" and not got.continuation
+
+
 # ---------------------------------------------------------------- batched forwards on the tiny policy
 def test_batched_scores_equal_a_direct_softmax_product(tiny_policy, tmp_path, one_thread):
     import torch
