@@ -53,15 +53,17 @@ def run_dir(root: Path, arm: str, seed: int, lr: float | None = None) -> Path:
 # hold whole groups, the final checkpoint only, every generator sample logged for the curriculum's health).
 SETTINGS = ["rollout.colocate=true", "rollout.max_staleness=0", "checkpoint.keep_last=1", "logging.sample_interval=1",
             "logging.tensorboard=false"]
-FLIP = "reward.pred_reward=control_rewards:neg_continuation_match"  # tools/control_rewards.py
+VARIANTS = {  # arm -> (the run file's arm, its overrides)
+    "random_span_flip": ("random_span", ["reward.pred_reward=control_rewards:neg_continuation_match"]),  # control
+    "pretrainzero_repeat": ("pretrainzero", ["reward.gen_repeat_penalty=true"]),  # spans kept diverse
+}
 
 
 def train_cmd(root: Path, warmup: Path, arm: str, seed: int, steps: int, variant: str = "restate",
               lr: float | None = None, paragraphs: int | None = None, save_interval: int = 0) -> list[str]:
-    """One run: ``arm`` is ``random_span``, ``pretrainzero`` or ``random_span_flip`` (Random-span on minus the
-    reward). ``lr`` sets the peak and a tenth of it as the cosine floor; ``paragraphs`` the paragraphs a step;
+    """One run: ``arm`` is ``random_span``, ``pretrainzero`` or one of ``VARIANTS``. ``lr`` sets the peak and a tenth of it as the cosine floor; ``paragraphs`` the paragraphs a step;
     ``save_interval`` 0 saves the final checkpoint only (a run killed before it starts again from step 1)."""
-    base_arm = arm.removesuffix("_flip")
+    base_arm, extra = VARIANTS.get(arm, (arm, []))
     argv = [sys.executable, "-m", "megatron_pz.cli", "train", "--config",
             str(ROOT / "examples" / f"smollm2_{variant}_{base_arm}.yaml"), f"policy.load={warmup / 'checkpoints'}",
             f"output_dir={run_dir(root, arm, seed, lr)}", f"train.seed={1000 + seed}", f"corpus.seed={1 + seed}",
@@ -70,7 +72,7 @@ def train_cmd(root: Path, warmup: Path, arm: str, seed: int, steps: int, variant
         argv += [f"train.paragraphs_per_step={paragraphs}", f"logging.samples_per_log={4 * paragraphs}"]
     if lr is not None:
         argv += [f"optim.lr={lr:g}", f"optim.min_lr={lr / 10:g}"]
-    return argv + ([FLIP] if arm.endswith("_flip") else [])
+    return argv + extra
 
 
 def launch(jobs: list[tuple[str, list[str], Path]], parallel: int, threads: int = 1) -> int:
@@ -205,6 +207,11 @@ def trained_tokens(rows: list[dict], task: str) -> float:
     return sum(r.get(f"trained_tokens/{task}", 0.0) for r in rows)
 
 
+def arm_of(arm: str) -> str:
+    """The run file's arm of an arm or variant."""
+    return VARIANTS.get(arm, (arm, []))[0]
+
+
 def interval_cell(iv, fmt: str) -> str:
     mark = "" if iv.low <= 0 <= iv.high else " *"
     return f"{fmt.format(iv.estimate)} [{fmt.format(iv.low)}, {fmt.format(iv.high)}]{mark}"
@@ -223,7 +230,7 @@ def cmd_report(args) -> int:
     base = docs["base"]["records"]
     runs = [r for r in exp["runs"] if r["name"] in docs]
     rows = {r["name"]: metrics(root / r["name"]) for r in runs}
-    tokens = {r["name"]: trained_tokens(rows[r["name"]], PRED_TASK[r["arm"].removesuffix("_flip")]) for r in runs}
+    tokens = {r["name"]: trained_tokens(rows[r["name"]], PRED_TASK[arm_of(r["arm"])]) for r in runs}
     sb = docs["base"]["summary"]
     lines = [f"Held-out: {sb['n']} one-word spans of `{args.split}` ({sb['articles']} articles), the cloze layout; "
              f"base = the warm-up's weights (iteration {docs['base']['iteration']}): mean p(span) {sb['mean_p']:.4f}, "
@@ -232,7 +239,7 @@ def cmd_report(args) -> int:
              "## Runs", "", "| run | lr | steps | iteration scored | max abs dw | trained predictor tokens | "
              "trained generator tokens | mixed predictor groups |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
-        d, rs, task = docs[r["name"]], rows[r["name"]], PRED_TASK[r["arm"].removesuffix("_flip")]
+        d, rs, task = docs[r["name"]], rows[r["name"]], PRED_TASK[arm_of(r["arm"])]
         mixed = sum(x.get(f"groups_mixed/{task}", 0) for x in rs), sum(x.get(f"groups/{task}", 0) for x in rs)
         lo, hi = wilson(int(mixed[0]), int(mixed[1]))
         lines.append(f"| {r['name']} | {r['lr'] if r['lr'] is not None else 'run file'} | {len(rs)} | "
@@ -263,7 +270,7 @@ def cmd_report(args) -> int:
             for x, y in pairs:
                 iv = compare(docs[x["name"]]["records"], docs[y["name"]]["records"], field)
                 lines.append(f"| {x['seed']} | {x['lr']} | {interval_cell(iv, fmt)} |")
-    pz = [r for r in runs if r["arm"] == "pretrainzero"]
+    pz = [r for r in runs if arm_of(r["arm"]) == "pretrainzero"]
     if pz:
         lines += ["", "## The generator's health (first and last 5 steps)", "",
                   "| run | window | entropy | valid-mask rate | valid masks | distinct spans per 100 | span chars | "
@@ -290,7 +297,7 @@ def plot(runs: list[dict], rows: dict[str, list[dict]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for i, r in enumerate(runs):
-        task = PRED_TASK[r["arm"].removesuffix("_flip")]
+        task = PRED_TASK[arm_of(r["arm"])]
         pts = [(x["step"], x[f"reward/{task}"]) for x in rows[r["name"]] if f"reward/{task}" in x]
         if pts:
             axes[0].plot(*zip(*pts), marker=".", color=f"C{i % 10}", label=r["name"])
@@ -316,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--jobs", type=int, default=2)
     r.add_argument("--threads", type=int, default=1, help="OMP threads a run")
     r.add_argument("--save-interval", type=int, default=0, help="steps between saves (0: the final one only)")
-    r.add_argument("--arms", nargs="+", default=list(ARMS), choices=(*ARMS, "random_span_flip"),
-                   help="random_span_flip: Random-span on minus the reward (the negative control)")
+    r.add_argument("--arms", nargs="+", default=list(ARMS), choices=(*ARMS, *VARIANTS),
+                   help="random_span_flip: Random-span on minus the reward (the negative control); "
+                        "pretrainzero_repeat: PretrainZero with reward.gen_repeat_penalty")
     r.add_argument("--lrs", type=float, nargs="+", help="a learning-rate sweep (default: the run file's lr)")
     r.add_argument("--paragraphs", type=int, default=2, help="paragraphs a step (train.paragraphs_per_step)")
     r.add_argument("--variant", choices=("restate", "cloze"), default="restate",

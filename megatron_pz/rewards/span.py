@@ -37,6 +37,10 @@ class RewardConfig:
     """[PZ Eq. 9] r_gen = 0 when the predictor accuracy is 0. False = the zero-mask-accuracy ablation (r_gen = 1)."""
     invalid_mask_reward: float = 0.0
     """Generator reward for a missing/invalid mask (INFERENCE, method §6 item 8: 0, and no predictor group)."""
+    gen_repeat_penalty: bool = False
+    """Not in the paper (a small-model deviation, docs/results.md): a valid mask's generator reward is divided by the
+    number of valid masks of the step's batch (on this data owner) that name the same span, casefolded, as R-Zero's
+    repetition penalty and Absolute Zero's task buffer keep a self-made curriculum diverse. Off = Eq. 9 as is."""
 
     def __post_init__(self) -> None:
         for name in ("pred_reward", "next_token_reward"):
@@ -48,6 +52,8 @@ class RewardConfig:
             raise ConfigError(f"RewardConfig.zero_acc_rule={self.zero_acc_rule!r}: expected true/false")
         if not isinstance(self.invalid_mask_reward, (int, float)) or isinstance(self.invalid_mask_reward, bool):
             raise ConfigError(f"RewardConfig.invalid_mask_reward={self.invalid_mask_reward!r}: expected a number")
+        if not isinstance(self.gen_repeat_penalty, bool):
+            raise ConfigError(f"RewardConfig.gen_repeat_penalty={self.gen_repeat_penalty!r}: expected true/false")
 
 
 def normalize_strict(text: str) -> str:
@@ -109,6 +115,13 @@ def generator_reward(accuracy: float | None, zero_acc_rule: bool = True, invalid
     return 1.0 - float(accuracy)
 
 
+def repeat_counts(spans: Sequence[str]) -> list[int]:
+    """For each span, how many of ``spans`` name it, casefolded and stripped (``gen_repeat_penalty``'s divisor)."""
+    keys = [x.strip().casefold() for x in spans]
+    counts = Counter(keys)
+    return [counts[k] for k in keys]
+
+
 def _reward_fn(task: Task, cfg: RewardConfig) -> RewardFn:
     return get_reward(cfg.next_token_reward if task is Task.NEXT_TOKEN else cfg.pred_reward)
 
@@ -167,6 +180,10 @@ def assign_generator_rewards(
         s.reward = None if a is None else generator_reward(a, cfg.zero_acc_rule, cfg.invalid_mask_reward)
         if a is not None:
             accs.append(a)
+    if cfg.gen_repeat_penalty:
+        scored = [s for s in gen_samples if s.reward is not None and s.metadata.get("mask_valid")]
+        for s, n in zip(scored, repeat_counts([str(s.metadata.get("span", "")) for s in scored])):
+            s.reward = s.reward / n
     total = sum(reasons.values())
     metrics = {f"mask_reason/{r}": n / total for r, n in sorted(reasons.items())} if total else {}
     metrics["mask_valid_frac"] = reasons["valid"] / total if total else 0.0

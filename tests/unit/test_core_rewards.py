@@ -160,6 +160,31 @@ def test_reward_stage_zero_accuracy_ablation():
     assert [g.reward for g in gens] == [0.875, 1.0, 0.0, 0.0, 0.0, None]
 
 
+def test_repeat_penalty_divides_by_the_batch_count_of_the_span():
+    from megatron_pz.rewards.span import repeat_counts
+
+    assert repeat_counts(["and", " And", "of", "and "]) == [3, 3, 1, 3]  # casefolded, stripped
+    assert repeat_counts([]) == []
+    gens = generation_samples(PARAGRAPH, "step0/p", 5, PromptConfig())
+    outputs = ["\\mask{stakes}", "\\mask{ stakes}", "\\mask{stakes}", "\\mask{Adios}", "\\mask{dog}"]
+    groups = []
+    for g, out in zip(gens, outputs, strict=True):
+        g.response_text, g.status = out, Status.COMPLETED
+        groups.append(prediction_samples(g, 8, SpanConfig(), PromptConfig())[1])
+    for group, k in zip(groups, (2, 4, 8, 1, 0)):  # accuracies 1/4, 1/2, 1 and 1/8; "dog" is invalid
+        if group:
+            _rollouts(group, k)
+    preds = [s for group in groups for s in group]
+    score_samples(preds, RewardConfig())
+    assign_generator_rewards(gens, preds, RewardConfig(gen_repeat_penalty=True))
+    # "stakes" named 3 times: (1 - 1/4) / 3, (1 - 1/2) / 3, 0 (acc 1); "Adios" once; "dog" invalid
+    assert [g.reward for g in gens] == pytest.approx([0.75 / 3, 0.5 / 3, 0.0, 0.875, 0.0])
+    assign_generator_rewards(gens, preds, RewardConfig())  # off: Eq. 9 as is
+    assert [g.reward for g in gens] == pytest.approx([0.75, 0.5, 0.0, 0.875, 0.0])
+    with pytest.raises(ConfigError, match="RewardConfig.gen_repeat_penalty"):
+        RewardConfig(gen_repeat_penalty=1)
+
+
 def test_unparsed_generator_sample_is_an_error():
     g = generation_samples(PARAGRAPH, "g", 1, PromptConfig())[0]
     g.status = Status.COMPLETED
