@@ -280,6 +280,17 @@ def cmd_report(args) -> int:
                 lines.append(f"| {r['name']} | {window} {h['steps'][0]}-{h['steps'][-1]} | {h['entropy']:.2f} | "
                              f"{h['valid_rate']:.2f} | {h['masks']} | {h['distinct_per_100']:.0f} | "
                              f"{h['span_chars']:.1f} | {', '.join(h['top'])} |")
+        lines += ["", "p(span) - base on the items whose span the generator chose in training (casefolded) and on the rest",
+                  "", "| run | its spans: items | run - base | other items | run - base |", "|---|---:|---:|---:|---:|"]
+        for r in pz:
+            chosen = {x.casefold() for spans in generator_spans(root / r["name"]).values() for x in spans}
+            cells = []
+            for keep in (True, False):
+                sel = {x["key"] for x in base if (x["span"].strip().casefold() in chosen) == keep}
+                part = [x for x in docs[r["name"]]["records"] if x["key"] in sel]
+                cells += [str(len(sel)), interval_cell(compare([x for x in base if x["key"] in sel], part, "p"),
+                                                       "{:+.4f}") if sel else "–"]
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
