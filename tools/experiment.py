@@ -141,6 +141,8 @@ def cmd_eval(args) -> int:
     folder = heldout_dir(root, args.split, args.items)
     targets = [("base", warmup, True)] + [(r["name"], root / r["name"], False) for r in exp["runs"]
                                           if finished(root / r["name"], exp["steps"])]
+    if args.runs:  # only these (another eval may be scoring the rest)
+        targets = [t for t in targets if t[0] in args.runs]
     jobs = [(f"heldout {name}", heldout_cmd(load, warmup, folder / f"{name}.json", args.split, args.items, variant,
                                             base), folder / f"{name}.log")
             for name, load, base in targets if not (folder / f"{name}.json").is_file()]
@@ -349,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         x.add_argument("--items", type=int, default=1000)
     e.add_argument("--jobs", type=int, default=1)
     e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--runs", nargs="+", help="score only these runs (names as in experiment.json, or base)")
     p.add_argument("--out", default="docs/results/heldout")
     args = ap.parse_args(argv)
     return {"run": cmd_run, "eval": cmd_eval, "report": cmd_report}[args.cmd](args)
