@@ -39,12 +39,15 @@ from megatron_pz.parallel import spawn_local
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 TOL = 1e-5
 REF_TOL = 1e-4  # any fp32 layout against the fp64 reference (see the module docstring)
+UPDATE_TOL = 0.1  # in units of the learning rate, per element
 NORM_TOL = 1e-3  # the optimizer's fp32 gradient norm against the fp64 one (see the test)
 # Per group: (prompt tokens, response tokens of its 2 samples, their advantages). DP2: rank 0 gets groups 0-1
 # (107 loss tokens), rank 1 groups 2-3 (27 loss tokens); groups stay on one rank, as in a run.
 GROUPS = [(40, (31, 22), (1.0, -0.5)), (46, (29, 25), (0.75, -1.25)),
           (28, (9, 5), (0.5, -1.0)), (36, (6, 7), (1.5, -0.25))]
 MICRO_BATCH = 3
+STEPS = 2  # real optimizer steps compared after the gradients (AdamW, lr 1e-4, clipping at 1)
+LR = 1e-4
 LAYOUTS = (False, True)  # shared_prompt off, on
 
 
@@ -100,7 +103,8 @@ def _reduce_over_shards(ddp_chunks) -> None:
 def _grad_worker(mcore_dir: str, pp: int, batch_path: str, out_dir: str, tag: str, control: bool) -> None:
     """Build SmolLM2 at PP ``pp`` x DP (the rest of the world), take this DP rank's share of the batch, compute the
     step's gradient in each row layout, and save it (HF names) with the global token count on rank 0, as
-    ``<tag>_<layout>.pt``. ``control``: also the gradient of the first DP2 half alone (world of one only)."""
+    ``<tag>_<layout>.pt``. ``control``: also the gradient of the first DP2 half alone (world of one only). One sample
+    per row: then ``STEPS`` real train steps on the same batch, their weight updates saved as ``<tag>_updates.pt``."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -112,7 +116,7 @@ def _grad_worker(mcore_dir: str, pp: int, batch_path: str, out_dir: str, tag: st
     from megatron_pz.parallel import ParallelConfig, init_distributed
     from megatron_pz.trainer.batching import build_microbatches
     from megatron_pz.trainer.optimizer import setup_training
-    from megatron_pz.trainer.step import compute_gradients
+    from megatron_pz.trainer.step import compute_gradients, train_step
 
     torch.set_num_threads(1)
     par = ParallelConfig(pipeline_model_parallel_size=pp)
@@ -123,7 +127,7 @@ def _grad_worker(mcore_dir: str, pp: int, batch_path: str, out_dir: str, tag: st
     share = len(samples) // dp
     for shared in LAYOUTS:
         model = build_model(arch, ModelConfig(dtype="fp32"), par, masked_rows=shared)
-        state = setup_training(model, OptimConfig(lr=1e-4), 5)
+        state = setup_training(model, OptimConfig(lr=LR), 5)
         ckpt.load(mcore_dir, [unwrap(m) for m in state.model], arch)  # as trainer/setup.py load_initial_weights
         state.optimizer.reload_model_params()
 
@@ -145,6 +149,19 @@ def _grad_worker(mcore_dir: str, pp: int, batch_path: str, out_dir: str, tag: st
             torch.save({"grads": grads, "tokens": tokens, "norm": norm}, f"{name}.pt")
         if control:
             torch.save(gradient(samples[:len(samples) // 2])[0], f"{name}_half.pt")
+        if not shared:
+            # copies: the gathered tensors of rank 0's own stage are the live parameters themselves
+            w0 = {k: v.clone() for k, v in (gather_hf_state_dict(state.model, arch) or {}).items()}
+            updates = []
+            for _ in range(STEPS):
+                mbs = build_microbatches(samples[dp_rank * share:(dp_rank + 1) * share], MICRO_BATCH, pad_id=0,
+                                         seq_multiple=16, same_length=pp > 1)
+                metrics = train_step(state, mbs, LossConfig(), arch.vocab_size, 1.0)
+                w = gather_hf_state_dict(state.model, arch) or {}
+                updates.append({"dw": {k: v - w0[k] for k, v in w.items()}, "grad_norm": metrics["train/grad_norm"],
+                                "lr": metrics["train/lr"]})
+            if dist.get_rank() == 0:
+                torch.save(updates, f"{out_dir}/{tag}_updates.pt")
         del state, model
 
 
@@ -226,4 +243,20 @@ def test_gradient_tp1_pp2_dp2(smollm2, tmp_path):
                 failures.append((layout, tag, "tp1", max(rel, key=rel.get), max(rel.values())))
     rel = relative_differences(*(torch.load(tmp_path / f"tp1_{x}.pt")["grads"] for x in ("shared", "rows")))
     print(report("tp1: shared-prompt rows vs one sample per row", rel))
+    del exact
+    # Several ranks, one update: after each of STEPS real train steps (clipping, AdamW, the LR schedule, the
+    # distributed optimizer's shards and its parameter all-gather, the PP stages' optimizers) the weights agree with
+    # one rank's to a small share of the learning rate (an update of one element moves it by up to ~lr).
+    ref = torch.load(tmp_path / "tp1_updates.pt")
+    assert all(max(float(d.abs().max()) for d in r["dw"].values()) > 0.5 * LR for r in ref)  # the weights moved
+    for tag in ("pp2", "dp2"):
+        got = torch.load(tmp_path / f"{tag}_updates.pt")
+        for step, (g, r) in enumerate(zip(got, ref), 1):
+            off = max(float((g["dw"][k] - r["dw"][k]).abs().max()) for k in r["dw"])
+            print(f"{tag} vs tp1 after step {step}: max|w - w_tp1| = {off / LR:.4f} lr; grad norm {g['grad_norm']:.6f} "
+                  f"vs {r['grad_norm']:.6f}, lr {g['lr']:.3e} vs {r['lr']:.3e}")
+            assert g["lr"] == r["lr"] and abs(g["grad_norm"] - r["grad_norm"]) <= TOL * r["grad_norm"], (tag, step)
+            if off > UPDATE_TOL * LR:
+                failures.append((tag, f"update {step}", off / LR))
+        del got
     assert not failures, failures
