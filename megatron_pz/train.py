@@ -82,6 +82,7 @@ def train(cfg: RunConfig) -> None:
                     eval_metrics = evaluate(run)
             log(run, done, samples, {**rollout_metrics, **train_metrics, **eval_metrics, **timer.summary(),
                                      **run.checkpointer.timings()})
+            publish_checkpoint(run)  # only now: a resume from this step's checkpoint finds its lines written
             times = timer.summary()
             deadline.record(times["time/step"] - times.get("time/save", 0.0),
                             run.checkpointer.save_cost_s(times.get("time/save")))
@@ -262,7 +263,12 @@ def save(run: Run, step: int, last: bool = False) -> None:
     """Everything the checkpointer owns: model, optimizer, scheduler, corpus positions, RNG, step, weight version.
     With ``checkpoint.async_save`` the shards are written in the background, except for the ``last`` save of the
     process (the end of the run or a stop), which returns once the checkpoint is published."""
-    run.checkpointer.save(run, step, wait=last)
+    run.checkpointer.save(run, step, last=last)
+
+
+def publish_checkpoint(run: Run) -> None:
+    """Collective: name the step's synchronous (or last) checkpoint in the tracker, after its log lines."""
+    run.checkpointer.publish()
 
 
 def publish_saves(run: Run, timer: StepTimer) -> None:

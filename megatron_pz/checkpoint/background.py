@@ -120,7 +120,7 @@ class BackgroundSaves:
         self.last_write_s = self._seconds.value if self._seconds.value >= 0 else None
         if self.last_write_s is not None:
             self.finished_s.append(self.last_write_s)
-        logger.info("checkpoint %s: written in the background (%s s), tracker updated", name,
+        logger.info("checkpoint %s: written in the background (%s s)", name,
                     f"{self.last_write_s:.2f}" if self.last_write_s is not None else "-")
         return True
 

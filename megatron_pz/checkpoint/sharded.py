@@ -75,7 +75,7 @@ def _tp_rank_size() -> tuple[int, int]:
 def save(root: str | os.PathLike, iteration: int, model_chunks: list[torch.nn.Module], arch: ModelArch, *,
          optimizer: Any | None = None, extra_sharded: dict[str, Any] | None = None,
          meta: dict[str, Any] | None = None, keep_last: int | None = None,
-         background: BackgroundSaves | None = None) -> Path:
+         background: BackgroundSaves | None = None, publish_now: bool = True) -> Path:
     """Save a checkpoint collectively (all ranks call it). Returns the iteration folder.
 
     ``optimizer``: a Megatron optimizer whose (sharded) state is saved under "optimizer", as Megatron-LM does.
@@ -84,6 +84,9 @@ def save(root: str | os.PathLike, iteration: int, model_chunks: list[torch.nn.Mo
     ``keep_last``: delete older iteration folders beyond this many (never the one just written).
     ``background``: write the shards in the background (it must have no write in flight): the returned folder
     exists, and the tracker names it, only once ``background.poll()`` / ``wait()`` has finalized the save.
+    ``publish_now=False``: write and make durable, but leave the folder under its temporary name and the tracker
+    where it is until the caller's ``publish(root, iteration, keep_last)`` (a trainer publishes a step's
+    checkpoint only after that step's log lines are written, so a resumed run never skips a step's lines).
     """
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
@@ -122,7 +125,7 @@ def save(root: str | os.PathLike, iteration: int, model_chunks: list[torch.nn.Mo
                             "dtype": dtypes.long_name(dtype)},
              "optimizer": {"distrib_optim_sharding_type": OPTIM_SHARDING} if optimizer is not None else None,
              **(meta or {})}, indent=2))
-    publish = partial(_publish, root, tmp, final, iteration, keep_last)
+    publish = partial(_publish, root, tmp, final, iteration, keep_last) if publish_now else partial(_durable, tmp)
     if background is None:
         _barrier()
         publish()
@@ -140,11 +143,34 @@ def _legacy_common_then(tmp: Path, publish: Any) -> None:
     publish()
 
 
-def _publish(root: Path, tmp: Path, final: Path, iteration: int, keep_last: int | None) -> None:
-    """Collective, once every rank's shards are written: rank 0 makes ``tmp`` durable, renames it to ``final``,
-    then points the tracker at it and drops old iterations beyond ``keep_last``."""
+def publish(root: str | os.PathLike, iteration: int, keep_last: int | None = None) -> Path:
+    """Collective: publish a checkpoint that ``save(..., publish_now=False)`` wrote (and whose background write,
+    if any, is finalized): rename it into place, point the tracker at it, prune beyond ``keep_last``."""
+    root = Path(root)
+    final = root / iter_dir_name(iteration)
+    tmp = root / f".{final.name}.tmp"
+    if _rank() == 0 and not tmp.is_dir():
+        raise CheckpointError(f"cannot publish checkpoint {final.name}: {tmp} is not there (was it saved with "
+                              f"publish_now=False?)")
+    _barrier()
+    _publish(root, tmp, final, iteration, keep_last, durable=True)
+    return final
+
+
+def _durable(tmp: Path) -> None:
+    """Collective: rank 0 fsyncs every file of ``tmp`` (the write half of a publish)."""
     if _rank() == 0:
         fsync_tree(tmp)
+    _barrier()
+
+
+def _publish(root: Path, tmp: Path, final: Path, iteration: int, keep_last: int | None,
+             durable: bool = False) -> None:
+    """Collective, once every rank's shards are written: rank 0 makes ``tmp`` durable (unless ``durable``
+    already), renames it to ``final``, then points the tracker at it and drops old iterations beyond ``keep_last``."""
+    if _rank() == 0:
+        if not durable:
+            fsync_tree(tmp)
         if final.exists():  # re-saving an iteration: move the old one aside only once the new one is whole
             old = root / f".{final.name}.old"
             shutil.rmtree(old, ignore_errors=True)

@@ -49,6 +49,7 @@ class Checkpointer:
         self.total_steps = total_steps
         self.resumed_from: Path | None = None  # the iteration folder ``load`` restored, for the console
         self.background = ckpt.BackgroundSaves() if cfg.async_save else None
+        self._unpublished: int | None = None  # a step whose checkpoint is written, waiting for its log lines
 
     # ------------------------------------------------------------------ when
     def due(self, step: int, stop_requested: bool = False) -> bool:
@@ -60,20 +61,34 @@ class Checkpointer:
         return self.cfg.auto_resume and (self.root / ckpt.TRACKER).exists()
 
     # ------------------------------------------------------------------ save / load
-    def save(self, run: Run, step: int, wait: bool = False) -> Path:
+    def save(self, run: Run, step: int, last: bool = False) -> Path:
         """Collective: every rank contributes its shards, corpus position and RNG; returns the iteration folder.
 
-        With ``checkpoint.async_save`` this first waits for the previous save (at most one in flight), then starts
-        this one and returns while its shards are being written; ``wait`` (the run's last save) waits for it too.
+        A synchronous save, and the ``last`` save of the process, are written here but published (renamed into
+        place, named by the tracker) only by ``publish()``, which the loop calls once the step's log lines are
+        written: a kill between the two repeats the step rather than losing its lines. With
+        ``checkpoint.async_save`` this first waits for the previous save (at most one in flight), then starts this
+        one and returns while its shards are being written; it is published between the next step's phases
+        (``poll``), after this step's lines; the ``last`` save waits for its write here.
         """
         if self.background is not None:
             self.background.wait()
         meta = _state(run, step)
+        later = self.background is None or last
         path = ckpt.save(self.root, step, run.chunks, run.arch, optimizer=run.training.optimizer, meta=meta,
-                         keep_last=self.cfg.keep_last, background=self.background)
-        if wait:
+                         keep_last=self.cfg.keep_last, background=self.background, publish_now=not later)
+        if last:
             self.finish()
+        if later:
+            self._unpublished = step
         return path
+
+    def publish(self) -> None:
+        """Collective: publish the checkpoint ``save`` wrote but left unpublished (nothing to do otherwise)."""
+        if self._unpublished is not None:
+            step, self._unpublished = self._unpublished, None
+            path = ckpt.publish(self.root, step, self.cfg.keep_last)
+            logger.info("checkpoint %s: published (tracker updated)", path.name)
 
     @property
     def writing(self) -> bool:
@@ -92,14 +107,16 @@ class Checkpointer:
             self.background.wait()
 
     def close(self, clean: bool) -> None:
-        """End of the process. ``clean``: every rank got here, so wait for a write in flight and publish it. After an
-        error a collective wait could hang on a rank that is gone: a single process still publishes its write, more
+        """End of the process. ``clean``: every rank got here, so wait for a write in flight and publish it (and a
+        checkpoint ``save`` left unpublished). After an error a collective wait could hang on a rank that is gone: a single process still publishes its write, more
         ranks drop it (the tracker names the previous checkpoint, the resumed run repeats the steps after it)."""
-        if not self.writing:
-            return
         if clean:
             self.finish()
-        elif torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1:
+            self.publish()
+            return
+        if not self.writing:
+            return  # an unpublished checkpoint stays so: its step's lines may be missing, the resume repeats it
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1:
             try:
                 self.finish()
             except Exception as exc:  # already failing: say so, and let the first error propagate

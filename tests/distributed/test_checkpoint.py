@@ -120,6 +120,20 @@ def _robustness_worker(hf_dir: str, work: str) -> None:
     assert emb.dtype == torch.bfloat16
     assert torch.equal(emb, model[0].embedding.word_embeddings.weight.to(torch.bfloat16))
 
+    # 7. publish_now=False (a trainer's step save, published after the step's log lines): written whole but not
+    # named, so a kill now resumes from iteration 2; publish() renames it into place and moves the tracker.
+    ckpt.save(root, 3, model, arch, meta={"step": 3}, publish_now=False, keep_last=1)
+    assert ckpt.resolve(root).iteration == 2 and (root / ".iter_0000003.tmp" / ckpt.META).is_file()
+    assert ckpt.load(root, _build(arch), arch)[0].iteration == 2
+    ckpt.publish(root, 3, keep_last=1)
+    assert ckpt.resolve(root).iteration == 3 and not list(root.glob(".iter_*"))
+    assert sorted(p.name for p in root.glob("iter_*")) == ["iter_0000003"]  # keep_last applied at publish
+    try:
+        ckpt.publish(root, 4)
+        raise AssertionError("published a checkpoint that was never written")
+    except CheckpointError as exc:
+        assert ".iter_0000004.tmp" in str(exc), exc
+
 
 def test_checkpoint_robustness(tiny_llama_hf, tmp_path):
     spawn_local(_robustness_worker, 1, (tiny_llama_hf, str(tmp_path)))

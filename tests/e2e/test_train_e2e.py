@@ -70,6 +70,11 @@ def test_pretrainzero_tp1_two_steps(tiny_policy, tmp_path):
     assert all(line.startswith("megatron-pz: ") for line in p.stderr.splitlines()), p.stderr[-2000:]
     log = (out / "train.log").read_text()
     assert "megatron.core" in log and "megatron_pz.rollout.launcher" in log and "step 2/2" in log
+    # A step's checkpoint is published only after its lines are written: a kill in between repeats the step
+    # instead of resuming past lines that were never written.
+    at = lambda text: next(i for i, line in enumerate(log.splitlines()) if text in line)
+    assert at("step 1/2 |") < at("checkpoint iter_0000001: published") < at("step 2/2 |")
+    assert at("step 2/2 |") < at("checkpoint iter_0000002: published")
     rows = metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2]
     # periodic eval: the initial weights (its own line at step 0) and after step 2 (interval 2), not after step 1
