@@ -16,7 +16,7 @@ from megatron_pz.errors import RolloutError, UserError
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("convert", "megatron_pz.convert.cli"),
     ("serve-rollout", "megatron_pz.engine.serve"),
-    ("train", "megatron_pz.train"),
+    ("train", "megatron_pz.train_cli"),
     ("eval", "megatron_pz.eval.cli"),
     ("heldout", "megatron_pz.eval.heldout_cli"),
     ("plan", "megatron_pz.plan.cli"),

@@ -151,6 +151,16 @@ def destroy_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
+@dataclass(frozen=True)
+class DataLayout:
+    """A rank's place in the data flow: its DP replica, and whether it is that replica's data owner (TP 0, PP 0,
+    CP 0), the one rank that reads the corpus and talks to the rollout engine."""
+
+    dp_rank: int
+    dp_size: int
+    is_data_owner: bool
+
+
 def data_owner_rank() -> int:
     """Global rank of this rank's data owner: TP 0, PP 0, CP 0 of its DP replica. Only the data owner talks to
     the rollout engine and reads the corpus; the rest of its model-parallel group gets its samples."""

@@ -168,3 +168,9 @@ def _routing_rows(s: Sample, rows: int, width: int) -> torch.Tensor:
         raise ValueError(f"sample {s.group_id} ({s.task.value}): routed_experts has shape {tuple(t.shape)}, "
                          f"expected ({rows}, {width}) = (prompt + response - 1 tokens, layers x top-k)")
     return t
+
+
+def seq_multiple(tensor_parallel: int, sequence_parallel: bool, context_parallel: int) -> int:
+    """What every row length is padded to a multiple of: 8 (tensor-core friendly), times TP with sequence
+    parallelism (the sequence is split over TP ranks), times 2 x CP (Megatron's load-balanced CP chunks)."""
+    return 8 * (tensor_parallel if sequence_parallel else 1) * 2 * context_parallel

@@ -1,52 +1,68 @@
-"""Everything a run saves and restores, behind one ``save``/``load`` pair.
+"""Everything a run saves and restores, behind one ``save``/``load`` pair over a mapping of stateful parts.
 
 A checkpoint (Megatron-LM layout, ``megatron_pz.checkpoint`` writes and reads it) holds:
   * the model and the distributed optimizer's state, sharded (``dist_checkpointing``);
-  * in ``megatron_pz.json``: step (completed steps), weight version, the LR scheduler, every DP rank's corpus
-    position, and every rank's RNG states (Python, NumPy, torch CPU); with ``rollout.max_staleness`` > 0 also
-    every data owner's rollout batch in flight (the next step's samples, ``trainer/overlap.py``).
-On resume the LR schedule is the config's, continued at the checkpoint's step count (``restore_scheduler``), so a
-finished run extended with a larger ``train.steps`` decays over the new total.
-Adding a piece of run state means editing ``_state`` and ``_restore`` here, nothing else. Saves are collective
-and atomic: a kill at any point leaves the previous checkpoint whole, and the tracker names the newest.
+  * in ``megatron_pz.json``: the step (completed steps) and the run's name, then what each part's
+    ``state_dict()`` returns, a few top-level keys it owns: the LR scheduler (``scheduler``), the weight publisher
+    (``weight_version``), the rollout source (every DP rank's corpus position ``corpus`` and, with
+    ``rollout.max_staleness`` > 0, every data owner's rollout batch in flight ``rollout_in_flight``), every rank's
+    RNG states (``rng``). ``load_state_dict(meta)`` restores a part from the same keys.
+The checkpointer calls each part's two methods and writes into no other object: adding a piece of run state means
+giving its owner ``state_dict`` / ``load_state_dict`` and naming it where the run is built (trainer/setup.py).
+On resume the LR schedule is the config's, continued at the checkpoint's step count
+(``optimizer.ScheduleState``), so a finished run extended with a larger ``train.steps`` decays over the new total.
+Saves are collective and atomic: a kill at any point leaves the previous checkpoint whole, and the tracker names
+the newest. A step's checkpoint is published (renamed into place, named by the tracker) only after the loop has
+written the step's log lines (``publish``), so a resumed run never starts past a step whose lines are missing.
 
 With ``checkpoint.async_save`` the shards are written by a forked process (``checkpoint.background``) while the
-next step runs. Everything else (``megatron_pz.json``: step, scheduler, corpus positions, RNG; ``common.pt``:
-the optimizer's param groups) is taken and written before ``save`` returns, so it is this step's state whatever
-the trainer does next. The tracker moves in the finalize step (``poll`` between the next step's phases, or the
-wait before the next save and at the end of the run), once every shard is durable: a kill while the write is in
-flight leaves the previous checkpoint current, and the resumed run repeats the steps after it.
+next step runs. Everything else (``megatron_pz.json``, ``common.pt``: the optimizer's param groups) is taken and
+written before ``save`` returns, so it is this step's state whatever the trainer does next. The tracker moves in
+the finalize step (``poll`` between the next step's phases, or the wait before the next save and at the end of
+the run), once every shard is durable: a kill while the write is in flight leaves the previous checkpoint current,
+and the resumed run repeats the steps after it.
 """
 from __future__ import annotations
 
-import base64
 import logging
-import random
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from megatron_pz import checkpoint as ckpt
-from megatron_pz.errors import ConfigError
-from megatron_pz.parallel import gather_to_all
-from megatron_pz.trainer.optimizer import restore_scheduler
-
-if TYPE_CHECKING:
-    from megatron_pz.config import CheckpointConfig
-    from megatron_pz.trainer.run import Run
+from megatron_pz.config import CheckpointConfig
+from megatron_pz.errors import CheckpointError
+from megatron_pz.model.arch import ModelArch
+from megatron_pz.model.provider import unwrap
+from megatron_pz.trainer.optimizer import TrainingState
 
 logger = logging.getLogger(__name__)
 
 SUBDIR = ckpt.RUN_CHECKPOINT_DIR
 
 
+class Stateful(Protocol):
+    """A checkpoint part: its top-level keys of ``megatron_pz.json`` (JSON values; may be collective)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, meta: dict[str, Any]) -> None: ...
+
+
 class Checkpointer:
-    def __init__(self, out: Path, cfg: CheckpointConfig, total_steps: int):
+    def __init__(self, out: Path, cfg: CheckpointConfig, total_steps: int, training: TrainingState | None = None,
+                 arch: ModelArch | None = None, parts: Mapping[str, Stateful] | None = None, run_name: str = ""):
+        """``training``: the model chunks and optimizer (of ``arch``), saved sharded; ``parts``: the rest of the
+        run's state, saved and restored in this order."""
         self.root = out / SUBDIR
         self.cfg = cfg
         self.total_steps = total_steps
+        self.training = training
+        self.arch = arch
+        self.parts: dict[str, Stateful] = dict(parts or {})
+        self.run_name = run_name
         self.resumed_from: Path | None = None  # the iteration folder ``load`` restored, for the console
         self.background = ckpt.BackgroundSaves() if cfg.async_save else None
         self._unpublished: int | None = None  # a step whose checkpoint is written, waiting for its log lines
@@ -61,7 +77,7 @@ class Checkpointer:
         return self.cfg.auto_resume and (self.root / ckpt.TRACKER).exists()
 
     # ------------------------------------------------------------------ save / load
-    def save(self, run: Run, step: int, last: bool = False) -> Path:
+    def save(self, step: int, last: bool = False) -> Path:
         """Collective: every rank contributes its shards, corpus position and RNG; returns the iteration folder.
 
         A synchronous save, and the ``last`` save of the process, are written here but published (renamed into
@@ -73,9 +89,9 @@ class Checkpointer:
         """
         if self.background is not None:
             self.background.wait()
-        meta = _state(run, step)
+        meta = self._meta(step)
         later = self.background is None or last
-        path = ckpt.save(self.root, step, run.chunks, run.arch, optimizer=run.training.optimizer, meta=meta,
+        path = ckpt.save(self.root, step, self._chunks(), self.arch, optimizer=self.training.optimizer, meta=meta,
                          keep_last=self.cfg.keep_last, background=self.background, publish_now=not later)
         if last:
             self.finish()
@@ -142,84 +158,33 @@ class Checkpointer:
             return None
         return save_phase_s + self.background.last_write_s
 
-    def load(self, run: Run) -> int:
-        """Restore the newest checkpoint into ``run`` (collective); returns the step it was saved at."""
-        info, _ = ckpt.load(self.root, run.chunks, run.arch, optimizer=run.training.optimizer)
-        _restore(run, info.meta)
+    def load(self) -> int:
+        """Restore the newest checkpoint into the model, optimizer and every part (collective); returns its step."""
+        info, _ = ckpt.load(self.root, self._chunks(), self.arch, optimizer=self.training.optimizer)
+        meta = info.meta
+        step = int(meta["step"])
+        for name, part in self.parts.items():
+            try:
+                part.load_state_dict(meta)
+            except KeyError as exc:
+                raise CheckpointError(f"{info.iter_dir}/{ckpt.META} has no {exc} for the run's {name}: not a "
+                                      f"checkpoint of a megatron-pz run") from exc
         self.resumed_from = info.iter_dir
-        logger.info("resumed from %s at step %d (weight version %d)", info.iter_dir, run.start_step,
-                    run.weight_version)
-        return run.start_step
+        logger.info("resumed from %s at step %d (weight version %s)", info.iter_dir, step,
+                    meta.get("weight_version"))
+        return step
 
+    # ------------------------------------------------------------------ the parts
+    def _chunks(self) -> list[torch.nn.Module]:
+        return [unwrap(m) for m in self.training.model]
 
-# ---------------------------------------------------------------------- what is in megatron_pz.json
-def _state(run: Run, step: int) -> dict[str, Any]:
-    mine = (run.dp_rank, run.corpus.state_dict()) if run.corpus is not None else None
-    corpus = {str(r): s for item in gather_to_all(mine) if item is not None for r, s in [item]}
-    rng = {str(r): s for r, s in enumerate(gather_to_all(rng_state()))}
-    state = {"step": step, "weight_version": run.weight_version, "scheduler": run.training.scheduler.state_dict(),
-             "corpus": corpus, "rng": rng, "run_name": run.cfg.name}
-    # rollout.max_staleness: the next step's batch, generated during this step (trainer/overlap.py); the corpus
-    # position above already counts its paragraphs
-    run.prefetch.wait()
-    mine = (run.dp_rank, run.prefetch.state_dict()) if run.corpus is not None else None
-    flight = {str(r): f for item in gather_to_all(mine) if item is not None for r, f in [item] if f is not None}
-    if flight:
-        state["rollout_in_flight"] = flight
-    return state
-
-
-def _restore(run: Run, meta: dict[str, Any]) -> None:
-    run.start_step = int(meta["step"])
-    _restore_schedule(run, meta["scheduler"])
-    run.weights.version = int(meta["weight_version"])
-    if run.corpus is not None:
-        state = meta.get("corpus", {}).get(str(run.dp_rank))
-        if state is None:
-            raise ConfigError(f"checkpoint has no corpus position for DP rank {run.dp_rank} (saved with a different "
-                              f"data-parallel size?); resume with the DP size it was saved with")
-        run.corpus.load_state_dict(state)
-        run.prefetch.load_state_dict(meta.get("rollout_in_flight", {}).get(str(run.dp_rank)))
-    rng = meta.get("rng", {})  # absent in checkpoints written before RNG states were saved
-    mine = rng.get(str(torch.distributed.get_rank()))
-    if mine is not None and len(rng) == torch.distributed.get_world_size():
-        set_rng_state(mine)
-    elif rng:
-        logger.warning("checkpoint RNG states are for %d ranks, this run has %d: RNG not restored", len(rng),
-                       torch.distributed.get_world_size())
-
-
-def _restore_schedule(run: Run, saved: dict[str, Any]) -> None:
-    """The checkpoint's step count on this config's LR schedule (``optimizer.restore_scheduler``); one warning
-    line when the schedule changed, and one when the steps still to run would all be at lr 0."""
-    scheduler = run.training.scheduler
-    changed = restore_scheduler(scheduler, saved)
-    rank0 = torch.distributed.get_rank() == 0
-    if changed and rank0:
-        logger.warning("LR schedule changed since the checkpoint: %s; continuing after step %d on this config's "
-                       "schedule", ", ".join(changed), run.start_step)
-    steps_left = run.cfg.train.steps - run.start_step
-    lr = scheduler.get_lr(run.training.optimizer.param_groups[0])
-    if steps_left > 0 and lr == 0.0 and rank0:
-        logger.warning("the LR schedule is at lr 0 after step %d (optim.lr_decay_steps=%s, optim.min_lr=%s): the %d "
-                       "step(s) left will not change the weights", run.start_step, run.cfg.optim.lr_decay_steps,
-                       run.cfg.optim.min_lr, steps_left)
-
-
-# ---------------------------------------------------------------------- RNG, JSON-safe
-def rng_state() -> dict[str, Any]:
-    """This process's Python, NumPy and torch CPU generator states, as JSON values."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(internal), gauss],
-            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-            "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    raw = np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()
-    torch.set_rng_state(torch.from_numpy(raw))
+    def _meta(self, step: int) -> dict[str, Any]:
+        """``megatron_pz.json``'s run state: the step, then each part's keys (collective: parts gather)."""
+        meta: dict[str, Any] = {"step": step, "run_name": self.run_name}
+        for name, part in self.parts.items():
+            state = part.state_dict()
+            clash = sorted(set(state) & set(meta))
+            if clash:
+                raise RuntimeError(f"checkpoint part {name!r} writes keys {clash} another part owns")
+            meta.update(state)
+        return meta

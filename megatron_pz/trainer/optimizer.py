@@ -91,3 +91,32 @@ def restore_scheduler(scheduler: Any, saved: Mapping[str, Any]) -> list[str]:
     finally:
         scheduler.override_opt_param_scheduler = before
     return list(dict.fromkeys(changed))
+
+
+class ScheduleState:
+    """The LR schedule as a checkpoint part (trainer/checkpointer.py): saved as Megatron's scheduler state, restored
+    as the checkpoint's step count on this config's schedule (``restore_scheduler``), with one warning line when
+    the schedule changed and one when the steps still to run would all be at lr 0."""
+
+    def __init__(self, training: TrainingState, optim_cfg: Any, total_steps: int):
+        self.training, self.optim_cfg, self.total_steps = training, optim_cfg, total_steps
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.training.scheduler.state_dict()}
+
+    def load_state_dict(self, meta: Mapping[str, Any]) -> None:
+        import logging
+
+        logger = logging.getLogger("megatron_pz.trainer.checkpointer")
+        scheduler, step = self.training.scheduler, int(meta["step"])
+        changed = restore_scheduler(scheduler, meta["scheduler"])
+        rank0 = torch.distributed.get_rank() == 0
+        if changed and rank0:
+            logger.warning("LR schedule changed since the checkpoint: %s; continuing after step %d on this config's "
+                           "schedule", ", ".join(changed), step)
+        steps_left = self.total_steps - step
+        lr = scheduler.get_lr(self.training.optimizer.param_groups[0])
+        if steps_left > 0 and lr == 0.0 and rank0:
+            logger.warning("the LR schedule is at lr 0 after step %d (optim.lr_decay_steps=%s, optim.min_lr=%s): the "
+                           "%d step(s) left will not change the weights", step, self.optim_cfg.lr_decay_steps,
+                           self.optim_cfg.min_lr, steps_left)

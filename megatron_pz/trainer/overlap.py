@@ -16,29 +16,26 @@ submits, so the corpus position saved in a checkpoint already counts them, and t
 (``state_dict``): what is in flight at a checkpoint is a finished batch (the save comes after the sync, which
 waited for it), or a failed one, saved as its paragraphs. A resumed run trains the saved samples, exactly as the
 uninterrupted run would; a batch older than the resumed run's ``max_staleness`` (e.g. resumed with 0) or a failed
-one is generated again from its paragraphs with the current weights and the same seeds (``regenerate``,
-logged). The background thread only talks HTTP to the rollout servers: no collective runs on it. A batch that
-failed there is collected again in the main thread, where a dead launched server is restarted
-(``trainer/connect.recover_rollout``).
+one is generated again from its paragraphs with the current weights and the same seeds (logged). The background
+thread only talks HTTP to the rollout servers: no collective runs on it. A batch that failed there is collected
+again in the main thread, where a dead launched server is restarted (``trainer/connect.Engine.recover``).
+What to do with a batch (read, collect, take within the bound) is the rollout source's
+(``trainer/rollout_source.py``); this module holds the batch, the one-batch queue and their JSON form.
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-from megatron_pz.algo.staleness import stalest, staleness, staleness_metrics
+import numpy as np
+
 from megatron_pz.data.shards import Paragraph
 from megatron_pz.errors import CheckpointError, RolloutError
 from megatron_pz.types import Sample, Status, Task
-
-if TYPE_CHECKING:
-    from megatron_pz.trainer.run import Run
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,59 +54,6 @@ class Batch:
         self.samples, self.metrics, self.error = None, {}, None
 
 
-def read_batch(run: Run, step: int) -> Batch:
-    """This data owner's paragraphs for ``step`` (advances the corpus)."""
-    per_rank = run.cfg.train.paragraphs_per_step // run.dp_size
-    return Batch(step, [next(run.corpus) for _ in range(per_rank)])
-
-
-def collect_batch(run: Run, batch: Batch) -> RolloutError | None:
-    """Generate, score and weight ``batch`` (fills samples and ``rollout/``-prefixed metrics); returns the rollout
-    failure instead of raising it. Safe on a background thread: HTTP to the rollout servers, no collective."""
-    from megatron_pz.trainer.collect import StepContext, collect
-
-    ctx = StepContext(encode=run.tokenizer.encode, decode=run.tokenizer.decode, chat_template=run.chat_template,
-                      step=batch.step, dp_rank=run.dp_rank, eos_token_id=run.tokenizer.eos_token_id)
-    try:
-        samples, metrics = collect(batch.paragraphs, run.cfg, run.engine, ctx)
-    except RolloutError as exc:
-        return exc
-    batch.samples, batch.metrics = samples, {f"rollout/{k}": v for k, v in metrics.items()}
-    return None
-
-
-def take_batch(run: Run, step: int) -> Batch | None:
-    """The batch generated for ``step`` while the previous step trained (or restored from the checkpoint), once
-    it is within ``rollout.max_staleness``; None when there is none. A batch whose background attempt failed, or
-    that is older than the bound (a run resumed with a smaller ``max_staleness``), is collected again from its
-    paragraphs with the current weights and the same seeds (logged)."""
-    batch = run.prefetch.take(step)
-    if batch is None:
-        return None
-    if batch.error is not None:
-        logger.warning("step %d: the rollout generated during step %d failed (%s); generating it again",
-                       step + 1, step, batch.error)
-        batch.reset()
-    elif batch.samples is not None and stalest(batch.samples, run.weight_version) > run.cfg.rollout.max_staleness:
-        logger.warning("step %d: %d samples are %d weight versions old, over rollout.max_staleness=%d: "
-                       "regenerating them with weight version %d", step + 1, len(batch.samples),
-                       stalest(batch.samples, run.weight_version), run.cfg.rollout.max_staleness, run.weight_version)
-        run.stale_regenerated += len(batch.samples)
-        batch.reset()
-    return batch
-
-
-def mark_staleness(run: Run, samples: list[Sample]) -> dict[str, float]:
-    """Each sample's staleness in its metadata (``hist/staleness``) and the step's staleness metrics."""
-    for s in samples:
-        k = staleness(s, run.weight_version)
-        if k is not None:
-            s.metadata["staleness"] = k
-    metrics = staleness_metrics(samples, run.weight_version)
-    metrics["rollout/stale_regenerated"] = float(run.stale_regenerated)  # so far in this process
-    return metrics
-
-
 class Prefetcher:
     """At most one batch in flight on one background thread; data owners only (others hold an idle one)."""
 
@@ -118,17 +62,17 @@ class Prefetcher:
         self._pending: tuple[Batch, Future[None]] | None = None
         self._ready: Batch | None = None  # finished, or restored from a checkpoint
 
-    def submit(self, run: Run, step: int) -> None:
-        """Read ``step``'s paragraphs now and collect them in the background."""
+    def submit(self, batch: Batch, collect: Callable[[Batch], RolloutError | None]) -> None:
+        """Collect ``batch`` (its paragraphs already read, in the caller's thread) in the background; ``collect``
+        fills it and returns the rollout failure instead of raising it."""
         if self._pending is not None or self._ready is not None:
             raise RuntimeError(f"a rollout batch is already in flight (step {self.in_flight_step + 1})")
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-prefetch")
-        batch = read_batch(run, step)
 
         def work() -> None:
             t0 = time.perf_counter()
-            batch.error = collect_batch(run, batch)
+            batch.error = collect(batch)
             batch.seconds = time.perf_counter() - t0
 
         self._pending = (batch, self._executor.submit(work))
@@ -198,8 +142,6 @@ def sample_to_json(s: Sample) -> dict[str, Any]:
 
 
 def sample_from_json(d: dict[str, Any]) -> Sample:
-    import numpy as np
-
     d = dict(d)
     experts = d.pop("routed_experts", None)
     s = Sample(**{**d, "task": Task(d["task"]), "status": Status(d["status"])})

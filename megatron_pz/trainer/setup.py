@@ -1,5 +1,6 @@
-"""Build a run once: parallel groups, tokenizer, policy (+ optimizer), corpus, checkpoint state, rollout
-engine, logger. Only building lives here; the per-step work is in the stages of ``train.py``.
+"""Build a run once: parallel groups, tokenizer, policy (+ optimizer), weight publisher, rollout source (corpus,
+engine), checkpointer over the stateful parts, logger; then the frozen ``Run``. Every part is built before the run,
+and nothing assigns a field of the run after. Only building lives here; the per-step work is in ``train.py``.
 """
 from __future__ import annotations
 
@@ -12,33 +13,37 @@ from typing import Any
 
 import torch
 
+from megatron.core import parallel_state as ps
+
 from megatron_pz import checkpoint as ckpt
 from megatron_pz.config import RunConfig
 from megatron_pz.convert.bridge import load_hf_into_model
 from megatron_pz.convert.hf_io import HFCheckpoint, aux_files
 from megatron_pz.convert.source import ModelSource, resolve_source, tokenizer_dir
+from megatron_pz.data.corpus import CorpusReader
+from megatron_pz.data.prompts import template_overhead_tokens
 from megatron_pz.dtypes import torch_dtype
 from megatron_pz.errors import ConfigError
+from megatron_pz.logs import RunLogger
 from megatron_pz.model.arch import ModelArch
 from megatron_pz.model.context import extend_context, parse_rope_scaling
-from megatron_pz.model.provider import build_model
-from megatron_pz.parallel import data_owner_rank, describe_hosts, init_distributed
+from megatron_pz.model.provider import build_model, unwrap
+from megatron_pz.model.tokenizer import load_tokenizer
+from megatron_pz.parallel import DataLayout, data_owner_rank, describe_hosts, init_distributed
 from megatron_pz.trainer.checkpointer import Checkpointer
-from megatron_pz.trainer.connect import start_rollout, stop_rollout
+from megatron_pz.trainer.optimizer import ScheduleState, TrainingState, setup_training
 from megatron_pz.trainer.preflight import preflight
-from megatron_pz.trainer.run import DataLayout, Run
+from megatron_pz.trainer.rng import RNGState
+from megatron_pz.trainer.rollout_source import RolloutSource
+from megatron_pz.trainer.run import Run, StopRequest
 from megatron_pz.weight_sync.publisher import WeightPublisher
 
 logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ build
-def chat_template_fn(run: Run):
-    """The tokenizer's chat template when prompt.style is "chat" (None otherwise or when it has none)."""
-    return tokenizer_chat_template(run.cfg, run.tokenizer)
-
-
 def tokenizer_chat_template(cfg: RunConfig, tokenizer):
+    """The tokenizer's chat template when prompt.style is "chat" (None otherwise or when it has none)."""
     if cfg.prompt.style != "chat":
         return None
     probe = tokenizer.apply_chat_template([{"role": "user", "content": "x"}])
@@ -81,11 +86,11 @@ def _factor_for(need: int, context: float) -> str:
     return f"{math.ceil(4 * need / context) / 4:g}"
 
 
-def install_stop_signals(run: Run) -> None:
+def install_stop_signals(stop: StopRequest) -> None:
     """SIGUSR1 (Slurm's --signal=USR1@T before the time limit) and SIGTERM: checkpoint after this step, exit."""
 
     def handler(signum, frame):
-        run.stop_requested = True
+        stop.set()
         logger.warning("received signal %d: will checkpoint after the current step and stop", signum)
 
     for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -97,14 +102,6 @@ def install_stop_signals(run: Run) -> None:
 
 def setup(cfg: RunConfig) -> Run:
     """Build the whole run; resumes from <output_dir>/checkpoints when one exists (and auto_resume)."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_pz.data.corpus import CorpusReader
-    from megatron_pz.data.prompts import template_overhead_tokens
-    from megatron_pz.logs import RunLogger
-    from megatron_pz.model.tokenizer import load_tokenizer
-    from megatron_pz.trainer.optimizer import setup_training
-
     preflight(cfg)  # every input path, before process groups, model or servers
     cfg.train.shared_prompt = cfg.shared_prompt_on()  # null resolved here, recorded so in config.json
     init_distributed(cfg.parallel)
@@ -124,33 +121,39 @@ def setup(cfg: RunConfig) -> Run:
             if src.kind == "mcore" else ModelArch.from_hf_config(src.path))
     arch = extend_context(arch, parse_rope_scaling(cfg.policy.rope_scaling))
     count = lambda s: len(tokenizer.encode(s))  # noqa: E731
-    overhead = template_overhead_tokens(count, cfg.prompt, tokenizer_chat_template(cfg, tokenizer))
+    chat_template = tokenizer_chat_template(cfg, tokenizer)
+    overhead = template_overhead_tokens(count, cfg.prompt, chat_template)
     validate_lengths(cfg, arch, overhead)
     training = setup_training(build_model(arch, cfg.model, cfg.parallel, masked_rows=cfg.masked_rows),
                               cfg.optim, cfg.train.steps)
     layout = DataLayout(dp_rank=ps.get_data_parallel_rank(), dp_size=dp_size, is_data_owner=rank == data_owner_rank())
-    run = Run(cfg=cfg, out=out, arch=arch, tokenizer=tokenizer, training=training, layout=layout,
-              checkpointer=Checkpointer(out, cfg.checkpoint, cfg.train.steps),
-              weights=WeightPublisher(arch, torch_dtype(cfg.rollout.weights_dtype)))
-    run.chat_template = chat_template_fn(run)
-    if layout.is_data_owner:
-        # A restated prompt holds the paragraph and, at most, a second copy of its longest sentence.
-        run.corpus = CorpusReader(cfg.corpus, count_tokens=count, prompt_overhead_tokens=overhead,
-                                  paragraph_copies=2 if cfg.prompt.pred_restate else 1,
-                                  dp_rank=layout.dp_rank, dp_world_size=dp_size)
-    if run.checkpointer.can_resume():
-        run.checkpointer.load(run)
+    weights = WeightPublisher(arch, torch_dtype(cfg.rollout.weights_dtype))
+    # A restated prompt holds the paragraph and, at most, a second copy of its longest sentence.
+    corpus = (CorpusReader(cfg.corpus, count_tokens=count, prompt_overhead_tokens=overhead,
+                           paragraph_copies=2 if cfg.prompt.pred_restate else 1,
+                           dp_rank=layout.dp_rank, dp_world_size=dp_size)
+              if layout.is_data_owner else None)
+    rollout = RolloutSource(cfg, layout, tokenizer, chat_template, weights, corpus)
+    checkpointer = Checkpointer(out, cfg.checkpoint, cfg.train.steps, training=training, arch=arch, run_name=cfg.name,
+                                parts={"scheduler": ScheduleState(training, cfg.optim, cfg.train.steps),
+                                       "weights": weights, "rollout": rollout, "rng": RNGState()})
+    if checkpointer.can_resume():
+        start_step = checkpointer.load()
     else:
-        load_initial_weights(run, src)
+        start_step = 0
+        load_initial_weights(training, arch, src)
     # Logged step numbers count completed steps (1-based): the first one this process logs is start_step + 1,
     # so lines a killed run wrote after its last checkpoint (and only those) are dropped.
-    run.logger = RunLogger(out, total_steps=cfg.train.steps, start_step=run.start_step + 1, steps_done=run.start_step,
+    run_logger = RunLogger(out, total_steps=cfg.train.steps, start_step=start_step + 1, steps_done=start_step,
                            tensorboard=cfg.logging.tensorboard, wandb=wandb_settings(cfg) if rank == 0 else None,
                            progress_bar=cfg.logging.progress_bar,
-                           enabled=rank == 0, resumed_from=run.checkpointer.resumed_from)
-    write_hf_meta(run, tok_dir)
-    start_rollout(run)
-    install_stop_signals(run)
+                           enabled=rank == 0, resumed_from=checkpointer.resumed_from)
+    write_hf_meta(out, arch, tok_dir)
+    rollout.start(out, [unwrap(m) for m in training.model])
+    run = Run(cfg=cfg, out=out, arch=arch, tokenizer=tokenizer, training=training, layout=layout, weights=weights,
+              rollout=rollout, checkpointer=checkpointer, logger=run_logger, chat_template=chat_template,
+              start_step=start_step)
+    install_stop_signals(run.stop)
     return run
 
 
@@ -163,36 +166,35 @@ def wandb_settings(cfg: RunConfig) -> dict[str, Any] | None:
             "mode": lg.wandb_mode, "config": cfg.to_dict()}
 
 
-def load_initial_weights(run: Run, src: ModelSource) -> None:
+def load_initial_weights(training: TrainingState, arch: ModelArch, src: ModelSource) -> None:
     """A fresh run starts from ``policy.load``: a Megatron checkpoint (any TP/PP) or an HF folder. Collective.
 
     Model weights only. When ``policy.load`` is another training run (its folder or its ``checkpoints/``, e.g. a
     warm-up stage), its newest iteration's weights are loaded and everything else starts fresh: the optimizer
     state (Adam moments and step count), the LR schedule, the step counter, the weight version and the corpus
     position. Resuming with all of that is what ``<output_dir>/checkpoints`` of this run is for."""
+    chunks = [unwrap(m) for m in training.model]
     if src.kind == "mcore":
-        ckpt.load(src.path, run.chunks, run.arch)
+        ckpt.load(src.path, chunks, arch)
     else:
-        load_hf_into_model(run.chunks, HFCheckpoint(src.path).get, run.arch)
-    run.training.optimizer.reload_model_params()  # main (fp32) params <- the loaded model params
+        load_hf_into_model(chunks, HFCheckpoint(src.path).get, arch)
+    training.optimizer.reload_model_params()  # main (fp32) params <- the loaded model params
     logger.info("initial weights from %s (%s); optimizer, LR schedule, step and corpus position start fresh",
                 src.path, src.kind)
 
 
-def write_hf_meta(run: Run, tok_dir: Path) -> None:
+def write_hf_meta(out: Path, arch: ModelArch, tok_dir: Path) -> None:
     """config.json + tokenizer files for the rollout engine's HF weight folders (rank 0)."""
     if torch.distributed.get_rank() != 0:
         return
-    meta_dir = run.out / ckpt.RUN_HF_META_DIR
+    meta_dir = out / ckpt.RUN_HF_META_DIR
     meta_dir.mkdir(parents=True, exist_ok=True)
-    (meta_dir / "config.json").write_text(json.dumps(run.arch.to_hf_config(), indent=2))
+    (meta_dir / "config.json").write_text(json.dumps(arch.to_hf_config(), indent=2))
     if tok_dir.is_dir():
         for f in aux_files(tok_dir):
             shutil.copy2(f, meta_dir / f.name)
 
 
 def shutdown(run: Run) -> None:
-    if run.logger is not None:
-        run.logger.close()
-    run.prefetch.close()  # a batch still in flight (after an error) finishes or fails before the servers stop
-    stop_rollout(run)
+    run.logger.close()
+    run.rollout.close()

@@ -24,9 +24,21 @@ class WeightPublisher:
         self.arch = arch
         self.dtype = dtype  # what servers receive (rollout.weights_dtype)
         self.version = version
-        self.sync: WeightSync | None = None  # the strategy, global rank 0 only (set once the engine is up)
+        self.sync: WeightSync | None = None  # the strategy, global rank 0 only (``attach``, once the engine is up)
         self.engine: RolloutPool | None = None  # this data owner's pool, told of versions pushed without it
         self.last_report: SyncReport | None = None  # the latest push (rank 0)
+
+    def attach(self, sync: WeightSync | None, engine: RolloutPool | None) -> None:
+        """Connect to the rollout engine once it is up: the push strategy (global rank 0, None elsewhere) and this
+        data owner's pool (None on other ranks)."""
+        self.sync, self.engine = sync, engine
+
+    # A checkpoint's part (trainer/checkpointer.py): the version the engine serves.
+    def state_dict(self) -> dict[str, int]:
+        return {"weight_version": self.version}
+
+    def load_state_dict(self, meta: dict) -> None:
+        self.version = int(meta["weight_version"])
 
     def export(self, chunks: list[torch.nn.Module]) -> dict[str, torch.Tensor] | None:
         """The policy as HF tensors on global rank 0, None elsewhere (collective over all ranks). Nothing for a

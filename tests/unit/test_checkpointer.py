@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from megatron_pz.config import CheckpointConfig
-from megatron_pz.trainer.checkpointer import Checkpointer, rng_state, set_rng_state
+from megatron_pz.trainer.checkpointer import Checkpointer
+from megatron_pz.trainer.rng import rng_state, set_rng_state
 
 
 def test_due_at_interval_last_step_and_on_stop(tmp_path):

@@ -1,7 +1,7 @@
 """Restarting a rollout server the trainer launched (rollout.max_engine_restarts): who is restarted, from which
 weights, when the failure is raised instead, and how the pool takes a restarted server back.
 
-``recover_rollout`` runs here in a one-process gloo group with stand-ins for the launched servers, the pool and
+``Engine.recover`` runs here in a one-process gloo group with stand-ins for the launched servers, the pool and
 ``launcher.relaunch``; tests/e2e/test_engine_restart_e2e.py kills a real server mid-step (slow).
 """
 import logging
@@ -16,7 +16,7 @@ from megatron_pz.errors import ConfigError, RolloutError
 from megatron_pz.parallel import free_port
 from megatron_pz.rollout import launcher
 from megatron_pz.rollout.pool import RolloutPool
-from megatron_pz.trainer.connect import recover_rollout
+from megatron_pz.trainer.connect import Engine
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +46,14 @@ class Pool:
         self.revived.append(version)
 
 
-def fake_run(tmp_path, servers, backend="embedded", restarts=0, **rollout):
-    cfg = SimpleNamespace(rollout=RolloutConfig(backend=backend, **rollout))
-    return SimpleNamespace(cfg=cfg, servers=servers, engine=Pool(), engine_restarts=restarts, weight_version=7,
-                           out=tmp_path)
+def fake_engine(tmp_path, servers, backend="embedded", restarts=0, **rollout):
+    r = RolloutConfig(backend=backend, **rollout)
+    return Engine(r, Path(r.weights_dir or tmp_path / "weights").resolve(), pool=Pool(), servers=servers,
+                  restarts=restarts)
+
+
+def recover_rollout(engine, error, where):
+    return engine.recover(error, where, version=7)
 
 
 @pytest.fixture
@@ -66,27 +70,27 @@ def relaunches(monkeypatch):
 
 def test_a_dead_launched_server_is_restarted_from_the_current_version_and_the_stage_retried(
         tmp_path, one_rank, relaunches, caplog):
-    run = fake_run(tmp_path, [Server("http://a", code=-9), Server("http://b")])
+    run = fake_engine(tmp_path, [Server("http://a", code=-9), Server("http://b")])
     with caplog.at_level(logging.WARNING, logger="megatron_pz.trainer.connect"):
         assert recover_rollout(run, RolloutError("generation failed"), "step 3: rollout") is True
     assert relaunches == [("http://a", str((tmp_path / "weights" / "v00000007").resolve()), 7)]
     assert [s.url for s in run.servers] == ["http://a#new", "http://b"]  # the live one is left alone
-    assert run.engine_restarts == 1 and run.engine.revived == [7]
+    assert run.restarts == 1 and run.pool.revived == [7]
     [record] = caplog.records  # one line per event
     assert "step 3: rollout: rollout server http://a died (exit code -9)" in record.getMessage()
     assert "restart 1 of rollout.max_engine_restarts=3" in record.getMessage()
 
 
 def test_a_custom_weights_dir_is_where_the_restart_reads(tmp_path, one_rank, relaunches):
-    run = fake_run(tmp_path, [Server("http://a", code=1)], weights_dir=str(tmp_path / "shared"))
+    run = fake_engine(tmp_path, [Server("http://a", code=1)], weights_dir=str(tmp_path / "shared"))
     assert recover_rollout(run, RolloutError("x"), "weight sync to version 7")
     assert relaunches[0][1] == str((tmp_path / "shared" / "v00000007").resolve())
 
 
 def test_nothing_failed_nothing_restarted(tmp_path, one_rank, relaunches):
-    run = fake_run(tmp_path, [Server("http://a", code=-9)])
+    run = fake_engine(tmp_path, [Server("http://a", code=-9)])
     assert recover_rollout(run, None, "step 1: rollout") is False
-    assert relaunches == [] and run.engine.revived == []
+    assert relaunches == [] and run.pool.revived == []
 
 
 @pytest.mark.parametrize("case", ["server alive", "budget spent", "restarts off", "external"])
@@ -94,12 +98,12 @@ def test_the_failure_is_raised_when_no_restart_applies(tmp_path, one_rank, relau
     servers = [Server("http://a", code=None if case == "server alive" else -9)]
     kwargs = {"budget spent": {"restarts": 3}, "restarts off": {"max_engine_restarts": 0},
               "external": {"backend": "sglang", "weight_sync": "disk"}}.get(case, {})
-    run = fake_run(tmp_path, servers, **kwargs)
+    run = fake_engine(tmp_path, servers, **kwargs)
     error = RolloutError("generation of 1 prompt(s) failed on every server tried")
     with pytest.raises(RolloutError) as exc:
         recover_rollout(run, error, "step 2: rollout")
-    assert exc.value is error  # the rank's own error: train.main_from_args makes it exit status 3
-    assert relaunches == [] and run.engine.revived == []
+    assert exc.value is error  # the rank's own error: train_cli.main_from_args makes it exit status 3
+    assert relaunches == [] and run.pool.revived == []
 
 
 def test_a_restart_that_fails_raises_the_original_error(tmp_path, one_rank, monkeypatch):
@@ -107,11 +111,11 @@ def test_a_restart_that_fails_raises_the_original_error(tmp_path, one_rank, monk
         raise RolloutError("not healthy after 600s")
 
     monkeypatch.setattr(launcher, "relaunch", relaunch)
-    run = fake_run(tmp_path, [Server("http://a", code=-9)])
+    run = fake_engine(tmp_path, [Server("http://a", code=-9)])
     error = RolloutError("generation failed")
     with pytest.raises(RolloutError) as exc:
         recover_rollout(run, error, "step 2: rollout")
-    assert exc.value is error and run.engine.revived == []
+    assert exc.value is error and run.pool.revived == []
 
 
 def test_max_engine_restarts_is_checked():

@@ -9,6 +9,7 @@ import torch
 
 from megatron_pz.config import load_config
 from megatron_pz.errors import ConfigError
+from megatron_pz.trainer.connect import Engine
 
 
 class RecordingPool:
@@ -39,8 +40,10 @@ def fake_run(release: bool):
     cfg = load_config(None, ["rollout.backend=sglang", "rollout.urls=[http://a:1]"]
                       + (["rollout.release_memory_in_train=true"] if release else []))
     weights = RecordingPublisher(log)
+    engine = Engine(cfg.rollout, weights_dir=None, pool=RecordingPool(log))
+    rollout = SimpleNamespace(engine=engine, recover=lambda error, where: engine.recover(error, where, weights.version))
     # weight_version: only named in a failed sync's message
-    return SimpleNamespace(cfg=cfg, engine=RecordingPool(log), weights=weights, chunks=[], weight_version=0), log
+    return SimpleNamespace(cfg=cfg, rollout=rollout, weights=weights, chunks=[], weight_version=0), log
 
 
 @pytest.fixture(autouse=True)
@@ -50,20 +53,18 @@ def rank0(monkeypatch):
 
 def test_memory_is_released_for_training_and_resumed_around_the_weight_update():
     from megatron_pz.train import sync_weights
-    from megatron_pz.trainer.connect import release_rollout_memory
 
     run, log = fake_run(release=True)
-    release_rollout_memory(run)  # what update_policy does first
+    run.rollout.engine.release_memory()  # what update_policy does first
     sync_weights(run)
     assert log == [("release", None), ("resume", ["weights"]), ("publish", 1), ("resume", ["kv_cache", "cuda_graph"])]
 
 
 def test_nothing_is_released_unless_asked():
     from megatron_pz.train import sync_weights
-    from megatron_pz.trainer.connect import release_rollout_memory
 
     run, log = fake_run(release=False)
-    release_rollout_memory(run)
+    run.rollout.engine.release_memory()
     sync_weights(run)
     assert log == [("publish", 1)]
 

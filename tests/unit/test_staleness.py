@@ -1,6 +1,7 @@
 """Staleness of samples against the trainer's weight version (algo/staleness.py), and the rollout batch in flight
 (trainer/overlap.py): JSON round trip, one batch at a time, and the checkpoint's view of it."""
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,7 +10,9 @@ from megatron_pz.algo.staleness import stalest, staleness, staleness_metrics
 from megatron_pz.data.shards import Paragraph
 from megatron_pz.errors import CheckpointError, RolloutError
 from megatron_pz.trainer import overlap
-from megatron_pz.trainer.overlap import Batch, Prefetcher, sample_from_json, sample_to_json
+from megatron_pz.parallel import DataLayout
+from megatron_pz.trainer.overlap import Batch, sample_from_json, sample_to_json
+from megatron_pz.trainer.rollout_source import RolloutSource
 from megatron_pz.types import Sample, Status, Task
 
 
@@ -44,31 +47,34 @@ def test_sample_json_round_trip_is_exact():
     assert back == s
 
 
-class FakeRun:
-    """What the prefetcher reads of a run: the corpus, the DP size, and (through collect_batch) the engine."""
+def source(collect):
+    """A data owner's rollout source on a corpus of 100 paragraphs, 2 a step, overlap on; ``collect`` stands in
+    for generation (no engine)."""
+    cfg = SimpleNamespace(train=SimpleNamespace(paragraphs_per_step=2, steps=10),
+                          rollout=SimpleNamespace(max_staleness=1))
+    corpus = iter([Paragraph(str(i), "t", f"text {i}") for i in range(100)])
+    src = RolloutSource(cfg, DataLayout(dp_rank=0, dp_size=1, is_data_owner=True), tokenizer=None,
+                        chat_template=None, weights=SimpleNamespace(version=1), corpus=corpus)
+    src._collect = collect
+    return src, corpus
 
-    def __init__(self):
-        self.corpus = iter([Paragraph(str(i), "t", f"text {i}") for i in range(100)])
-        self.dp_size = 1
-        self.cfg = type("C", (), {"train": type("T", (), {"paragraphs_per_step": 2})()})()
 
-
-def test_one_batch_in_flight_read_in_order_and_taken_for_its_step(monkeypatch):
+def test_one_batch_in_flight_read_in_order_and_taken_for_its_step():
     release = threading.Event()
     seen = []
 
-    def fake_collect(run, batch):
+    def fake_collect(batch):
         release.wait(10)
         seen.append(batch.step)
         batch.samples, batch.metrics = [sample(batch.step)], {"rollout/x": 1.0}
 
-    monkeypatch.setattr(overlap, "collect_batch", fake_collect)
-    run, p = FakeRun(), Prefetcher()
-    p.submit(run, 1)
+    src, corpus = source(fake_collect)
+    p = src.prefetcher
+    src.prefetch(1)
     assert p.in_flight_step == 1
-    assert next(run.corpus).id == "2"  # the submit read paragraphs 0 and 1 in the main thread, in order
+    assert next(corpus).id == "2"  # the prefetch read paragraphs 0 and 1 in the main thread, in order
     with pytest.raises(RuntimeError, match="already in flight"):
-        p.submit(run, 2)
+        p.submit(Batch(2, []), fake_collect)
     with pytest.raises(RuntimeError, match="wait"):
         p.state_dict()  # a batch being generated cannot be saved
     release.set()
@@ -81,13 +87,15 @@ def test_one_batch_in_flight_read_in_order_and_taken_for_its_step(monkeypatch):
     p.load_state_dict(state)
     b = p.take(1)
     assert b.samples == [sample(1)] and b.metrics == {"rollout/x": 1.0} and p.take(2) is None
+    src.prefetch(10)  # after the last step: nothing
+    assert p.in_flight_step is None
     p.close()
 
 
-def test_a_failed_batch_is_saved_as_its_paragraphs(monkeypatch):
-    monkeypatch.setattr(overlap, "collect_batch", lambda run, batch: RolloutError("server gone"))
-    p = Prefetcher()
-    p.submit(FakeRun(), 0)
+def test_a_failed_batch_is_saved_as_its_paragraphs():
+    src, _ = source(lambda batch: RolloutError("server gone"))
+    p = src.prefetcher
+    src.prefetch(0)
     b = p.wait()
     assert isinstance(b.error, RolloutError)
     state = p.state_dict()
@@ -97,6 +105,16 @@ def test_a_failed_batch_is_saved_as_its_paragraphs(monkeypatch):
     with pytest.raises(CheckpointError, match="unreadable"):
         p.load_state_dict({"step": 0, "paragraphs": [{"id": "0"}], "samples": None})
     p.close()
+
+
+def test_a_batch_over_the_bound_is_collected_again_and_counted():
+    src, _ = source(lambda batch: None)
+    src.prefetcher.load_state_dict({"step": 3, "paragraphs": [{"id": "0", "title": "t", "text": "x"}],
+                                    "samples": [overlap.sample_to_json(sample(-1)), overlap.sample_to_json(sample(0))],
+                                    "metrics": {}})
+    src.weights.version = 2  # the samples of version 0 are 2 versions old, over max_staleness 1
+    b = src._take(3)
+    assert b.samples is None and src.stale_regenerated == 2 and [q.id for q in b.paragraphs] == ["0"]
 
 
 def test_batch_reset_forgets_samples_keeps_paragraphs():
