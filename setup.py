@@ -47,7 +47,7 @@ setup(
         "bench": ["trl==1.16.0"],
         "dev": [
             "pytest>=8",
-            "import-linter>=2.1",
+            "import-linter>=2.6",  # 2.6 added the acyclic_siblings contract (.importlinter)
             "hypothesis>=6.100",
             "gguf>=0.10",
             "accelerate>=1.0",

@@ -197,7 +197,3 @@ def uninstall() -> None:
     if mode is not None:
         mode.__exit__(None, None, None)
         _thread_state.mode = None
-
-
-def is_installed() -> bool:
-    return _installed

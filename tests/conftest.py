@@ -105,7 +105,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny random Llama with a byte tokenizer (megatron_pz.engine.tiny), saved as an HF folder."""
-    from megatron_pz.engine.tiny import make_tiny_llama
+    """A tiny random Llama with a byte tokenizer (tests/tiny_llama.py), saved as an HF folder."""
+    from tiny_llama import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "hf")

@@ -27,14 +27,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/tiny_llama.py, the tests' tiny model
 
 from megatron_pz.engine.engine import EmbeddedEngine
 from megatron_pz.rollout.pool import PoolConfig, RolloutPool
 from megatron_pz.rollout.protocol import SamplingParams
 from megatron_pz.engine.server import RolloutServer, ServerConfig
 from megatron_pz.rollout.sglang_client import ClientConfig
-from megatron_pz.engine.tiny import make_tiny_llama
 from megatron_pz.weight_sync import DiskWeightSync
+from tiny_llama import make_tiny_llama
 
 WIKI = Path("/work/shared/data/wiki/valid.jsonl")
 

@@ -16,7 +16,6 @@ Modules (each one job):
   endpoints.py   one handler per SGLang endpoint, and the route table
   server.py      ``RolloutServer``: FastAPI on uvicorn, API key, body cap and deadline before the body
   serve.py       the ``megatron-pz serve-rollout`` subcommand
-  tiny.py        a tiny random Llama + byte tokenizer for tests and quick benches
 
 Importing this package imports nothing heavy; import the submodule you need.
 """

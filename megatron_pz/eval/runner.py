@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -217,7 +217,3 @@ def evaluate(engine: Any, encode: Callable[[str], list[int]], chat_template: Cha
 def flat_metrics(results: dict[str, dict[str, float]], prefix: str = "eval") -> dict[str, float]:
     """``{"eval/<suite>/<metric>": value}`` for a metrics logger."""
     return {f"{prefix}/{s}/{k}": float(v) for s, m in results.items() for k, v in m.items()}
-
-
-def suite_names() -> Sequence[str]:
-    return tuple(SUITES)

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from megatron_pz.errors import ConfigError
-
-if TYPE_CHECKING:
-    from megatron_pz.model.arch import ModelArch
+from megatron_pz.model.arch_fields import ArchFields
 
 # HF `model_type` -> family. Each family differs from Llama only in the flags set in
 # `arch_fields_from_hf_config`.
@@ -112,7 +110,7 @@ def arch_fields_from_hf_config(cfg: dict[str, Any] | str | Path) -> dict[str, An
     )
 
 
-def hf_config_of(arch: ModelArch) -> dict[str, Any]:
+def hf_config_of(arch: ArchFields) -> dict[str, Any]:
     """An HF config.json for this architecture (the stored original, refreshed from its fields)."""
     cfg = dict(arch.hf_config)
     cfg.update(

@@ -6,15 +6,13 @@ is ``checkpoint.layout.megatron_lm_args``.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from megatron_pz.errors import ConfigError
-
-if TYPE_CHECKING:
-    from megatron_pz.model.arch import ModelArch
+from megatron_pz.model.arch_fields import ArchFields
 
 
-def megatron_lm_extra_args(arch: ModelArch) -> dict[str, Any]:
+def megatron_lm_extra_args(arch: ArchFields) -> dict[str, Any]:
     """Megatron-LM args beyond the Llama-style ones (as --no-rope-freq, --num-experts, ... set them)."""
     extra: dict[str, Any] = {}
     if arch.rope_interpolation_factor is not None:

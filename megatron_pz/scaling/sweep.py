@@ -264,8 +264,3 @@ def _fmt(v: Any) -> Any:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else v
-
-
-def read_csv(path: Path) -> list[dict[str, Any]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))

@@ -20,6 +20,9 @@ row, prompt length P, response length R_n, padded to S):
 
     tokens  [p0 .. p(P-1) r0 .. r(R_n - 1) pad ...]     cols[n, k] = P - 1 + k     (the logit at t predicts t + 1)
 
+``MicroBatch``, the loss view (``loss_view``) and ``empty_microbatch`` live in ``trainer/microbatch.py``, which
+both layouts import (this module and ``trainer/shared_prompt.py``); they are importable from here too.
+
 With MoE routing replay (``routing_width`` = layers x top-k) the model view also carries the engine's routing:
 
     routed_experts[b, t] = the expert ids token t of row b was routed to by the engine   [B, S, L*K] int32
@@ -29,81 +32,14 @@ Samples are sorted by length before chunking so that micro-batches waste little 
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
 
+from megatron_pz.trainer.microbatch import MicroBatch, empty_microbatch, loss_view, round_up
 from megatron_pz.types import Sample
 
-
-@dataclass
-class MicroBatch:
-    tokens: torch.Tensor  # [B, S] int64
-    position_ids: torch.Tensor  # [B, S] int64
-    labels: torch.Tensor  # [N, R] int64: the response tokens
-    loss_mask: torch.Tensor  # [N, R] float32
-    advantages: torch.Tensor  # [N] float32
-    rollout_logprobs: torch.Tensor  # [N, R] float32
-    rows: torch.Tensor  # [N, R] int64: row in [B, S] of the logit predicting labels[n, k]
-    cols: torch.Tensor  # [N, R] int64: its column
-    attention_mask: torch.Tensor | None = None  # None = causal; [B, 1, S, S] bool, True = masked
-    routed_experts: torch.Tensor | None = None  # [B, S, L*K] int32, -1 = unrecorded; None = no routing replay
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.loss_mask.sum().item())
-
-    def to(self, device: torch.device) -> "MicroBatch":
-        return MicroBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
-                             for f in fields(self)})
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return int(math.ceil(n / multiple) * multiple)
-
-
-def loss_view(placed: Sequence[tuple[int, int, int, Sample]]) -> dict[str, torch.Tensor]:
-    """The loss view (module docstring) of samples placed in rows: ``(row, c0, c1, sample)`` per sample.
-
-    ``c0``: the column whose logit predicts the first response token (the prompt's last position); ``c1``: the
-    column of the first response token, so response token k >= 1 is predicted at ``c1 + k - 1``. Entries past a
-    response's end repeat its last column (``loss_mask`` 0: read, never counted). No samples: one all-masked
-    entry at (0, 0).
-    """
-    n = max(len(placed), 1)
-    r = max([1] + [len(s.response_ids) for *_, s in placed])
-    rows = torch.zeros(n, r, dtype=torch.long)
-    cols = torch.zeros(n, r, dtype=torch.long)
-    labels = torch.zeros(n, r, dtype=torch.long)
-    loss_mask = torch.zeros(n, r)
-    rollout = torch.zeros(n, r)
-    adv = torch.zeros(n)
-    k = torch.arange(r)
-    for i, (row, c0, c1, s) in enumerate(placed):
-        length = len(s.response_ids)
-        rows[i] = row
-        col = torch.where(k == 0, c0, c1 + k - 1)
-        cols[i] = col.clamp(max=int(col[max(length - 1, 0)]))
-        if length:
-            labels[i, :length] = torch.tensor(s.response_ids)
-            loss_mask[i, :length] = 1.0
-        if s.rollout_logprobs:
-            rollout[i, :length] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
-        adv[i] = float(s.advantage)
-    return {"rows": rows, "cols": cols, "labels": labels, "loss_mask": loss_mask, "rollout_logprobs": rollout,
-            "advantages": adv}
-
-
-def empty_microbatch(seq_len: int) -> MicroBatch:
-    """One all-masked row of ``seq_len`` pad tokens: a rank without trainable samples still joins the gradient
-    reduction (its gradient is zero)."""
-    z = torch.zeros(1, seq_len, dtype=torch.long)
-    one = torch.zeros(1, 1, dtype=torch.long)
-    return MicroBatch(tokens=z, position_ids=torch.arange(seq_len).unsqueeze(0), labels=one.clone(),
-                      loss_mask=torch.zeros(1, 1), advantages=torch.zeros(1), rollout_logprobs=torch.zeros(1, 1),
-                      rows=one.clone(), cols=one.clone())
+__all__ = ["MicroBatch", "build_microbatches", "empty_microbatch", "loss_view"]
 
 
 def build_microbatches(samples: Sequence[Sample], micro_batch_size: int, pad_id: int = 0,
@@ -138,11 +74,11 @@ def build_microbatches(samples: Sequence[Sample], micro_batch_size: int, pad_id:
     trainable = sorted((s for s in samples if s.trainable), key=lambda s: s.num_tokens)
     if not trainable:
         return [empty_microbatch(seq_multiple)]
-    global_len = _round_up(max(s.num_tokens for s in trainable), seq_multiple)
+    global_len = round_up(max(s.num_tokens for s in trainable), seq_multiple)
     out = []
     for i in range(0, len(trainable), micro_batch_size):
         chunk = trainable[i: i + micro_batch_size]
-        s_len = global_len if same_length else _round_up(max(s.num_tokens for s in chunk), seq_multiple)
+        s_len = global_len if same_length else round_up(max(s.num_tokens for s in chunk), seq_multiple)
         b = micro_batch_size if same_length else len(chunk)
         tokens = torch.full((b, s_len), pad_id, dtype=torch.long)
         routed = None if routing_width is None else torch.full((b, s_len, routing_width), -1, dtype=torch.int32)

@@ -16,7 +16,7 @@ logits, and in backward the prompt's activations collect the gradient of all the
 
 The first response token of every sample is predicted by the same logit (the prompt's last position, column
 P - 1); its later tokens by its own positions: ``cols[n] = [P-1, c_n, c_n + 1, ...]`` with c_n the first column
-of its response (``batching.loss_view``).
+of its response (``microbatch.loss_view``).
 
 Megatron-Core's ``GPTModel`` takes the mask as ``attention_mask`` (``[B, 1, S, S]``, True = masked, the layer
 spec built with ``AttnMaskType.arbitrary``: ``model/provider.py``) but derives rotary angles from the sequence
@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 import torch
 
-from megatron_pz.trainer.batching import MicroBatch, _round_up, loss_view
+from megatron_pz.trainer.microbatch import MicroBatch, loss_view, round_up
 from megatron_pz.types import Sample
 
 
@@ -91,9 +91,9 @@ def build_shared_microbatches(samples: Sequence[Sample], micro_batch_size: int, 
     if not pieces[0]:  # nothing trainable: one all-masked row (causal mask), see batching.empty_microbatch
         return [_microbatch([], pad_id, seq_multiple, 1)]
     rows = [[[g] for g in mb] for mb in pieces]  # one unit (group) per row
-    global_len = _round_up(max(row_length(g) for mb in pieces for g in mb), seq_multiple)
+    global_len = round_up(max(row_length(g) for mb in pieces for g in mb), seq_multiple)
     global_rows = max(len(mb) for mb in pieces)
-    return [_microbatch(mb, pad_id, global_len if same_length else _round_up(max(map(row_length, p)), seq_multiple),
+    return [_microbatch(mb, pad_id, global_len if same_length else round_up(max(map(row_length, p)), seq_multiple),
                         global_rows if same_length else len(mb)) for mb, p in zip(rows, pieces)]
 
 
@@ -136,8 +136,8 @@ def build_packed_microbatches(samples: Sequence[Sample], max_tokens: int, pad_id
         else:
             bins.append([piece])
             used.append(n)
-    global_len = _round_up(max(used), seq_multiple)
-    return [_microbatch([b], pad_id, global_len if same_length else _round_up(u, seq_multiple), 1)
+    global_len = round_up(max(used), seq_multiple)
+    return [_microbatch([b], pad_id, global_len if same_length else round_up(u, seq_multiple), 1)
             for b, u in zip(bins, used)]
 
 

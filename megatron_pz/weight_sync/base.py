@@ -4,6 +4,14 @@ A strategy pushes the trainer's full tensors (HF names) to the rollout engines a
 iterable of ``(hf_name, full torch.Tensor)`` pairs; the trainer builds it from Megatron (gather TP/PP shards,
 convert names with ``megatron_pz.convert``). Versions strictly increase: ``push`` checks that before any byte is
 sent and records the version once the engines hold it.
+
+The strategies, each a ``VersionedSync`` (all exported by ``megatron_pz.weight_sync``):
+  disk.py         ``DiskWeightSync``: a safetensors folder per version, then /update_weights_from_disk
+  tensor.py       ``TensorWeightSync``: colocated SGLang, CUDA IPC buckets to /update_weights_from_tensor
+  distributed.py  ``DistributedWeightSync``: disaggregated SGLang, rank 0 broadcasts each bucket (NCCL; gloo on CPU)
+  shared.py       ``SharedWeightSync``: the colocated embedded engine reads the trainer's own storage (world size 1)
+  memory.py       ``InMemoryWeightSync``: the colocated embedded engine of a model-parallel run copies the gathered
+                  tensors in place (world size > 1)
 """
 from __future__ import annotations
 
@@ -41,7 +49,7 @@ class SyncReport:
 
 @runtime_checkable
 class WeightSync(Protocol):
-    """One Megatron -> rollout weight path (disk.py, tensor.py, distributed.py)."""
+    """One Megatron -> rollout weight path (disk.py, tensor.py, distributed.py, shared.py, memory.py)."""
 
     version: int | None
     """The last version pushed (None before the first push of a fresh run)."""

@@ -80,7 +80,7 @@ def _logprobs_worker(root: str, ids_path: str, factor: float | None, out_path: s
 
 @pytest.fixture(scope="module")
 def megatron_lm_ckpt(tmp_path_factory):
-    from megatron_pz.engine.tiny import make_byte_tokenizer
+    from tiny_llama import make_byte_tokenizer
 
     base = tmp_path_factory.mktemp("megatron_lm")
     tok = base / "tokenizer"

@@ -15,8 +15,10 @@ from megatron_pz.rollout.launcher import ServerSpec, launch, stop_all
 from megatron_pz.rollout.pool import PoolConfig, RolloutPool
 from megatron_pz.rollout.protocol import SamplingParams
 from megatron_pz.rollout.sglang_client import ClientConfig
-from megatron_pz.engine.tiny import load_hf, make_tiny_llama, perturbed_state, reference_fn
 from megatron_pz.weight_sync import DiskWeightSync, DistributedWeightSync, check_logprobs, check_weights
+
+# tests/tiny_llama.py: pytest puts tests/ on sys.path, as for conftest
+from tiny_llama import load_hf, make_tiny_llama, perturbed_state, reference_fn
 
 NUM_GPUS = 0
 REPO = Path(__file__).resolve().parents[2]

@@ -201,3 +201,17 @@ def test_megatron_lm_args_we_save_read_back(cfg):
     a = ModelArch.from_hf_config(cfg)
     back = ModelArch.from_megatron_args(megatron_lm_args(a, tp=2, pp=1, dtype=torch.bfloat16), vocab_size=a.vocab_size)
     assert back.to_dict() | {"hf_config": {}} == a.to_dict() | {"hf_config": {}}
+
+
+def test_families_agree_and_every_constructor_gives_a_model_arch():
+    """model.arch_fields holds the families the dataclass accepts, model.arch_hf the HF model types: they agree,
+    and from_dict / from_hf_config / from_megatron_args (defined on ArchFields or ModelArch) build a ModelArch."""
+    from megatron_pz.model.arch import FAMILIES, SUPPORTED_MODEL_TYPES
+    from megatron_pz.model.arch_hf import HF_ARCHITECTURES
+
+    assert set(SUPPORTED_MODEL_TYPES.values()) == set(FAMILIES) == set(HF_ARCHITECTURES)
+    a = ModelArch.from_hf_config(SMOLLM3_3B)
+    for built in (a, ModelArch.from_dict(a.to_dict())):
+        assert type(built) is ModelArch and built == a
+    with pytest.raises(ConfigError, match="unsupported model family 'gpt2'"):
+        ModelArch(**{**a.to_dict(), "family": "gpt2"})

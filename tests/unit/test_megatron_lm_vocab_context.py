@@ -279,7 +279,7 @@ def test_read_arch_null_tokenizer_49152_keeps_49280_rows_and_exports_49152(tmp_p
 def test_read_arch_uses_the_tokenizer_the_args_name(tmp_path):
     from megatron_pz import checkpoint as ckpt
     from megatron_pz.convert.source import ModelSource, tokenizer_dir
-    from megatron_pz.engine.tiny import make_byte_tokenizer
+    from tiny_llama import make_byte_tokenizer
 
     tok = tmp_path / "tok"
     make_byte_tokenizer().save_pretrained(str(tok))  # 260 tokens

@@ -11,8 +11,10 @@ from megatron_pz.errors import CheckpointError, ConfigError, RolloutError
 from megatron_pz.engine.engine import EmbeddedEngine
 from megatron_pz.engine.weights import read_safetensors_dir
 from megatron_pz.rollout.protocol import SamplingParams
-from megatron_pz.engine.tiny import load_hf, perturbed_state, reference_logprobs
 from megatron_pz.types import Sample, Status, Task
+
+# tests/tiny_llama.py: pytest puts tests/ on sys.path, as for conftest
+from tiny_llama import load_hf, perturbed_state, reference_logprobs
 
 NUM_GPUS = 0
 

@@ -13,8 +13,10 @@ from megatron_pz.rollout.pool import RolloutPool
 from megatron_pz.rollout.protocol import RolloutEngine, SamplingParams
 from megatron_pz.engine.server import RolloutServer, ServerConfig
 from megatron_pz.rollout.sglang_client import BadResponse, ClientConfig, SGLangClient
-from megatron_pz.engine.tiny import load_hf, perturbed_state, reference_fn
 from megatron_pz.weight_sync import DiskWeightSync, check_logprobs, check_weights
+
+# tests/tiny_llama.py: pytest puts tests/ on sys.path, as for conftest
+from tiny_llama import load_hf, perturbed_state, reference_fn
 
 NUM_GPUS = 0
 FAST = ClientConfig(max_retries=1, backoff_s=0.01, generate_timeout_s=60, control_timeout_s=60)

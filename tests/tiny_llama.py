@@ -2,6 +2,10 @@
 
 Byte-level means every string round-trips through token ids, so stop strings and text output are exercised
 without downloading a tokenizer. Vocabulary: 256 bytes + <pad> <bos> <eos> <unk> = 260 ids.
+
+A test fixture, so it lives beside the tests, not in the package: tests import it as ``tiny_llama`` (pytest puts
+tests/ on ``sys.path`` for tests/conftest.py, which builds the ``tiny`` fixture with it); tools/bench_rollout.py
+adds tests/ to ``sys.path`` itself.
 """
 from __future__ import annotations
 
