@@ -1,14 +1,18 @@
 """The colocated engine of a model-parallel run (``rollout.colocate=true`` at TP2 and PP2, gloo): global rank 0
 keeps its own full HF copy, and a weight sync copies the gathered tensors into it in memory.
 
-Two spawned processes on a tiny Qwen3 (Megatron model + DDP + distributed optimizer, fp32). ``start_colocated``
-runs on a ``Run`` holding the real config, publisher and model chunks: rank 0 builds the engine from the run's
-HF meta and serves it on a thread, the URL is broadcast. Then one real optimizer step (GRPO loss on the engine's
+Two spawned processes on a tiny Qwen3 (Megatron model + DDP + distributed optimizer, fp32). ``connect_colocated``
+runs on the real config, publisher and model chunks: rank 0 builds the engine from the run's HF meta and serves it
+on a thread, the URL (and key) is broadcast. At TP2 ``$MEGATRON_PZ_ROLLOUT_API_KEY`` is set: the server requires
+it, a request without it is refused, and the pool sends it. At PP2 the ranks are made to look as if they spanned
+two nodes: the server binds every interface, is named by the host name, and requires a key generated for the run. Then one real optimizer step (GRPO loss on the engine's
 own samples) and ``WeightPublisher.push`` (collective export + ``InMemoryWeightSync``). The reference is the disk
 sync: the same export written by ``DiskWeightSync`` and loaded by a disaggregated engine from that folder. The
 in-memory copy must equal the disk-synced tensors bit for bit, and the two engines' log-probs and seeded samples
 must be identical, at step 0 and after the step.
 """
+import os
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +20,7 @@ import pytest
 import torch
 
 from megatron_pz.parallel import spawn_local
+from megatron_pz.rollout.launcher import API_KEY_ENV
 
 pytestmark = pytest.mark.multiproc
 PROMPTS = [[5, 17, 42, 99, 7], [250, 3, 3, 180, 64, 11, 2]]
@@ -41,12 +46,21 @@ def _sampled(engine):
             for r in group]
 
 
-class _Run(SimpleNamespace):
-    """What ``start_colocated`` and the publisher read of ``trainer.run.Run``."""
+KEY = "colocated-test-key"
 
-    @property
-    def weight_version(self) -> int:
-        return self.weights.version
+
+def _unauthorised_status(url: str) -> int:
+    """The status of a /generate request sent without a key."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"input_ids": PROMPTS[0], "sampling_params": {"max_new_tokens": 1}}).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/generate", data=body), timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def _worker(hf_dir: str, tp: int, pp: int, out_dir: str) -> None:
@@ -63,9 +77,8 @@ def _worker(hf_dir: str, tp: int, pp: int, out_dir: str) -> None:
     from megatron_pz.model.provider import ModelConfig, build_model, unwrap
     from megatron_pz.parallel import ParallelConfig, data_owner_rank, init_distributed
     from megatron_pz.rollout.protocol import fill_sample
+    from megatron_pz.trainer import colocate
     from megatron_pz.trainer.batching import build_microbatches
-    from megatron_pz.trainer.colocate import start_colocated
-    from megatron_pz.trainer.connect import stop_rollout
     from megatron_pz.trainer.optimizer import setup_training
     from megatron_pz.trainer.step import train_step
     from megatron_pz.types import Sample, Status, Task
@@ -88,12 +101,23 @@ def _worker(hf_dir: str, tp: int, pp: int, out_dir: str) -> None:
     torch.distributed.barrier()
     cfg = load_config(None, ["rollout.colocate=true", "model.dtype=fp32", f"parallel.tensor_model_parallel_size={tp}",
                              f"parallel.pipeline_model_parallel_size={pp}"])
-    run = _Run(cfg=cfg, out=out, arch=arch, training=training, chunks=[unwrap(m) for m in training.model],
-                          weights=WeightPublisher(arch, torch.float32), is_data_owner=rank == data_owner_rank(),
-                          engine=None, colocated_server=None, servers=[])
-    start_colocated(run)  # collective: the initial export, the URL broadcast
+    spans_nodes = pp > 1
+    if spans_nodes:
+        colocate._spans_nodes = lambda: True  # the other rank "on another node": it must reach rank 0 by name
+    else:
+        os.environ[API_KEY_ENV] = KEY  # what a Slurm job exports for servers and trainer alike
+    weights = WeightPublisher(arch, torch.float32)
+    run = SimpleNamespace(cfg=cfg, out=out, arch=arch, chunks=[unwrap(m) for m in training.model], weights=weights,
+                          is_data_owner=rank == data_owner_rank())
+    # collective: the initial export, the URL (and key) broadcast
+    engine = colocate.connect_colocated(cfg, out, weights, run.chunks, run.is_data_owner)
+    run.engine = engine.pool
     writer = DiskWeightSync(None, out / "weights", hf_config_dir=out / ckpt.RUN_HF_META_DIR)
     result = {"rank": rank, "owner": run.is_data_owner, "pool": run.engine is not None}
+    if rank == 0:
+        server = engine.colocated
+        result["auth"] = {"host": server.config.host, "url": run.engine.clients[0].base_url,
+                          "key": server.config.api_key, "status_without_key": _unauthorised_status(server.url)}
 
     def disk_synced(version: int) -> Path | None:
         """The disk sync's folder of the current weights (collective export, rank 0 writes)."""
@@ -104,7 +128,7 @@ def _worker(hf_dir: str, tp: int, pp: int, out_dir: str) -> None:
     if rank == 0:
         colocated = run.weights.sync.engine
         result["strategy"] = type(run.weights.sync).__name__
-        result["server_is_local"] = run.colocated_server is not None
+        result["server_is_local"] = engine.colocated is not None
         disaggregated = EmbeddedEngine(folder, dtype="float32")  # what the launched server loads
         result["step0"] = (_prompt_logprobs(colocated), _prompt_logprobs(disaggregated))
         result["sampled0"] = (_sampled(run.engine), _sampled(disaggregated))  # the colocated one over HTTP
@@ -136,17 +160,31 @@ def _worker(hf_dir: str, tp: int, pp: int, out_dir: str) -> None:
         disaggregated.update_weights_from_disk(str(folder), 1)
         result["step1"] = (_prompt_logprobs(colocated), _prompt_logprobs(disaggregated))
         result["sampled1"] = (_sampled(run.engine), _sampled(disaggregated))
-    stop_rollout(run)
+    weights.close()
+    engine.close()
     if ps.is_pipeline_last_stage() or rank == 0:
         torch.save(result, out / f"result.{rank}.pt")
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
-def test_colocated_engine_copy_equals_the_disk_sync(tiny_qwen3_hf, tmp_path, tp, pp):
+def test_colocated_engine_copy_equals_the_disk_sync(tiny_qwen3_hf, tmp_path, tp, pp, monkeypatch):
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    if pp > 1:
+        try:
+            socket.gethostbyname(socket.gethostname())
+        except OSError:
+            pytest.skip("this machine's host name does not resolve: a server named by it cannot be reached")
     spawn_local(_worker, 2, (tiny_qwen3_hf, tp, pp, str(tmp_path)))
     r = torch.load(tmp_path / "result.0.pt", weights_only=False)
     other = torch.load(tmp_path / "result.1.pt", weights_only=False)
     assert r["strategy"] == "InMemoryWeightSync" and r["server_is_local"] and r["owner"]
+    auth = r["auth"]
+    assert auth["status_without_key"] == 401  # refused without the key; the pool (which sends it) is served below
+    if pp == 1:  # one node: loopback, with the key from the environment
+        assert auth["host"] == "127.0.0.1" and auth["key"] == KEY
+    else:  # ranks on several nodes: every interface, a key generated for the run, reached by host name
+        assert auth["host"] == "0.0.0.0" and auth["key"] and auth["key"] != KEY
+        assert auth["url"].startswith(f"http://{socket.gethostname()}:")
     assert other["strategy"] == "NoneType" and not other["owner"] and not other["pool"]  # one data owner, rank 0
     # step 0: the engine's copy of the gathered export computes exactly what the disk-loaded engine computes
     assert torch.equal(*r["step0"])
