@@ -25,7 +25,8 @@ from megatron_pz.data.corpus import CorpusConfig
 from megatron_pz.data.next_token import NextTokenConfig
 from megatron_pz.data.prompts import PromptConfig
 from megatron_pz.data.spans import RandomSpanConfig, SpanConfig
-from megatron_pz.data.tasks import SftConfig, check_objective
+from megatron_pz.data.objectives import OBJECTIVES, Objective, check_objective
+from megatron_pz.data.tasks import SftConfig
 from megatron_pz.errors import ConfigError
 from megatron_pz.eval.runner import EvalConfig
 from megatron_pz.model.provider import ModelConfig
@@ -117,12 +118,15 @@ class TrainConfig:
                               f"got {self.max_tokens_per_microbatch}")
         if self.exit_duration_mins is not None and not self.exit_duration_mins > 0:
             raise ConfigError(f"train.exit_duration_mins must be > 0 (null = no limit), got {self.exit_duration_mins}")
-        groups = {"pretrainzero": ("masks_per_paragraph", "predictions_per_mask"),
-                  "sft_span": ()}.get(self.objective, ("predictions_per_mask",))
-        for name in groups:
+        for name in self.objective_spec.group_sizes:
             if getattr(self, name) < 2:
                 raise ConfigError(f"train.{name} must be >= 2 for train.objective={self.objective}: it is a GRPO "
                                   "group size, and a group of one sample has zero variance and is always filtered")
+
+    @property
+    def objective_spec(self) -> Objective:
+        """The record of ``objective`` (``data.objectives.OBJECTIVES``)."""
+        return OBJECTIVES[self.objective]
 
 
 @dataclass
@@ -308,7 +312,7 @@ class LoggingConfig:
             raise ConfigError(f"logging.wandb_mode must be online, offline or null, got {self.wandb_mode!r}")
 
 
-SPAN_OBJECTIVES = ("pretrainzero", "random_span", "sft_span")
+SPAN_OBJECTIVES = tuple(name for name, o in OBJECTIVES.items() if o.masks_spans)
 """The objectives that mask spans with ``span.mask_token`` (rpt truncates text instead)."""
 
 
@@ -338,9 +342,10 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if self.model.moe_routing_replay and self.train.objective == "sft_span":
+        if self.model.moe_routing_replay and self.train.objective_spec.supervised:
             raise ConfigError("model.moe_routing_replay=true replays the rollout engine's routing, and "
-                              "train.objective=sft_span trains on teacher-forced text with no rollout: turn it off")
+                              f"train.objective={self.train.objective} trains on teacher-forced text with no rollout: "
+                              "turn it off")
         for name in ("shared_prompt", "max_tokens_per_microbatch"):
             if self.model.moe_routing_replay and getattr(self.train, name):
                 raise ConfigError(f"model.moe_routing_replay=true lays out one sample per row; train.{name} packs "
@@ -348,7 +353,7 @@ class RunConfig:
         # A paragraph that already holds the mask token can never be masked (spans.MASK_TOKEN_IN_TEXT): drop it at
         # the corpus, where it is counted (stats "dropped_substring"), not once per rollout. The corpus default
         # names "[mask]" only, so a custom span.mask_token is added here.
-        if self.train.objective in SPAN_OBJECTIVES and self.span.mask_token not in self.corpus.drop_if_contains:
+        if self.train.objective_spec.masks_spans and self.span.mask_token not in self.corpus.drop_if_contains:
             self.corpus.drop_if_contains = [*self.corpus.drop_if_contains, self.span.mask_token]
         for name in ("shared_prompt", "max_tokens_per_microbatch"):
             if getattr(self.train, name) and self.parallel.context_parallel_size > 1:
@@ -371,7 +376,7 @@ class RunConfig:
         uses TE's layer spec (None: as ``model.transformer_impl`` resolves on this machine)."""
         if self.train.shared_prompt is not None:
             return self.train.shared_prompt
-        if (self.parallel.context_parallel_size > 1 or self.train.objective == "sft_span"
+        if (self.parallel.context_parallel_size > 1 or not self.train.objective_spec.shared_prompts
                 or self.model.moe_routing_replay):
             return False
         if transformer_engine is None:
@@ -411,9 +416,9 @@ class RunConfig:
                   f"CP {p.context_parallel_size} x DP {self.parallel.data_parallel_size(world_size)}")
         if p.expert_model_parallel_size > 1:
             layout += f", EP {p.expert_model_parallel_size}"
-        per_paragraph = {"random_span": "spans", "rpt": "next-token positions"}.get(t.objective, "masks")
-        batch = (f"{t.masks_per_paragraph} supervised spans" if t.objective == "sft_span" else
-                 f"{t.masks_per_paragraph} {per_paragraph} x {t.predictions_per_mask} predictions")
+        o = t.objective_spec
+        batch = f"{t.masks_per_paragraph} {o.per_paragraph}" + (
+            "" if o.supervised else f" x {t.predictions_per_mask} predictions")
         return [
             f"model    {self.policy.load} ({self.model.dtype})",
             f"layout   {world_size} process{'es' if world_size > 1 else ''}: {layout}; rollout {r.backend}, "
