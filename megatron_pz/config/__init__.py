@@ -86,11 +86,6 @@ class RunConfig:
             if self.model.moe_routing_replay and getattr(self.train, name):
                 raise ConfigError(f"model.moe_routing_replay=true lays out one sample per row; train.{name} packs "
                                   f"several into one: leave train.{name} null")
-        # A paragraph that already holds the mask token can never be masked (spans.MASK_TOKEN_IN_TEXT): drop it at
-        # the corpus, where it is counted (stats "dropped_substring"), not once per rollout. The corpus default
-        # names "[mask]" only, so a custom span.mask_token is added here.
-        if self.train.objective_spec.masks_spans and self.span.mask_token not in self.corpus.drop_if_contains:
-            self.corpus.drop_if_contains = [*self.corpus.drop_if_contains, self.span.mask_token]
         for name in ("shared_prompt", "max_tokens_per_microbatch"):
             if getattr(self.train, name) and self.parallel.context_parallel_size > 1:
                 raise ConfigError(f"train.{name} needs parallel.context_parallel_size 1, got "
@@ -107,6 +102,24 @@ class RunConfig:
                               f"reward.pred_reward=continuation_match (got {self.reward.pred_reward!r})")
 
     # -------------------------------------------------------------- derived
+    def resolved(self, transformer_engine: bool | None = None) -> RunConfig:
+        """A new config with the derived values written out; this one is left as loaded (validation never changes
+        a config). The trainer runs on it and records it in config.json:
+
+        * ``train.shared_prompt``: null resolved (``shared_prompt_on``; ``transformer_engine`` as there);
+        * ``corpus.drop_if_contains``: a paragraph that already holds the mask token can never be masked
+          (spans.MASK_TOKEN_IN_TEXT), so an objective that masks spans drops it at the corpus, where it is counted
+          (stats "dropped_substring"), not once per rollout. The corpus default names "[mask]" only, so a custom
+          ``span.mask_token`` is added.
+        """
+        drop = list(self.corpus.drop_if_contains)
+        if self.train.objective_spec.masks_spans and self.span.mask_token not in drop:
+            drop.append(self.span.mask_token)
+        return dataclasses.replace(
+            self,
+            train=dataclasses.replace(self.train, shared_prompt=self.shared_prompt_on(transformer_engine)),
+            corpus=dataclasses.replace(self.corpus, drop_if_contains=drop))
+
     def shared_prompt_on(self, transformer_engine: bool | None = None) -> bool:
         """``train.shared_prompt`` resolved (null: see TrainConfig). ``transformer_engine``: whether the model
         uses TE's layer spec (None: as ``model.transformer_impl`` resolves on this machine)."""
