@@ -73,7 +73,8 @@ def build_workload(cfg: Any, steps: int) -> Workload:
     if cfg.prompt.style == "chat" and tok.apply_chat_template([{"role": "user", "content": "x"}]) is not None:
         chat = tok.apply_chat_template
     count = lambda s: len(tok.encode(s))
-    corpus = CorpusReader(cfg.corpus, count_tokens=count,
+    # The corpus as the trainer reads it (a custom span.mask_token dropped); the layout does not matter here.
+    corpus = CorpusReader(cfg.resolved(transformer_engine=False).corpus, count_tokens=count,
                           prompt_overhead_tokens=template_overhead_tokens(count, cfg.prompt, chat),
                           dp_rank=0, dp_world_size=1)
     t = cfg.train

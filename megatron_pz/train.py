@@ -152,7 +152,7 @@ def update_policy(run: Run, samples: list[Sample]) -> dict[str, float]:
     run.rollout.engine.release_memory()  # SGLang on the trainer's GPUs (rollout.release_memory_in_train)
     microbatches = microbatches_for(run, samples)
     # sft_span: teacher-forced cross-entropy at temperature 1 (the model's own distribution), no rollout to match.
-    supervised = run.cfg.train.objective == "sft_span"
+    supervised = run.cfg.train.objective_spec.supervised
     temperature = 1.0 if supervised else run.cfg.rollout.temperature
     metrics = train_step(run.training, microbatches, run.cfg.loss, run.arch.vocab_size, temperature,
                          supervised=supervised)

@@ -57,7 +57,7 @@ class CorpusConfig:
     """Malformed record (non-JSON line, missing/empty ``text``): "error" raises DataError, "skip" counts it."""
     drop_if_contains: list[str] = field(default_factory=lambda: ["[mask]"])
     """Drop paragraphs containing any of these strings (the mask token would make masked prompts ambiguous); a run
-    with a span objective adds ``span.mask_token`` when it is missing (``config.RunConfig``)."""
+    with a span objective adds ``span.mask_token`` when it is missing (``config.RunConfig.resolved``)."""
 
     def __post_init__(self) -> None:
         # Messages name the run-config key (the section is ``corpus``); bool is an int but never meant as a count.

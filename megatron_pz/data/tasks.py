@@ -1,7 +1,7 @@
 """Build ``Sample`` records for each objective: PretrainZero generation/prediction and the two baselines.
 
-Objectives (``OBJECTIVES``; the run picks one with ``train.objective``, and the GRPO group sizes are
-``train.masks_per_paragraph`` and ``train.predictions_per_mask``):
+Objectives (``OBJECTIVES``: one ``Objective`` record each, in ``data/objectives.py``; the run picks one with
+``train.objective``, and the GRPO group sizes are ``train.masks_per_paragraph`` and ``train.predictions_per_mask``):
   * ``"pretrainzero"``: paragraph -> ``n`` generator Samples (one GRPO group); each valid generator output ->
     ``n`` predictor Samples (one group per mask) [PZ §3.2, §4.1].
   * ``"random_span"``: Random-span RLPT: paragraph -> random whole-word span -> ``n`` predictor Samples with the
@@ -25,26 +25,11 @@ from dataclasses import dataclass
 
 from megatron_pz.data import prompts
 from megatron_pz.data.corpus import Paragraph
+from megatron_pz.data.objectives import OBJECTIVES, Objective, check_objective, objective_of  # noqa: F401
 from megatron_pz.data.parsers import extract_mask
 from megatron_pz.data.spans import RandomSpanConfig, SpanConfig, SpanResult, apply_span, sample_random_span
 from megatron_pz.errors import ConfigError
 from megatron_pz.types import Sample, Status, Task
-
-OBJECTIVES: dict[str, str] = {
-    "pretrainzero": "mask generation + prediction [PZ §3.2]",
-    "random_span": "Random-span RLPT baseline [PZ §4.2]",
-    "rpt": "RPT entropy next-token baseline [PZ §3.1]",
-    "sft_span": "supervised warm-up on random spans (cold start; a deviation, cf. RLPT's SFT [method §5.2])",
-}
-"""Every objective, one name each, with what it trains; ``trainer.collect.COLLECTORS`` has one collector each."""
-
-
-def check_objective(name: str, key: str = "train.objective") -> str:
-    """``name`` if it is an objective, else a ConfigError naming ``key`` and the choices."""
-    if name in OBJECTIVES:
-        return name
-    *first, last = OBJECTIVES
-    raise ConfigError(f"{key} must be {', '.join(first)} or {last}, got {name!r}")
 
 
 def _paragraph_meta(paragraph: Paragraph) -> dict:

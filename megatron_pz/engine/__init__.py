@@ -11,7 +11,10 @@ Modules (each one job):
   engine.py      ``EmbeddedEngine``: the engine object (generation, versioned weight updates, pause/abort)
   limits.py      the server's request limits and their defaults
   strict_json.py request bodies as strict JSON (no NaN, duplicate keys, deep nesting, invalid UTF-8)
-  wire.py        SGLang's request models (pydantic), sampling-parameter parsing, ``/generate`` response items
+  wire.py        SGLang's wire format (its shapes and sources), re-exporting the three modules below
+  wire_requests.py   request models (pydantic), the HTTPError a request is refused with, version/log-prob checks
+  wire_sampling.py   sampling-parameter parsing into ``SamplingParams``
+  wire_responses.py  ``/generate`` response items (finish reason, log-probs, routed experts)
   batcher.py     merge concurrent requests into engine calls, run in turns of one chunk each
   endpoints.py   one handler per SGLang endpoint, and the route table
   server.py      ``RolloutServer``: FastAPI on uvicorn, API key, body cap and deadline before the body

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from megatron_pz.data.objectives import objective_of
 from megatron_pz.errors import ConfigError
 from megatron_pz.model.arch import ModelArch
 
@@ -95,10 +96,10 @@ def microbatch_shape(cfg: Any, shared: bool) -> tuple[int, int]:
     mbs = t.micro_batch_size
     if getattr(t, "max_tokens_per_microbatch", None):
         return 1, -(-t.max_tokens_per_microbatch // 8) * 8
-    if not shared or t.objective == "sft_span":
+    objective = objective_of(t)
+    if not shared or not objective.shared_prompts:
         return mbs, seq_length_of(cfg)
-    groups = ([t.masks_per_paragraph, t.predictions_per_mask] if t.objective == "pretrainzero"
-              else [t.predictions_per_mask])
+    groups = [getattr(t, name) for name in objective.group_sizes]
     k_max, k_min = min(mbs, max(groups)), min(mbs, min(groups))
     response = max(cfg.gen_max_new_tokens, cfg.pred_max_new_tokens)
     return -(-mbs // k_min), cfg.corpus.max_prompt_tokens + k_max * response
@@ -111,6 +112,6 @@ def samples_per_dp_rank(cfg: Any, dp: int) -> int:
     """
     t = cfg.train
     per_paragraph = t.masks_per_paragraph * t.predictions_per_mask
-    if t.objective == "pretrainzero":
+    if objective_of(t).generator:
         per_paragraph += t.masks_per_paragraph
     return t.paragraphs_per_step // dp * per_paragraph

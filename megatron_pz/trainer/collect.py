@@ -204,7 +204,7 @@ COLLECTORS: dict[str, Callable[..., tuple[list[Sample], dict[str, float]]]] = {
     "rpt": collect_rpt,
     "sft_span": collect_sft_span,
 }
-"""One collector per objective (``data.tasks.OBJECTIVES``)."""
+"""One collector per objective, keyed by name: exactly the entries of ``data.objectives.OBJECTIVES``."""
 
 
 def collect(paragraphs: Sequence[Paragraph], cfg: RunConfig, engine: Any,

@@ -103,7 +103,7 @@ def install_stop_signals(stop: StopRequest) -> None:
 def setup(cfg: RunConfig) -> Run:
     """Build the whole run; resumes from <output_dir>/checkpoints when one exists (and auto_resume)."""
     preflight(cfg)  # every input path, before process groups, model or servers
-    cfg.train.shared_prompt = cfg.shared_prompt_on()  # null resolved here, recorded so in config.json
+    cfg = cfg.resolved()  # derived values (shared_prompt, drop_if_contains) written out, recorded so in config.json
     init_distributed(cfg.parallel)
     logger.info("process group: %s (%s)", describe_hosts(), torch.distributed.get_backend())
     rank = torch.distributed.get_rank()

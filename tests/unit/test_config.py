@@ -212,3 +212,33 @@ def test_colocated_rollout_shares_at_world_size_one_and_copies_with_model_parall
     assert mp.validate_world(4) == 2
     assert "TP 2 x PP 1 x CP 1 x DP 2; rollout embedded, colocated on rank 0, weights copied in memory" in \
         mp.describe(4)[1]
+
+
+def _old_resolution(cfg, te):
+    """What loading plus setup's in-place writes used to leave in (shared_prompt, drop_if_contains)."""
+    drop = cfg.corpus.drop_if_contains
+    if cfg.train.objective in ("pretrainzero", "random_span", "sft_span") and cfg.span.mask_token not in drop:
+        drop = [*drop, cfg.span.mask_token]
+    shared = cfg.train.shared_prompt
+    if shared is None:
+        shared = not (cfg.parallel.context_parallel_size > 1 or cfg.train.objective == "sft_span"
+                      or cfg.model.moe_routing_replay or te)
+    return shared, drop
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["span.mask_token=<M>"], ["span.mask_token=<M>", "corpus.drop_if_contains=[<M>]"],
+    ["train.objective=rpt", "span.mask_token=<M>"], ["train.objective=sft_span", "span.mask_token=<M>"],
+    ["train.objective=random_span"], ["train.shared_prompt=false"], ["train.shared_prompt=true"],
+    ["parallel.context_parallel_size=2"], ["model.moe_routing_replay=true"]])
+@pytest.mark.parametrize("te", [False, True])
+def test_resolved_is_a_new_config_with_the_derived_values_and_the_loaded_one_unchanged(overrides, te):
+    cfg = load_config(None, overrides)
+    before = cfg.to_dict()
+    out = cfg.resolved(transformer_engine=te)
+    assert cfg.to_dict() == before  # validation and resolution leave the loaded config as it was
+    assert out is not cfg and out.train is not cfg.train and out.corpus is not cfg.corpus
+    assert (out.train.shared_prompt, out.corpus.drop_if_contains) == _old_resolution(cfg, te)
+    changed = {k for k, v in out.to_dict().items() if v != before[k]}
+    assert changed <= {"train", "corpus"}
+    assert out.resolved(transformer_engine=te).to_dict() == out.to_dict()  # resolving twice changes nothing
