@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="run file (YAML), e.g. examples/quickstart_cpu.yaml; without it, the paper's "
-                   "defaults (megatron_pz/config.py) and --load")
+                   "defaults (megatron_pz/config/) and --load")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=10 optim.lr=1e-6")
     megatron = p.add_argument_group("Megatron-LM flags", "each sets one config key, the same as KEY=VALUE; "
                                     "continue from a checkpoint with: --load CKPT --tokenizer DIR --save OUT")

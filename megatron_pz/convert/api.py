@@ -24,7 +24,7 @@ from megatron_pz.io import atomic_dir
 from megatron_pz.model.arch import ModelArch
 from megatron_pz.model.context import extend_context
 from megatron_pz.model.provider import ModelConfig, build_model
-from megatron_pz.parallel import ParallelConfig, destroy_distributed, init_distributed, spawn_local
+from megatron_pz.parallel import ParallelConfig, destroy_distributed, init_distributed, is_rank0, spawn_local
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def _hf_to_mcore_rank(src: str, dst: str, tp: int, pp: int, dtype: str, iteratio
     # training=False: no forward runs here, so an MoE model at TP > 1 needs no sequence parallelism.
     model = build_model(arch, _conversion_model_config(dtype), parallel, training=False)
     load_hf_into_model(model, hf.get, arch)
-    if torch.distributed.get_rank() == 0:
+    if is_rank0():
         with atomic_dir(Path(dst) / ckpt.HF_AUX_DIR) as tmp:
             for f in aux_files(src):
                 shutil.copy2(f, tmp / f.name)

@@ -41,6 +41,7 @@ from megatron_pz.engine.engine import EmbeddedEngine
 from megatron_pz.engine.model import LoadedModel, build_model
 from megatron_pz.engine.server import RolloutServer, ServerConfig
 from megatron_pz.engine.weights import StateSpec, validate_state
+from megatron_pz.parallel import is_rank0
 from megatron_pz.trainer.connect import Engine, open_pool, rollout_api_key
 from megatron_pz.weight_sync import InMemoryWeightSync, SharedWeightSync
 from megatron_pz.weight_sync.publisher import WeightPublisher
@@ -82,7 +83,7 @@ def _start_gathered(cfg: RunConfig, out: Path, weights: WeightPublisher, chunks:
     spans_nodes = _spans_nodes()  # collective
     state = weights.export(chunks)  # collective; the HF tensors on global rank 0, None elsewhere
     served, where = None, [None]
-    if torch.distributed.get_rank() == 0:
+    if is_rank0():
         lm = _build(cfg, out)
         load_state(lm, state, f"the gathered weights of version {weights.version}")
         served = _engine(cfg, out, lm, weights.version)

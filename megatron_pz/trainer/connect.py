@@ -23,7 +23,7 @@ from megatron_pz.config import RolloutConfig, RunConfig
 from megatron_pz.dtypes import long_name
 from megatron_pz.engine.server import RolloutServer
 from megatron_pz.errors import ConfigError, RolloutError
-from megatron_pz.parallel import free_port
+from megatron_pz.parallel import free_port, is_rank0
 from megatron_pz.rollout import launcher
 from megatron_pz.rollout.launcher import API_KEY_ENV, LaunchedServer, ServerSpec
 from megatron_pz.rollout.pool import PoolConfig, RolloutPool, read_endpoints_file
@@ -92,7 +92,7 @@ class Engine:
         if not any_rank(error is not None):
             return False
         verdict: list[str | None] = [None]  # None: restarted; else why not
-        if torch.distributed.get_rank() == 0:
+        if is_rank0():
             verdict[0] = self._restart_dead_servers(where, error, version)
         torch.distributed.broadcast_object_list(verdict, src=0)
         if verdict[0] is not None:
@@ -130,13 +130,13 @@ class Engine:
         """``rollout.release_memory_in_train``: the SGLang servers on the trainer's GPUs free their weights, KV cache
         and CUDA graphs (every type) for the train phase. Global rank 0 asks every server, once the rollout is over
         (SGLang releases only when idle). Nothing otherwise."""
-        if self.cfg.release_memory_in_train and torch.distributed.get_rank() == 0:
+        if self.cfg.release_memory_in_train and is_rank0():
             self.pool.release_memory_occupation(None)
 
     def resume_memory(self, tags: tuple[str, ...]) -> None:
         """The memory ``release_memory`` freed, ``tags`` of it (``WEIGHTS_MEMORY`` before the weight sync,
         ``SERVING_MEMORY`` after it). Global rank 0; nothing without ``rollout.release_memory_in_train``."""
-        if self.cfg.release_memory_in_train and torch.distributed.get_rank() == 0:
+        if self.cfg.release_memory_in_train and is_rank0():
             self.pool.resume_memory_occupation(list(tags))
 
     def close(self) -> None:
@@ -156,7 +156,7 @@ def connect(cfg: RunConfig, out: Path, weights: WeightPublisher, chunks: list[to
     engine = Engine(r, Path(r.weights_dir or out / "weights").resolve())
     state = weights.export(chunks)  # collective
     urls: list[str] = []
-    if torch.distributed.get_rank() == 0:
+    if is_rank0():
         writer = DiskWeightSync(None, engine.weights_dir, hf_config_dir=out / ckpt.RUN_HF_META_DIR)
         stale = writer.drop_versions_after(weights.version)
         if stale:
@@ -179,7 +179,7 @@ def connect(cfg: RunConfig, out: Path, weights: WeightPublisher, chunks: list[to
     if is_data_owner:
         engine.pool = open_pool(r, box[0], routed_experts=cfg.model.moe_routing_replay)
     sync = None
-    if torch.distributed.get_rank() == 0:
+    if is_rank0():
         sync = make_weight_sync(r, out, engine, weights.version)
     weights.attach(sync, engine.pool)
     if r.backend == "sglang":

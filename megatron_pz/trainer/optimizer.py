@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from megatron_pz.parallel import is_rank0
+
 
 @dataclass
 class TrainingState:
@@ -110,7 +112,7 @@ class ScheduleState:
         logger = logging.getLogger("megatron_pz.trainer.checkpointer")
         scheduler, step = self.training.scheduler, int(meta["step"])
         changed = restore_scheduler(scheduler, meta["scheduler"])
-        rank0 = torch.distributed.get_rank() == 0
+        rank0 = is_rank0()
         if changed and rank0:
             logger.warning("LR schedule changed since the checkpoint: %s; continuing after step %d on this config's "
                            "schedule", ", ".join(changed), step)

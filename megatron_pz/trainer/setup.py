@@ -29,7 +29,7 @@ from megatron_pz.model.arch import ModelArch
 from megatron_pz.model.context import extend_context, parse_rope_scaling
 from megatron_pz.model.provider import build_model, unwrap
 from megatron_pz.model.tokenizer import load_tokenizer
-from megatron_pz.parallel import DataLayout, data_owner_rank, describe_hosts, init_distributed
+from megatron_pz.parallel import DataLayout, data_owner_rank, describe_hosts, init_distributed, is_rank0
 from megatron_pz.trainer.checkpointer import Checkpointer
 from megatron_pz.trainer.optimizer import ScheduleState, TrainingState, setup_training
 from megatron_pz.trainer.preflight import preflight
@@ -185,7 +185,7 @@ def load_initial_weights(training: TrainingState, arch: ModelArch, src: ModelSou
 
 def write_hf_meta(out: Path, arch: ModelArch, tok_dir: Path) -> None:
     """config.json + tokenizer files for the rollout engine's HF weight folders (rank 0)."""
-    if torch.distributed.get_rank() != 0:
+    if not is_rank0():
         return
     meta_dir = out / ckpt.RUN_HF_META_DIR
     meta_dir.mkdir(parents=True, exist_ok=True)

@@ -71,3 +71,45 @@ def test_an_unchanged_schedule_resumes_where_it_was_and_reports_nothing():
     opt, new = _scheduler(4, lr_decay_style="linear")
     assert restore_scheduler(new, old.state_dict()) == []
     assert new.num_steps == 1 and abs(opt.param_groups[0]["lr"] - 7.5e-4) < 1e-12  # 1e-3 * (1 - 1/4)
+
+
+# ---------------------------------------------------------------------------- a mapping of stateful parts
+class _Part:
+    def __init__(self, **state):
+        self.state, self.loaded = state, None
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, meta):
+        self.loaded = {k: meta[k] for k in self.state}
+
+
+def test_the_checkpoint_meta_is_the_step_and_each_parts_own_keys(tmp_path):
+    a, b = _Part(scheduler={"num_steps": 3}), _Part(weight_version=3, corpus={"0": [1, 2]})
+    c = Checkpointer(Path(tmp_path), CheckpointConfig(), total_steps=5, parts={"a": a, "b": b}, run_name="r")
+    meta = c._meta(3)
+    assert meta == {"step": 3, "run_name": "r", "scheduler": {"num_steps": 3}, "weight_version": 3,
+                    "corpus": {"0": [1, 2]}}
+    clash = Checkpointer(Path(tmp_path), CheckpointConfig(), total_steps=5, parts={"a": a, "b": _Part(scheduler=1)})
+    import pytest
+
+    with pytest.raises(RuntimeError, match=r"part 'b' writes keys \['scheduler'\]"):
+        clash._meta(3)
+
+
+def test_the_run_is_frozen():
+    import dataclasses
+
+    import pytest
+
+    from megatron_pz.trainer.run import Run, StopRequest
+
+    assert Run.__dataclass_params__.frozen
+    run = Run(**{f.name: None for f in dataclasses.fields(Run) if f.name not in ("chat_template", "start_step", "stop")})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.start_step = 3
+    stop = run.stop  # the one thing a signal changes is owned by its own object
+    assert isinstance(stop, StopRequest) and not stop.requested
+    stop.set()
+    assert run.stop.requested
