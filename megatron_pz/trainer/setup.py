@@ -65,12 +65,20 @@ def validate_lengths(cfg: RunConfig, arch: ModelArch, template_tokens: int = 0) 
               f"{_factor_for(prompt_cap + response, pretrained)}}}")
     where = f"the model's context of {context} tokens (max_position_embeddings"
     where += f", rope interpolation x{interpolation:g})" if interpolation else ")"
-    if template_tokens + cfg.corpus.prompt_margin_tokens + cfg.corpus.min_paragraph_tokens > prompt_cap:
-        raise ConfigError(
-            f"the prompt template alone takes {template_tokens} tokens (+ corpus.prompt_margin_tokens "
-            f"{cfg.corpus.prompt_margin_tokens} + corpus.min_paragraph_tokens {cfg.corpus.min_paragraph_tokens}), "
-            f"more than corpus.max_prompt_tokens ({prompt_cap}): no paragraph fits; raise corpus.max_prompt_tokens "
-            f"(the context is {context} tokens)")
+    need = template_tokens + cfg.corpus.prompt_margin_tokens + cfg.corpus.min_paragraph_tokens
+    if need > prompt_cap:
+        what = (f"the prompt template alone takes {template_tokens} tokens (+ corpus.prompt_margin_tokens "
+                f"{cfg.corpus.prompt_margin_tokens} + corpus.min_paragraph_tokens {cfg.corpus.min_paragraph_tokens}), "
+                f"more than corpus.max_prompt_tokens ({prompt_cap}): no paragraph fits; ")
+        if need + response <= context:
+            raise ConfigError(what + f"raise corpus.max_prompt_tokens to at least {need} (the context is {context} "
+                              f"tokens)")
+        # A larger prompt cap cannot help: the template and the longest response do not fit the context together.
+        way_out = ("lower train.max_response_tokens / rollout.gen_max_new_tokens / rollout.pred_max_new_tokens"
+                   if arch.rope_scaling_factor is not None else
+                   f"run the model at a longer context with policy.rope_scaling={{type: linear, factor: "
+                   f"{_factor_for(need + response, pretrained)}}} and corpus.max_prompt_tokens >= {need}")
+        raise ConfigError(what + f"with the longest response cap ({response}) that exceeds {where}; {way_out}")
     if prompt_cap + response > context:
         raise ConfigError(
             f"corpus.max_prompt_tokens ({prompt_cap}, of which the prompt template takes {template_tokens}) + the "

@@ -187,8 +187,30 @@ def test_context_check_refuses_a_template_that_leaves_no_room():
     need = 128 - cfg.corpus.prompt_margin_tokens - cfg.corpus.min_paragraph_tokens
     validate_lengths(cfg, arch, template_tokens=need)  # exactly room for the shortest paragraph
     with pytest.raises(ConfigError, match=rf"prompt template alone takes {need + 1} tokens.*raise "
-                                          rf"corpus\.max_prompt_tokens \(the context is 512 tokens\)"):
+                                          rf"corpus\.max_prompt_tokens to at least 129 \(the context is 512 tokens\)"):
         validate_lengths(cfg, arch, template_tokens=need + 1)
+
+
+def test_a_template_that_cannot_fit_the_context_names_rope_scaling():
+    """No prompt cap helps when template + margin + shortest paragraph + the longest response exceed the context:
+    the error names the way out, a linear rope factor that fits them (or, under Llama-3 rope scaling, shorter
+    responses)."""
+    from megatron_pz.trainer.setup import validate_lengths
+
+    arch = ModelArch.from_megatron_args(mlm_args(), vocab_size=49152)  # 512 tokens
+    cfg = _cfg(corpus__max_prompt_tokens=128, train__max_response_tokens=64)
+    template = 600 - cfg.corpus.prompt_margin_tokens - cfg.corpus.min_paragraph_tokens  # needs 600 + 64 = 664
+    with pytest.raises(ConfigError) as e:
+        validate_lengths(cfg, arch, template_tokens=template)
+    msg = str(e.value)
+    assert f"prompt template alone takes {template} tokens" in msg and "raise corpus.max_prompt_tokens" not in msg
+    assert msg.endswith("policy.rope_scaling={type: linear, factor: 1.5} and corpus.max_prompt_tokens >= 600"), msg
+    validate_lengths(_cfg(corpus__max_prompt_tokens=600, train__max_response_tokens=64), extend_context(arch, 1.5),
+                     template_tokens=template)  # the suggested factor and cap fit: 664 <= 768
+    llama3 = ModelArch.from_dict({**arch.to_dict(), "rope_scaling_factor": 8.0})
+    with pytest.raises(ConfigError, match=r"rope_scaling" + "|" + r"lower train\.max_response_tokens") as e:
+        validate_lengths(cfg, llama3, template_tokens=template)
+    assert "policy.rope_scaling" not in str(e.value) and "lower train.max_response_tokens" in str(e.value)
 
 
 # ----------------------------------------------------------------------------- engine: padded rows never sampled
