@@ -21,5 +21,10 @@ class DataError(UserError):
     """A corpus file or line is malformed (names the file and line number)."""
 
 
+class TrainingError(UserError):
+    """The run cannot go on as configured (e.g. ``train.max_nonfinite_steps`` NaN/Inf steps in a row); the message
+    says which steps and what to change. Its checkpoints are intact."""
+
+
 class RolloutError(Exception):
     """The rollout engine failed (unreachable server, garbage response, timeout after retries)."""

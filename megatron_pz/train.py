@@ -69,7 +69,7 @@ def train(cfg: RunConfig) -> None:
                 rollout_metrics.update(check_on_policy(run, samples))
             publish_saves(run, timer)
             with phase(timer, done, "train"):
-                train_metrics = update_policy(run, samples)
+                train_metrics = update_policy(run, done, samples)
             publish_saves(run, timer)
             with phase(timer, done, "rollout_wait"):
                 rollout_metrics.update(finish_prefetch(run))
@@ -147,8 +147,10 @@ def microbatches_for(run: Run, samples: list[Sample]) -> list[MicroBatch]:
                               max_tokens=run.cfg.train.max_tokens_per_microbatch, routing_width=width)
 
 
-def update_policy(run: Run, samples: list[Sample]) -> dict[str, float]:
-    """One GRPO update on this DP rank's samples (Megatron's pipeline schedule + distributed optimizer)."""
+def update_policy(run: Run, step: int, samples: list[Sample]) -> dict[str, float]:
+    """One GRPO update on this DP rank's samples (Megatron's pipeline schedule + distributed optimizer). A step
+    with NaN/Inf in its loss or gradients is skipped on every rank; ``train.max_nonfinite_steps`` of them in a row
+    stop the run (TrainingError) before this step's save."""
     run.rollout.engine.release_memory()  # SGLang on the trainer's GPUs (rollout.release_memory_in_train)
     microbatches = microbatches_for(run, samples)
     # sft_span: teacher-forced cross-entropy at temperature 1 (the model's own distribution), no rollout to match.
@@ -157,8 +159,10 @@ def update_policy(run: Run, samples: list[Sample]) -> dict[str, float]:
     metrics = train_step(run.training, microbatches, run.cfg.loss, run.arch.vocab_size, temperature,
                          supervised=supervised)
     metrics["train/microbatches"] = float(len(microbatches))
+    run.nonfinite.record(step, metrics["train/nonfinite_skipped"] > 0)  # every rank: the flag was all-reduced
     if not ps.is_pipeline_last_stage():  # loss metrics exist on the last stage only
-        metrics = {k: v for k, v in metrics.items() if k in ("train/grad_norm", "train/lr", "train/update_skipped")}
+        metrics = {k: v for k, v in metrics.items()
+                   if k in ("train/grad_norm", "train/lr", "train/update_skipped", "train/nonfinite_skipped")}
     metrics["train/flops"] = executed_flops(run.chunks, run.arch, microbatches)
     return metrics
 

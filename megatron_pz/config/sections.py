@@ -83,11 +83,15 @@ class TrainConfig:
     # step the trainer checkpoints and exits with status 0 when another step and its checkpoint might not end
     # within it (estimated from the longest so far); the same command continues (trainer/deadline.py).
     exit_duration_mins: float | None = None
+    # A step whose loss or gradients hold NaN or Inf on any rank is skipped by every rank (no optimizer or
+    # scheduler step, counted as train/nonfinite_skipped); this many such steps in a row stop the run with an
+    # error, its last checkpoint untouched (trainer/step.py NonFiniteSteps).
+    max_nonfinite_steps: int = 3
 
     def __post_init__(self) -> None:
         check_objective(self.objective, "train.objective")
         for name in ("steps", "paragraphs_per_step", "masks_per_paragraph", "predictions_per_mask",
-                     "micro_batch_size", "max_response_tokens"):
+                     "micro_batch_size", "max_response_tokens", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_tokens_per_microbatch is not None and self.max_tokens_per_microbatch < 1:

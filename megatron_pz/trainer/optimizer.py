@@ -34,7 +34,10 @@ def setup_training(model_chunks: list[torch.nn.Module], optim_cfg: Any, total_st
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=optim_cfg.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # Off: Megatron's check raises on the rank that sees a NaN, before the gradient collective, and the
+        # other ranks wait in it. trainer/step.py checks loss and gradients after it, agreed by every rank, and
+        # skips the step (train.max_nonfinite_steps).
+        check_for_nan_in_grad=False,
     )
     ddp = [DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=m,
                                    disable_bucketing=(i > 0)) for i, m in enumerate(model_chunks)]

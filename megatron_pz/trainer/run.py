@@ -2,7 +2,7 @@
 
 Built whole by ``trainer/setup.py`` and frozen: no stage assigns a field. The objects it holds change their own
 state (the corpus advances inside the rollout source, the publisher counts weight versions, the checkpointer
-saves and restores its parts, a signal sets the stop request).
+saves and restores its parts, the non-finite counter counts, a signal sets the stop request).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from megatron_pz.parallel import DataLayout
 from megatron_pz.trainer.checkpointer import Checkpointer
 from megatron_pz.trainer.optimizer import TrainingState
 from megatron_pz.trainer.rollout_source import RolloutSource
+from megatron_pz.trainer.step import NonFiniteSteps
 from megatron_pz.weight_sync.publisher import WeightPublisher
 
 ChatTemplate = Callable[[list[dict[str, str]]], str]
@@ -54,6 +55,7 @@ class Run:
     rollout: RolloutSource  # corpus, rollout engine, batch in flight: the rollout stage
     checkpointer: Checkpointer  # saves and restores the parts above
     logger: RunLogger  # rank 0's sink (a disabled one elsewhere)
+    nonfinite: NonFiniteSteps  # NaN/Inf steps skipped in a row (train.max_nonfinite_steps)
     chat_template: ChatTemplate | None = None  # messages -> prompt text when prompt.style is "chat"
     start_step: int = 0  # completed steps when this process started (the resume point)
     stop: StopRequest = field(default_factory=StopRequest)

@@ -36,6 +36,7 @@ from megatron_pz.trainer.preflight import preflight
 from megatron_pz.trainer.rng import RNGState
 from megatron_pz.trainer.rollout_source import RolloutSource
 from megatron_pz.trainer.run import Run, StopRequest
+from megatron_pz.trainer.step import NonFiniteSteps
 from megatron_pz.weight_sync.publisher import WeightPublisher
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,8 @@ def setup(cfg: RunConfig) -> Run:
     write_hf_meta(out, arch, tok_dir)
     rollout.start(out, [unwrap(m) for m in training.model])
     run = Run(cfg=cfg, out=out, arch=arch, tokenizer=tokenizer, training=training, layout=layout, weights=weights,
-              rollout=rollout, checkpointer=checkpointer, logger=run_logger, chat_template=chat_template,
+              rollout=rollout, checkpointer=checkpointer, logger=run_logger,
+              nonfinite=NonFiniteSteps(cfg.train.max_nonfinite_steps), chat_template=chat_template,
               start_step=start_step)
     install_stop_signals(run.stop)
     return run

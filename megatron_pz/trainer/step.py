@@ -9,12 +9,14 @@ One on-policy PPO update per step: the ratio is taken against the trainer's own 
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from megatron_pz.algo.loss import LossConfig, policy_loss, sft_loss
 from megatron_pz.algo.mismatch import COUNT_METRICS
+from megatron_pz.errors import TrainingError
 from megatron_pz.model.logit_window import logits_from
 from megatron_pz.model.rotary_positions import rotary_at
 from megatron_pz.trainer.batching import MicroBatch
@@ -162,6 +164,14 @@ def train_step(state: Any, microbatches: list[MicroBatch], loss_cfg: LossConfig,
         return _empty_step(state)
     lr = state.optimizer.param_groups[0]["lr"]  # this step's (the scheduler moves on to the next one's below)
     reports = compute_gradients(state, microbatches, loss_cfg, vocab_size, temperature, supervised=supervised)
+    if not _all_finite(state.model, reports):
+        # Every rank agrees (one all-reduce), so all skip together: no optimizer step (Megatron's fp32 optimizer
+        # would write the NaN into the weights), no scheduler step, as Megatron-LM does for an update that failed.
+        for m in state.model:
+            m.zero_grad_buffer()
+        state.optimizer.zero_grad()
+        return {"train/grad_norm": float("nan"), "train/lr": lr, "train/update_skipped": 1.0,
+                "train/nonfinite_skipped": 1.0}
     ok, grad_norm, _ = state.optimizer.step()
     if ok:
         state.scheduler.step(increment=1)
@@ -169,8 +179,45 @@ def train_step(state: Any, microbatches: list[MicroBatch], loss_cfg: LossConfig,
     if "train/mis_seqs" in out:
         _step_counts(out)
     out.update({"train/grad_norm": float(grad_norm or 0.0), "train/lr": lr,
-                "train/update_skipped": float(not ok)})
+                "train/update_skipped": float(not ok), "train/nonfinite_skipped": 0.0})
     return out
+
+
+def _all_finite(model: list[torch.nn.Module], reports: list[dict[str, Any]]) -> bool:
+    """Whether this step's loss and every gradient are finite on every rank (collective: one all-reduce MAX over
+    the world). A rank's whole local gradient buffer is checked, so a NaN is seen before any reduce-scatter
+    shard of it is used."""
+    from megatron_pz import device
+
+    bad = any(k in ("pg_loss", "loss") and not math.isfinite(v) for r in reports for k, v in r.items())
+    for m in model:
+        for param in m.parameters():
+            grad = getattr(param, "main_grad", None)
+            grad = param.grad if grad is None else grad
+            if bad or (grad is not None and not bool(torch.isfinite(grad).all())):
+                bad = True
+                break
+    flag = torch.tensor([int(bad)], dtype=torch.int32, device=device.default_device())
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item()) == 0
+
+
+class NonFiniteSteps:
+    """Counts steps skipped in a row for NaN/Inf (``train.max_nonfinite_steps``): at the limit the run stops with
+    an error naming the steps, before the last one's save. A skipped step changes no weight, optimizer moment or
+    LR step, so every checkpoint, also one saved after a skipped step, holds only finite updates."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row = limit, 0
+
+    def record(self, step: int, skipped: bool) -> None:
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        if self.in_a_row >= self.limit:
+            raise TrainingError(f"steps {step - self.in_a_row + 1}-{step} all had NaN or Inf in the loss or the "
+                                f"gradients (train.max_nonfinite_steps={self.limit}): stopping; they changed no "
+                                f"weight, so every checkpoint is intact and the same command resumes from the last "
+                                f"(lower optim.lr, or look at the rewards and samples of those steps first)")
 
 
 def _empty_step(state: Any) -> dict[str, float]:
@@ -188,7 +235,8 @@ def _empty_step(state: Any) -> dict[str, float]:
         for g, lr in zip(groups, lrs):
             g["lr"] = lr
     state.scheduler.step(increment=1)
-    return {"train/tokens": 0.0, "train/grad_norm": 0.0, "train/lr": lrs[0], "train/update_skipped": 1.0}
+    return {"train/tokens": 0.0, "train/grad_norm": 0.0, "train/lr": lrs[0], "train/update_skipped": 1.0,
+            "train/nonfinite_skipped": 0.0}
 
 
 def _global_tokens(microbatches: list[MicroBatch]) -> int:

@@ -21,3 +21,8 @@ def one_in_three(response: str, target: str, **info) -> float:
     """1 when the response's length in characters is a multiple of 3: about a third of random responses, so some
     masks' 4 predictions all score 0 (accuracy 0, PretrainZero Eq. 9's zero rule) and others do not."""
     return float(len(response) % 3 == 0)
+
+
+def nan_reward(response: str, target: str, **info) -> float:
+    """NaN for every answer: the GRPO advantages, the loss and the gradients become NaN (the non-finite guard)."""
+    return float("nan")
