@@ -21,6 +21,7 @@ from megatron_pz import checkpoint as ckpt
 from megatron_pz import mcore_compat
 from megatron_pz.config import PolicyConfig, RunConfig
 from megatron_pz.convert.hf_io import HFCheckpoint
+from megatron_pz.model.provider import use_transformer_engine
 from megatron_pz.convert.source import (
     SMOLLM2,
     ModelSource,
@@ -44,6 +45,7 @@ def preflight(cfg: RunConfig, rank: int | None = None) -> None:
     ``rank`` (default: torchrun's RANK, 0 alone): the corpus and eval files are checked by rank 0 only, so that a
     corpus of thousands of shards is not opened by every rank of a large job at once; its failure stops the job.
     The checkpoint checks are a few stat calls and run everywhere."""
+    check_parallel(cfg)
     source = check_policy(cfg.policy)
     check_tokenizer(cfg.policy, source)
     check_resume(cfg)
@@ -51,6 +53,22 @@ def preflight(cfg: RunConfig, rank: int | None = None) -> None:
         check_corpus(cfg.corpus)
         check_eval_data(cfg.eval)
         check_wandb(cfg.logging.wandb)
+
+
+def check_parallel(cfg: RunConfig) -> None:
+    """Context parallelism is refused until the train step splits micro-batches over the CP ranks
+    (``trainer/context_parallel.py`` holds the layout): every CP rank would otherwise train on the whole
+    sequence. Without Transformer Engine it could not run at all (Megatron-Core's local attention has no CP)."""
+    cp = cfg.parallel.context_parallel_size
+    if cp == 1:
+        return
+    if not use_transformer_engine(cfg.model):
+        raise ConfigError(f"parallel.context_parallel_size={cp} needs Transformer Engine (a CUDA node): Megatron-"
+                          f"Core's local attention does not split a sequence over context-parallel ranks; set "
+                          f"parallel.context_parallel_size=1")
+    raise ConfigError(f"parallel.context_parallel_size={cp} is not supported yet: the train step does not split "
+                      f"its micro-batches over the CP ranks (each would train on the whole sequence); set "
+                      f"parallel.context_parallel_size=1 and use tensor or pipeline parallelism for long sequences")
 
 
 def check_wandb(enabled: bool) -> None:
