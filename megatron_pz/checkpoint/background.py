@@ -23,10 +23,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from megatron_pz.checkpoint.layout import tracker_line, write_error
 from megatron_pz.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -67,6 +72,7 @@ class BackgroundSaves:
         # persistent=False: a fresh fork per save (TemporalAsyncCaller), which is what keeps CPU tensors safe.
         self._queue = AsyncCallsQueue(persistent=False)
         self._pending: str | None = None  # the iteration folder being written, for messages
+        self._folder: Path | None = None  # where it is written
         self._seconds: Any = None
         self.last_write_s: float | None = None  # the writer's time for the last finalized save
         self.finished_s: list[float] = []  # the writers' times of the saves finalized so far (the caller drains it)
@@ -75,15 +81,16 @@ class BackgroundSaves:
     def in_flight(self) -> str | None:
         return self._pending
 
-    def schedule(self, request: Any, name: str) -> None:
-        """Start writing ``request`` (Megatron's AsyncRequest, finalize functions included) in the background."""
+    def schedule(self, request: Any, name: str, folder: Path | None = None) -> None:
+        """Start writing ``request`` (Megatron's AsyncRequest, finalize functions included) in the background;
+        ``folder``: where it writes (named, and removed, if the write fails)."""
         import multiprocessing
 
         self._seconds = multiprocessing.get_context("fork").Value("d", -1.0, lock=False)
         if request.async_fn is not None:  # None: this rank holds no shard to write (replicas on other ranks)
             request = request._replace(async_fn=partial(_write, request.async_fn, self._seconds))
         self._queue.schedule_async_request(request)
-        self._pending = name
+        self._pending, self._folder = name, folder
         logger.info("checkpoint %s: writing in the background", name)
 
     def poll(self) -> bool:
@@ -111,9 +118,16 @@ class BackgroundSaves:
         try:
             done = self._queue.maybe_finalize_async_calls(blocking=blocking)
         except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
-            self._pending = None
-            raise CheckpointError(f"the background write of checkpoint {name} failed ({_describe(exc)}); the "
-                                  f"tracker still names the previous checkpoint") from exc
+            self._pending, folder = None, self._folder
+            if folder is None:
+                raise CheckpointError(f"the background write of checkpoint {name} failed ({_describe(exc)}); the "
+                                      f"tracker still names the previous checkpoint") from exc
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                shutil.rmtree(folder, ignore_errors=True)  # a torn folder would only hold on to the space
+            error = write_error(exc)
+            raise CheckpointError(f"the background write of checkpoint {name} to {folder} failed "
+                                  f"({error if error is not None else _describe(exc)}); {tracker_line(folder.parent)}:"
+                                  f" free space there and run the same command again to resume") from exc
         if not done:
             return False
         self._pending = None

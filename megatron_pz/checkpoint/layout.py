@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,3 +169,33 @@ def megatron_lm_args(arch: ModelArch, tp: int, pp: int, dtype: torch.dtype) -> a
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, ckpt_format="torch_dist",
         **arch.megatron_lm_extra_args(),  # MoE (Qwen3-MoE) and NoPE (SmolLM3) settings
     )
+
+
+def write_error(exc: BaseException) -> str | None:
+    """The OS error (no space, quota, permissions, I/O) behind a failed checkpoint write, as one line: looked for in
+    the exception, its causes, and torch's CheckpointException's per-rank failures, where Megatron's writer
+    processes report it as text ("Worker failure: [Errno 28] ..."); None when there is none (a bug)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return str(e)
+        found = re.search(r"\[Errno \d+\][^\n]*", str(e))
+        if found:
+            return found.group(0)
+        todo += [e.__cause__, e.__context__]
+        for wrapped in (getattr(e, "failures", None) or {}).values():
+            todo.append(wrapped[0] if isinstance(wrapped, tuple) else wrapped)
+    return None
+
+
+def tracker_line(root: Path) -> str:
+    """What a run resumes from after a failed save: the tracker's iteration, or that there is none yet."""
+    try:
+        return f"the tracker still names iteration {int((root / TRACKER).read_text().strip())}"
+    except (OSError, ValueError):
+        return "no earlier checkpoint exists"

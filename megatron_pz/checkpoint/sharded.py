@@ -23,7 +23,7 @@ import torch
 
 from megatron_pz import dtypes, mcore_compat
 from megatron_pz.checkpoint.layout import (CHECKPOINT_VERSION, META, TRACKER, CheckpointInfo, iter_dir_name,
-                                           megatron_lm_args, resolve)
+                                           megatron_lm_args, resolve, tracker_line, write_error)
 from megatron_pz.checkpoint.optimizer_state import materialise_optimizer_state, unshare_adam_steps
 from megatron_pz.checkpoint.validate import validate_files, validate_shapes
 from megatron_pz.errors import CheckpointError
@@ -112,19 +112,28 @@ def save(root: str | os.PathLike, iteration: int, model_chunks: list[torch.nn.Mo
     state.update(extra_sharded or {})
     state.update(checkpoint_version=CHECKPOINT_VERSION, iteration=iteration,
                  args=megatron_lm_args(arch, tp, pp, dtype))
-    if background is None:
-        mcore_compat.dist_save(state, tmp)  # common.pt under every Megatron-Core release (0.16 readers need it)
-        request = None
-    else:
-        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
-    if _rank() == 0:
-        # Written now in both modes: the run state of this step, whatever the trainer does while shards are written.
-        (tmp / META).write_text(json.dumps(
-            {"format": "megatron_pz/1", "iteration": iteration, "arch": arch.to_dict(),
-             "saved_with": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-                            "dtype": dtypes.long_name(dtype)},
-             "optimizer": {"distrib_optim_sharding_type": OPTIM_SHARDING} if optimizer is not None else None,
-             **(meta or {})}, indent=2))
+    try:
+        if background is None:
+            mcore_compat.dist_save(state, tmp)  # common.pt under every Megatron-Core release (0.16 readers need it)
+            request = None
+        else:
+            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        if _rank() == 0:
+            # Written now in both modes: the run state of this step, whatever the trainer does while shards are
+            # written.
+            (tmp / META).write_text(json.dumps(
+                {"format": "megatron_pz/1", "iteration": iteration, "arch": arch.to_dict(),
+                 "saved_with": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+                                "dtype": dtypes.long_name(dtype)},
+                 "optimizer": {"distrib_optim_sharding_type": OPTIM_SHARDING} if optimizer is not None else None,
+                 **(meta or {})}, indent=2))
+    except BaseException as exc:  # torch's CheckpointException is a BaseException
+        error = write_error(exc)
+        if error is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # a torn folder would only hold on to the space that ran out
+        raise CheckpointError(f"could not write checkpoint {final.name} to {tmp}: {error}; {tracker_line(root)}: "
+                              f"free space there and run the same command again to resume") from exc
     publish = partial(_publish, root, tmp, final, iteration, keep_last) if publish_now else partial(_durable, tmp)
     if background is None:
         _barrier()
@@ -133,7 +142,7 @@ def save(root: str | os.PathLike, iteration: int, model_chunks: list[torch.nn.Mo
         # after Megatron's own finalize (which writes .metadata and metadata.json once all shards are written);
         # under 0.17+ the common state is in the shards, so its common.pt copy for 0.16 readers waits for them too
         request.add_finalize_fn(partial(_legacy_common_then, tmp, publish))
-        background.schedule(request, final.name)
+        background.schedule(request, final.name, folder=tmp)
     return final
 
 
