@@ -26,9 +26,18 @@ exit status 0, on SIGUSR1/SIGTERM or when another step would pass ``train.exit_d
 """
 from __future__ import annotations
 
-import copy
-import logging
+import os
 import sys
+
+if __name__ == "__main__":
+    # torchrun -m megatron_pz.train ...: the same process goes on as `python -m megatron_pz.train_cli ...`, before
+    # anything heavy is imported. The command line's module is light on purpose: multiprocessing helpers that
+    # Megatron starts with "spawn" import the main module again, and this one would import Megatron (its warnings
+    # on the console, seconds per helper).
+    os.execv(sys.executable, [sys.executable, "-m", "megatron_pz.train_cli", *sys.argv[1:]])
+
+import copy  # noqa: E402 (the imports of the loop itself)
+import logging  # noqa: E402
 
 import torch
 from megatron.core import parallel_state as ps
@@ -276,8 +285,3 @@ def log(run: Run, step: int, samples: list[Sample], metrics: dict[str, float]) -
     if k and step % k == 0:
         run.logger.log_samples(step, all_samples, run.cfg.logging.samples_per_log)
 
-
-if __name__ == "__main__":  # torchrun -m megatron_pz.train ...: the same as `megatron-pz train ...`
-    from megatron_pz.train_cli import main
-
-    sys.exit(main())
