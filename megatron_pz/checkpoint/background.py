@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from megatron_pz.checkpoint.layout import tracker_line, write_error
+from megatron_pz.checkpoint.layout import FIX_AND_RESUME, tracker_line
 from megatron_pz.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -124,10 +124,8 @@ class BackgroundSaves:
                                       f"tracker still names the previous checkpoint") from exc
             if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
                 shutil.rmtree(folder, ignore_errors=True)  # a torn folder would only hold on to the space
-            error = write_error(exc)
-            raise CheckpointError(f"the background write of checkpoint {name} to {folder} failed "
-                                  f"({error if error is not None else _describe(exc)}); {tracker_line(folder.parent)}:"
-                                  f" free space there and run the same command again to resume") from exc
+            raise CheckpointError(f"the background write of checkpoint {name} to {folder} failed ({_describe(exc)}); "
+                                  f"{tracker_line(folder.parent)}: {FIX_AND_RESUME}") from exc
         if not done:
             return False
         self._pending = None

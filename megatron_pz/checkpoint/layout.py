@@ -193,6 +193,10 @@ def write_error(exc: BaseException) -> str | None:
     return None
 
 
+FIX_AND_RESUME = "make room there (or fix the cause) and run the same command again to resume"
+"""The end of a failed save's message: nothing is lost, the run resumes from the tracker's checkpoint."""
+
+
 def tracker_line(root: Path) -> str:
     """What a run resumes from after a failed save: the tracker's iteration, or that there is none yet."""
     try:

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from megatron_pz import dtypes, mcore_compat
-from megatron_pz.checkpoint.layout import (CHECKPOINT_VERSION, META, TRACKER, CheckpointInfo, iter_dir_name,
-                                           megatron_lm_args, resolve, tracker_line, write_error)
+from megatron_pz.checkpoint.layout import (CHECKPOINT_VERSION, FIX_AND_RESUME, META, TRACKER, CheckpointInfo,
+                                           iter_dir_name, megatron_lm_args, resolve, tracker_line, write_error)
 from megatron_pz.checkpoint.optimizer_state import materialise_optimizer_state, unshare_adam_steps
 from megatron_pz.checkpoint.validate import validate_files, validate_shapes
 from megatron_pz.errors import CheckpointError
@@ -133,7 +133,7 @@ def save(root: str | os.PathLike, iteration: int, model_chunks: list[torch.nn.Mo
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # a torn folder would only hold on to the space that ran out
         raise CheckpointError(f"could not write checkpoint {final.name} to {tmp}: {error}; {tracker_line(root)}: "
-                              f"free space there and run the same command again to resume") from exc
+                              f"{FIX_AND_RESUME}") from exc
     publish = partial(_publish, root, tmp, final, iteration, keep_last) if publish_now else partial(_durable, tmp)
     if background is None:
         _barrier()

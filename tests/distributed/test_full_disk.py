@@ -86,7 +86,7 @@ def test_a_full_disk_during_a_save_names_the_folder_and_loses_nothing(tiny_llama
     msg = r["message"]
     assert msg is not None and "\n" not in msg, msg
     assert str(tmp_path / "run" / ".iter_0000002.tmp") in msg and "No space left on device" in msg, msg
-    assert msg.endswith("the tracker still names iteration 1: free space there and run the same command again to "
-                        "resume"), msg
+    assert msg.endswith("the tracker still names iteration 1: make room there (or fix the cause) and run the same "
+                        "command again to resume"), msg
     assert r["tracker"] == "1" and r["leftovers"] == ["iter_0000001", "latest_checkpointed_iteration.txt"]
     assert r["loaded"] == 1 and r["after"] == 2

@@ -38,8 +38,8 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_same_command_resumes(tiny
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("megatron-pz train: error: could not write checkpoint iter_0000002 to "), last
     assert str(out / "checkpoints" / ".iter_0000002.tmp") in last and "No space left on device" in last, last
-    assert last.endswith("the tracker still names iteration 1: free space there and run the same command again to "
-                         "resume"), last
+    assert last.endswith("the tracker still names iteration 1: make room there (or fix the cause) and run the same "
+                         "command again to resume"), last
     assert "Traceback" not in p.stderr
     ckpts = out / "checkpoints"
     assert (ckpts / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
