@@ -121,11 +121,16 @@ def init_distributed(cfg: ParallelConfig) -> None:
     model_parallel_cuda_manual_seed(cfg.seed)
 
 
-def describe_hosts() -> str:
-    """Where the ranks of the default group run (``format_hosts``). Collective: one all_gather_object."""
+def hostnames() -> list[str]:
+    """Every rank's host name, indexed by global rank (collective: one all_gather_object)."""
     hosts: list[str | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(hosts, socket.gethostname())
-    return format_hosts([str(h) for h in hosts])
+    return [str(h) for h in hosts]
+
+
+def describe_hosts() -> str:
+    """Where the ranks of the default group run (``format_hosts``). Collective: one all_gather_object."""
+    return format_hosts(hostnames())
 
 
 def format_hosts(hosts: list[str]) -> str:

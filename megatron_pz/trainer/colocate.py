@@ -41,8 +41,8 @@ from megatron_pz.engine.engine import EmbeddedEngine
 from megatron_pz.engine.model import LoadedModel, build_model
 from megatron_pz.engine.server import RolloutServer, ServerConfig
 from megatron_pz.engine.weights import StateSpec, validate_state
-from megatron_pz.parallel import is_rank0
-from megatron_pz.trainer.connect import Engine, open_pool, rollout_api_key
+from megatron_pz.parallel import hostnames, is_rank0
+from megatron_pz.trainer.connect import Engine, open_pool, rollout_api_key, weights_dir
 from megatron_pz.weight_sync import InMemoryWeightSync, SharedWeightSync
 from megatron_pz.weight_sync.publisher import WeightPublisher
 
@@ -53,7 +53,7 @@ def connect_colocated(cfg: RunConfig, out: Path, weights: WeightPublisher, chunk
                       is_data_owner: bool) -> Engine:
     """Build the engine on rank 0, serve it in-process, connect every data owner's pool, give rank 0's publisher
     its sync. Collective at world size > 1 (the initial export and the URL broadcast)."""
-    engine = Engine(cfg.rollout, Path(cfg.rollout.weights_dir or out / "weights").resolve())
+    engine = Engine(cfg.rollout, weights_dir(cfg.rollout, out))
     if torch.distributed.get_world_size() == 1:
         _start_shared(cfg, out, weights, chunks, engine)
     else:
@@ -104,9 +104,7 @@ def _start_gathered(cfg: RunConfig, out: Path, weights: WeightPublisher, chunks:
 
 def _spans_nodes() -> bool:
     """Whether the ranks of the default group run on more than one host (collective)."""
-    hosts: list[str | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(hosts, socket.gethostname())
-    return len(set(hosts)) > 1
+    return len(set(hostnames())) > 1
 
 
 def load_state(lm: LoadedModel, state: dict[str, torch.Tensor], source: str) -> None:

@@ -47,6 +47,11 @@ def rollout_api_key(r: RolloutConfig) -> str | None:
     return r.api_key or os.environ.get(API_KEY_ENV) or None
 
 
+def weights_dir(r: RolloutConfig, out: Path) -> Path:
+    """Where the run's weight versions are written (``rollout.weights_dir``, else ``<output_dir>/weights``)."""
+    return Path(r.weights_dir or out / "weights").resolve()
+
+
 def open_pool(r: RolloutConfig, urls: list[str], *, routed_experts: bool, api_key: str | None = None) -> RolloutPool:
     """A data owner's pool on ``urls``, every setting from ``rollout.*`` (``api_key``: a key generated for the run
     overrides the configured one). SGLang gives every sample of a request its one sampling_seed, so seeded groups go
@@ -153,7 +158,7 @@ def connect(cfg: RunConfig, out: Path, weights: WeightPublisher, chunks: list[to
     """Data owners get a rollout pool; for the embedded backend, rank 0 starts the server first; rank 0's publisher
     gets the sync strategy. Collective."""
     r = cfg.rollout
-    engine = Engine(r, Path(r.weights_dir or out / "weights").resolve())
+    engine = Engine(r, weights_dir(r, out))
     state = weights.export(chunks)  # collective
     urls: list[str] = []
     if is_rank0():

@@ -7,6 +7,7 @@ and DP ranks), so the gradient does not depend on how a step is split.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,9 @@ from typing import Any
 import torch
 
 from megatron_pz.parallel import is_rank0
+
+# the resume warnings keep the checkpointer's logger name, where they were logged before
+logger = logging.getLogger("megatron_pz.trainer.checkpointer")
 
 
 @dataclass
@@ -110,9 +114,6 @@ class ScheduleState:
         return {"scheduler": self.training.scheduler.state_dict()}
 
     def load_state_dict(self, meta: Mapping[str, Any]) -> None:
-        import logging
-
-        logger = logging.getLogger("megatron_pz.trainer.checkpointer")
         scheduler, step = self.training.scheduler, int(meta["step"])
         changed = restore_scheduler(scheduler, meta["scheduler"])
         rank0 = is_rank0()
