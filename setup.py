@@ -35,6 +35,9 @@ setup(
         "pydantic>=2.5",
         "pyarrow>=14",
         "tqdm>=4.66",
+        # Maths answers are checked with Math-Verify (eval/answers.py); its LaTeX parser needs the ANTLR runtime
+        # it names as an extra.
+        "math-verify[antlr4_13_2]>=0.9,<0.10",
     ],
     extras_require={
         # No dependency on the PyPI package called `apex`: it is an unrelated web toolkit. NVIDIA apex
@@ -45,6 +48,8 @@ setup(
         # the baseline it measures against. Pinned to the version the bench was written and measured with
         # (trl/trainer/grpo_trainer.py internals are overridden in benchmarks/trl_grpo.py).
         "bench": ["trl==1.16.0"],
+        # `megatron-pz eval --harness TASKS`: lm-evaluation-harness against a rollout server's OpenAI endpoints.
+        "eval": ["lm-eval>=0.4.9,<0.5"],
         "dev": [
             "pytest>=8",
             "import-linter>=2.6",  # 2.6 added the acyclic_siblings contract (.importlinter)
