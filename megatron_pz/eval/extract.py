@@ -1,10 +1,13 @@
 """Answer extraction and a light answer checker for the evaluation suites.
 
-This is a *light* verifier, written to be dependency-free, linear-time and crash-proof on any model output. It is
+``extract_answer`` finds the final answer of every maths response, whichever checker compares it. The light checker
+(``normalize_math``, ``math_equal``) is the *fallback* comparison, used only where Math-Verify cannot be imported
+(``answers.check_answer``): it is dependency-free, linear-time and crash-proof on any model output, but it is
 not Math-Verify nor the Qwen2.5-Math evaluation's ``math_equal`` (which use sympy / LaTeX parsing to prove
 symbolic equality): expressions that are equal only symbolically (``\\sqrt{8}`` vs ``2\\sqrt{2}``, reordered
-polynomials) are scored wrong here. Figures from this module are therefore a slight *under*-estimate on MATH-style
-suites and comparable only with themselves; use lm-evaluation-harness or Math-Verify for published-number parity.
+polynomials or lists) are scored wrong here, and a few near misses right (``2x`` for ``2``: the letter reads as a
+unit; ``70001`` for ``70000``: within the relative tolerance). Figures from it are comparable only with themselves
+(docs/eval.md tabulates where the two checkers disagree).
 
 What it does:
 

@@ -74,12 +74,15 @@ def write_reports(results: Sequence[SuiteResult], out: str | Path, header: dict[
         c = r.config
         lines.append(f"- `{r.suite}`: data {c['data']}, limit {c['limit']}, k={c['samples']}, temperature "
                      f"{c['temperature']}, top_p {c['top_p']}, max_new_tokens {c['max_new_tokens']}, seed "
-                     f"{c['seed']}, prompt style {c['prompt_style']}"
+                     f"{c['seed']}, prompt style {c['prompt_style']}, checker {c.get('checker', 'not recorded')}"
                      + (f", {int(r.metrics['skipped_too_long'])} item(s) skipped (too long)"
-                        if r.metrics.get("skipped_too_long") else ""))
+                        if r.metrics.get("skipped_too_long") else "")
+                     + (f", {int(r.metrics['checker_timeouts'])} answer(s) without a verdict in time (scored wrong)"
+                        if r.metrics.get("checker_timeouts") else ""))
     lines += ["", "Accuracy is mean@k over k samples per item (greedy accuracy for k = 1); span suites also give "
-              "the lenient exact match. Maths answers are checked by a light verifier "
-              "(`megatron_pz/eval/extract.py`), not Math-Verify.", ""]
+              "the lenient exact match. Maths answers (the last `\\boxed{}`, else \"The answer is\", else `####`) "
+              "are compared with the gold answer by the checker named above: Math-Verify, or the light checker "
+              "(`megatron_pz/eval/extract.py`, no symbolic equivalence) where Math-Verify is not installed.", ""]
     path = out / "eval_report.md"
     _atomic_write(path, "\n".join(lines))
     return path

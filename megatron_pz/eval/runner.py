@@ -7,12 +7,16 @@ response and returns a ``SuiteResult`` (metrics + per-item records). ``evaluate`
 Defaults per suite (``suites.SUITES``): k = 1 greedy except AMC23/AIME24 (k = 32 at temperature 0.6, top_p 0.95,
 the PretrainZero paper's mean@32); everything is overridable. Items whose prompt plus ``max_new_tokens`` do not
 fit the engine's context window are skipped and counted (``skipped_too_long``), never silently truncated.
+``SuiteResult.config["checker"]`` names what scored the responses: for maths suites "math-verify 0.9.0" or "light
+checker" (``answers``; both, with counts, if Math-Verify stopped working mid-suite), and the maths metrics count
+``checker_timeouts`` (answers Math-Verify gave no verdict on in time, scored wrong).
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,6 +24,7 @@ from typing import Any
 from megatron_pz.data.prompts import PROMPT_STYLES, ChatTemplateFn, PromptConfig, prediction_prompt, wrap
 from megatron_pz.data.spans import SpanConfig
 from megatron_pz.errors import ConfigError
+from megatron_pz.eval import answers
 from megatron_pz.eval.score import mean_at_k, mean_pass_at_k, score_response
 from megatron_pz.eval.suites import SUITES, EvalItem, get_suite, load_suite, parse_suites
 from megatron_pz.rollout.protocol import SamplingParams
@@ -110,6 +115,21 @@ def _engine_max_positions(engine: Any) -> int | None:
     return int(v) if isinstance(v, int) and v > 0 else None
 
 
+RULES = {"span": "exact match of the span (rewards/span.py)", "choice": "option letter (extract.extract_choice)"}
+"""What scores the non-maths suites (the report's "checker")."""
+
+
+def describe_checkers(kind: str, used: Counter) -> str:
+    """The report's "checker" of a suite: its rule, or the maths checker(s) that scored its responses."""
+    if kind != "math":
+        return RULES[kind]
+    if not used:
+        return answers.checker_label()
+    if len(used) == 1:
+        return next(iter(used))
+    return ", ".join(f"{name} ({n} responses)" for name, n in used.most_common())
+
+
 def run_suite(engine: Any, encode: Callable[[str], list[int]], chat_template: ChatTemplateFn | None, suite: str,
               *, limit: int | None = None, samples: int | None = None, temperature: float | None = None,
               top_p: float | None = None, max_new_tokens: int | None = None, seed: int = 0,
@@ -154,6 +174,8 @@ def run_suite(engine: Any, encode: Callable[[str], list[int]], chat_template: Ch
     lenient: list[list[bool]] = []
     tokens: list[int] = []
     truncated = no_answer = 0
+    checkers: Counter = Counter()
+    timeouts_before = answers.worker().timeouts if spec.kind == "math" else 0
     for start in range(0, len(prompts), BATCH_PROMPTS):
         chunk = prompts[start: start + BATCH_PROMPTS]
         results = engine.generate([ids for _, _, ids in chunk], params)
@@ -168,6 +190,8 @@ def run_suite(engine: Any, encode: Callable[[str], list[int]], chat_template: Ch
                 tokens.append(len(r.response_ids))
                 truncated += r.finish_reason == "length"
                 no_answer += sc.extracted is None
+                if sc.checker:
+                    checkers[sc.checker] += 1
             correct.append([x["correct"] for x in responses])
             lenient.append([x["lenient_correct"] for x in responses])
             records.append({"id": it.id, "prompt": text, "target": it.target, "metadata": it.metadata,
@@ -191,13 +215,15 @@ def run_suite(engine: Any, encode: Callable[[str], list[int]], chat_template: Ch
     }
     if spec.kind == "span":
         metrics["lenient_accuracy"] = mean_at_k(lenient)
+    if spec.kind == "math":
+        metrics["checker_timeouts"] = answers.worker().timeouts - timeouts_before
     if k > 1 and records:
         metrics[f"pass@{k}"] = mean_pass_at_k(correct, k)
         metrics["pass@1"] = mean_pass_at_k(correct, 1)
     config = {"suite": suite, "kind": spec.kind, "data": str(data_path) if data_path else f"(shipped) {spec.sample}",
               "limit": limit, "samples": k, "temperature": temp, "top_p": top_p, "max_new_tokens": max_new,
               "seed": seed, "prompt_style": prompt_style, "chat_template": chat_template is not None,
-              "restate": restate, "cloze": pcfg.pred_cloze}
+              "restate": restate, "cloze": pcfg.pred_cloze, "checker": describe_checkers(spec.kind, checkers)}
     return SuiteResult(suite, config, metrics, records)
 
 

@@ -4,7 +4,9 @@ Kinds:
 * ``span``: the training reward itself (``rewards.span``): exact match of the last ``\\boxed{}`` against the
   hidden span, strict (surrounding whitespace only) and lenient (casefold, collapsed whitespace, trailing
   punctuation dropped).
-* ``math``: ``extract.extract_answer`` + ``extract.math_equal`` (a light verifier, see ``extract``).
+* ``math``: ``extract.extract_answer`` (the last ``\\boxed{}``, else "The answer is", else ``####``), compared with
+  the gold answer by Math-Verify, or by the light checker ``extract.math_equal`` where Math-Verify is not
+  installed (``answers.check_answer``; ``Score.checker`` says which).
 * ``choice``: ``extract.extract_choice`` letter == the gold letter.
 
 mean@k is the mean correctness over all k samples of all items (for k = 1 greedy this is plain accuracy);
@@ -17,7 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from megatron_pz.data.parsers import extract_boxed
-from megatron_pz.eval.extract import extract_answer, extract_choice, math_equal
+from megatron_pz.eval.answers import check_answer
+from megatron_pz.eval.extract import extract_answer, extract_choice
 from megatron_pz.rewards.span import continuation_answer, normalize_lenient, normalize_strict
 
 KINDS = ("span", "math", "choice")
@@ -25,11 +28,13 @@ KINDS = ("span", "math", "choice")
 
 @dataclass(frozen=True)
 class Score:
-    """Outcome of one response: the extracted answer (None = none found), strict and lenient correctness."""
+    """Outcome of one response: the extracted answer (None = none found), strict and lenient correctness, and for
+    maths the checker that decided ("math-verify 0.9.0" or "light checker")."""
 
     extracted: str | None
     correct: bool
     lenient: bool
+    checker: str | None = None
 
 
 def score_span(response: str, target: str, restate: bool = False) -> Score:
@@ -45,10 +50,11 @@ def score_span(response: str, target: str, restate: bool = False) -> Score:
                  normalize_lenient(answer) == normalize_lenient(target))
 
 
-def score_math(response: str, target: str) -> Score:
+def score_math(response: str, target: str, checker: str = "auto") -> Score:
+    """``checker``: "auto" (Math-Verify when installed, else the light checker), "math-verify" or "light"."""
     answer = extract_answer(response)
-    ok = math_equal(answer, target)
-    return Score(answer, ok, ok)
+    ok, label = check_answer(answer, target, checker)
+    return Score(answer, ok, ok, label)
 
 
 def score_choice(response: str, target: str, num_options: int = 10) -> Score:
@@ -58,12 +64,13 @@ def score_choice(response: str, target: str, num_options: int = 10) -> Score:
 
 
 def score_response(kind: str, response: str, target: str, metadata: dict | None = None,
-                   restate: bool = False) -> Score:
-    """Dispatch on the suite kind (``span`` | ``math`` | ``choice``); ``restate`` applies to span suites."""
+                   restate: bool = False, checker: str = "auto") -> Score:
+    """Dispatch on the suite kind (``span`` | ``math`` | ``choice``); ``restate`` applies to span suites,
+    ``checker`` to maths suites (``score_math``)."""
     if kind == "span":
         return score_span(response, target, restate)
     if kind == "math":
-        return score_math(response, target)
+        return score_math(response, target, checker)
     if kind == "choice":
         return score_choice(response, target, int((metadata or {}).get("num_options", 10)))
     raise ValueError(f"unknown suite kind {kind!r}; expected one of {KINDS}")

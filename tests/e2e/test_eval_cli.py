@@ -31,6 +31,9 @@ def test_cli_writes_reports(tiny, tmp_path):
         assert {"prompt", "target", "responses"} <= rec.keys()
         assert {"response", "extracted", "correct", "tokens", "finish_reason"} <= rec["responses"][0].keys()
     assert "lenient_accuracy" in json.loads((out / "eval_wiki_span.json").read_text())["metrics"]
+    gsm8k = json.loads((out / "eval_gsm8k.json").read_text())
+    assert gsm8k["config"]["checker"].startswith(("math-verify", "light checker"))
+    assert f"checker {gsm8k['config']['checker']}" in (out / "eval_report.md").read_text()
     assert "wiki_span" in proc.stdout and "accuracy" in proc.stdout
 
 
