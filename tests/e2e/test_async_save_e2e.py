@@ -1,5 +1,5 @@
 """Asynchronous checkpoint saves through the real entry point (tiny policy, embedded server, one process):
-the next step runs while a checkpoint is written, the checkpoint is published only after its write, and (slow) a
+the next step runs while a checkpoint is written, the checkpoint is published only after its write, and a
 kill -9 while a write is in flight leaves the previous checkpoint current and the run resumes to the
 uninterrupted run. ``MEGATRON_PZ_CHECKPOINT_WRITE_DELAY_S`` makes the background writer sleep before writing,
 so the write surely overlaps what the test needs it to overlap."""
@@ -55,7 +55,6 @@ def test_async_save_overlaps_the_next_step_and_publishes_after_the_write(tiny_po
     assert [r["step"] for r in metrics(out)] == [1, 2] and all("time/save" in r for r in metrics(out))
 
 
-@pytest.mark.slow
 def test_kill9_during_an_async_save_keeps_the_previous_checkpoint_and_resumes_exactly(tiny_policy, tmp_path):
     """SIGKILL the trainer (its whole process group: the writer and the embedded server too) a random moment into
     the background write of checkpoint 2. Checkpoint 1 stays current and loads; the same command then finishes,

@@ -10,7 +10,7 @@ import pytest
 from test_resume_e2e import RS, samples
 from test_train_e2e import command, metrics, run
 
-pytestmark = [pytest.mark.multiproc, pytest.mark.slow]  # three runs: about 95 s on 2 cores
+pytestmark = pytest.mark.multiproc  # a guarantee CI keeps; three runs: about 95 s on 2 quiet cores
 
 
 def responses(out, step):

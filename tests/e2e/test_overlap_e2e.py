@@ -67,7 +67,6 @@ def _assert_histogram(out, tag, want_steps):
         assert events[step].max <= top
 
 
-@pytest.mark.slow
 def test_overlap_resumes_exactly_after_kill9_with_a_batch_in_flight(tiny_policy, tmp_path):
     """SIGKILL in step 3's train phase, while step 4's batch is generated in the background: the checkpoint of
     step 2 holds step 3's batch (generated during step 2); the resumed run trains it and repeats the
@@ -122,7 +121,6 @@ def _wait_for(log, marker, proc, timeout=600):
     raise AssertionError(f"{marker!r} not reached in {timeout}s")
 
 
-@pytest.mark.slow
 def test_a_server_killed_during_the_background_rollout_is_restarted_and_every_step_runs_once(tiny_policy, tmp_path):
     """kill -9 the launched server while step 2 trains and step 3's batch is generated in the background: the
     background attempt fails, the weight sync finds the server dead and restarts it, and step 3's batch is generated
