@@ -57,6 +57,58 @@ def test_shipped_task_over_the_server_equals_lm_eval_hf(served, tiny, harness_en
     assert ours["perplexity_stderr"] > 0 and "acc_stderr" in ours
 
 
+GEN_TASK = """task: pz_gen
+custom_dataset: !function gen_data.load
+output_type: generate_until
+test_split: test
+doc_to_text: "{{context}}"
+doc_to_target: "{{target}}"
+generation_kwargs: {until: ["\\n", "."], max_gen_toks: 6, do_sample: false}
+metric_list: [{metric: exact_match, aggregation: mean, higher_is_better: true}]
+"""
+GEN_DATA = """import json, datasets
+from pathlib import Path
+SHIPPED = Path({shipped!r})
+def load(**_):
+    rows = [json.loads(line) for line in SHIPPED.read_text().splitlines()][:3]
+    return datasets.DatasetDict({{"test": datasets.Dataset.from_list(rows)}})
+"""
+
+
+def test_generation_tasks_through_completions_and_chat(served, tiny, tmp_path, harness_env):
+    """A generate_until task (a user YAML via the include folder) through lm-eval's local-completions and
+    local-chat-completions clients: every request they send is accepted, and the answers are the server's greedy
+    completions cut at the task's stop strings."""
+    import requests
+    from lm_eval import simple_evaluate
+
+    from megatron_pz.eval.harness import ASSETS, harness_env as env
+
+    (tmp_path / "pz_gen.yaml").write_text(GEN_TASK)
+    (tmp_path / "gen_data.py").write_text(GEN_DATA.format(shipped=str(ASSETS / "pz_wiki_lastword.jsonl")))
+    result = run_harness(served.url, ["pz_gen"], tiny, api_key="k", include=[tmp_path], limit=3, batch_size=2)
+    assert result.samples == {"pz_gen": 3} and 0 <= result.metrics["pz_gen"]["exact_match"] <= 1
+
+    tok = served.engine.tokenizer
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+    try:
+        with env():
+            os.environ["OPENAI_API_KEY"] = "k"
+            out = simple_evaluate(model="local-chat-completions",
+                                  model_args={"model": "m", "base_url": served.url + "/v1/chat/completions"},
+                                  tasks=["pz_gen"], limit=3, apply_chat_template=True, log_samples=True,
+                                  bootstrap_iters=0, task_manager=task_manager(["pz_gen"], [tmp_path]))
+        for sample in out["samples"]["pz_gen"]:
+            (chat_json,), _ = sample["arguments"][0]  # the messages lm-eval sent, as a JSON string
+            messages = json.loads(chat_json)
+            direct = requests.post(served.url + "/v1/chat/completions", headers={"Authorization": "Bearer k"},
+                                   json={"messages": messages, "max_tokens": 6, "temperature": 0,
+                                         "stop": ["\n", "."]}, timeout=60).json()
+            assert sample["resps"][0][0] == direct["choices"][0]["message"]["content"]
+    finally:
+        tok.chat_template = None
+
+
 def test_training_eval_runs_harness_tasks_on_the_pool_server(served, tiny, harness_env):
     """What train.evaluate calls for eval.harness: the pool's server and key, the run's HF tokenizer folder, the
     metrics logged as eval/<task>/<metric>."""
