@@ -49,7 +49,9 @@ setup(
         # (trl/trainer/grpo_trainer.py internals are overridden in benchmarks/trl_grpo.py).
         "bench": ["trl==1.16.0"],
         # `megatron-pz eval --harness TASKS`: lm-evaluation-harness against a rollout server's OpenAI endpoints.
-        "eval": ["lm-eval>=0.4.9,<0.5"],
+        # Its API models (local-completions) also need what its [api] extra lists, less tiktoken (OpenAI's own
+        # tokenizer; ours is the policy's HF one): aiohttp and tenacity (requests and tqdm come with lm-eval).
+        "eval": ["lm-eval>=0.4.9,<0.5", "aiohttp", "tenacity"],
         "dev": [
             "pytest>=8",
             "import-linter>=2.6",  # 2.6 added the acyclic_siblings contract (.importlinter)

@@ -249,14 +249,21 @@ def should_evaluate(run: Run, step: int, at_start: bool = False) -> bool:
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    """The eval suites on the weights the rollout engine serves now; rank 0 only (the others return {}).
+    """The eval suites and lm-evaluation-harness tasks (``eval.harness``, on the pool's server) on the weights the
+    rollout engine serves now; rank 0 only (the others return {}).
 
-    Greedy by default, so the numbers move only when the weights do. Returns ``eval/<suite>/<metric>``.
+    Greedy by default, so the numbers move only when the weights do. Returns ``eval/<suite or task>/<metric>``.
     """
     if not is_rank0() or not run.is_data_owner:
         return {}
-    results = run_suites(run.rollout.pool, run.tokenizer.encode, run.chat_template, run.cfg.eval,
-                         run.cfg.prompt.style, restate=run.cfg.prompt.pred_restate, cloze=run.cfg.prompt.pred_cloze)
+    e = run.cfg.eval
+    results = run_suites(run.rollout.pool, run.tokenizer.encode, run.chat_template, e, run.cfg.prompt.style,
+                         restate=run.cfg.prompt.pred_restate, cloze=run.cfg.prompt.pred_cloze)
+    if e.harness:
+        from megatron_pz.eval.harness import evaluate_harness
+
+        results.update(evaluate_harness(run.rollout.pool, run.tokenizer, e.harness, e.harness_include, e.limit,
+                                        e.seed))
     return flat_metrics(results)
 
 

@@ -11,7 +11,6 @@ sender's broadcast) are plain functions, run in the server's thread pool; the ot
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from starlette.responses import Response
 
 from megatron_pz.engine.batcher import Batcher
 from megatron_pz.engine.limits import RequestLimits
+from megatron_pz.engine.openai import OpenAIEndpoints
+from megatron_pz.engine.replies import reply
 from megatron_pz.engine.wire import (
     ContinueGenerationReqInput,
     DestroyWeightsUpdateGroupReqInput,
@@ -41,19 +42,6 @@ from megatron_pz.engine.wire import (
     show,
 )
 from megatron_pz.errors import RolloutError, UserError
-
-
-def reply(status: int, payload: Any) -> Response:
-    """``bytes`` as text/plain, ``str`` as UTF-8 text, anything else as JSON (``json.dumps``: NaN/Inf allowed)."""
-    if isinstance(payload, bytes):
-        return Response(payload, status, media_type="text/plain")
-    if isinstance(payload, str):
-        return Response(payload.encode(), status, media_type="text/plain; charset=utf-8")
-    return Response(json.dumps(payload).encode(), status, media_type="application/json")
-
-
-def error_reply(status: int, message: str) -> Response:
-    return reply(status, {"error": {"message": message}})
 
 
 # The dtype names a distributed update may announce (SGLang sends torch's names without the "torch." prefix).
@@ -94,9 +82,10 @@ class Endpoints:
         self.batcher = batcher
         self.weights_dir = weights_dir
         self.limits = limits or RequestLimits()
+        self.openai = OpenAIEndpoints(self)
 
     def routes(self) -> list[Route]:
-        return [
+        return [Route(methods, path, handler) for methods, path, handler in self.openai.routes()] + [
             Route(("GET",), "/health", self.health), Route(("GET",), "/health_generate", self.health),
             Route(("GET",), "/ready", self.health),
             Route(("POST", "PUT"), "/generate", self.generate),
@@ -179,31 +168,35 @@ class Endpoints:
 
     def _prompts(self, req: GenerateReqInput) -> tuple[list[list[int]], bool]:
         """(prompts as token ids, whether the body held a single prompt)."""
-        cap = self.limits.max_prompt_tokens
         if req.input_ids is not None:
             ids = req.input_ids
             prompts, single = ([ids], True) if isinstance(ids[0], int) else (ids, False)
-            for i, p in enumerate(prompts):
-                if len(p) > cap:
-                    raise HTTPError(400, f"input_ids[{i}]: {len(p)} tokens exceed this server's limit of {cap} "
-                                         "(serve-rollout --max-prompt-tokens)")
-            return prompts, single
+            return self.check_token_prompts(prompts, "input_ids"), single
         if req.text is not None:
-            if self.engine.tokenizer is None:
-                raise HTTPError(400, "text input needs a tokenizer; send input_ids")
-            texts = [req.text] if isinstance(req.text, str) else req.text
-            # Bounded before tokenising: a tokenizer's time and memory grow with the text.
-            for i, t in enumerate(texts):
-                if len(t) > self.limits.max_prompt_chars:
-                    raise HTTPError(400, f"text[{i}]: {len(t)} characters exceed this server's limit of "
-                                         f"{self.limits.max_prompt_chars} (serve-rollout --max-prompt-chars)")
-            prompts = [self.engine.tokenizer.encode(t) for t in texts]
-            for i, p in enumerate(prompts):
-                if len(p) > cap:
-                    raise HTTPError(400, f"text[{i}]: {len(p)} tokens exceed this server's limit of {cap} "
-                                         "(serve-rollout --max-prompt-tokens)")
-            return prompts, isinstance(req.text, str)
+            return self.encode_texts([req.text] if isinstance(req.text, str) else req.text, "text"), \
+                isinstance(req.text, str)
         raise HTTPError(400, "one of input_ids or text is required")
+
+    def check_token_prompts(self, prompts: list[list[int]], field: str) -> list[list[int]]:
+        """``prompts``, or HTTPError(400) naming ``field[i]`` for one longer than the token limit."""
+        cap = self.limits.max_prompt_tokens
+        for i, p in enumerate(prompts):
+            if len(p) > cap:
+                raise HTTPError(400, f"{field}[{i}]: {len(p)} tokens exceed this server's limit of {cap} "
+                                     "(serve-rollout --max-prompt-tokens)")
+        return prompts
+
+    def encode_texts(self, texts: list[str], field: str, add_special_tokens: bool = True) -> list[list[int]]:
+        """Text prompts tokenised, each checked against the character limit first and the token limit after."""
+        if self.engine.tokenizer is None:
+            raise HTTPError(400, f"{field}: text input needs a tokenizer; send token ids")
+        # Bounded before tokenising: a tokenizer's time and memory grow with the text.
+        for i, t in enumerate(texts):
+            if len(t) > self.limits.max_prompt_chars:
+                raise HTTPError(400, f"{field}[{i}]: {len(t)} characters exceed this server's limit of "
+                                     f"{self.limits.max_prompt_chars} (serve-rollout --max-prompt-chars)")
+        prompts = [self.engine.tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+        return self.check_token_prompts(prompts, field)
 
     # ---------------------------------------------------------------- information
 

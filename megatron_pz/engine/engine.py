@@ -122,7 +122,7 @@ class EmbeddedEngine:
 
     def prompt_logprobs(self, prompts: Sequence[Sequence[int]], top_k: int) -> list[PromptLogprobs]:
         """Each prompt's own token log-probs and top-``top_k`` rows (one forward per prompt, nothing sampled)."""
-        self.check_prompts(prompts, SamplingParams(max_new_tokens=1))
+        self._check_ids(prompts, new_tokens=0)  # a prompt that fills the context exactly is still scored
         out = []
         for p in prompts:
             self._running.wait()
@@ -137,17 +137,21 @@ class EmbeddedEngine:
 
     def check_prompts(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
         """ConfigError naming the first prompt this engine cannot serve (empty, unknown ids, too long)."""
+        self._check_ids(prompts, params.max_new_tokens)
+        if params.stop and self.tokenizer is None:
+            raise ConfigError(f"stop strings need a tokenizer, and {self.model_path} has none")
+
+    def _check_ids(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> None:
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ConfigError(f"prompt {i} is empty")
             bad = [t for t in p if not 0 <= int(t) < self.vocab_size]
             if bad:
                 raise ConfigError(f"prompt {i} has token ids outside [0, {self.vocab_size}): {bad[:5]}")
-            if self.max_positions and len(p) + params.max_new_tokens > self.max_positions:
-                raise ConfigError(f"prompt {i}: {len(p)} tokens + max_new_tokens {params.max_new_tokens} exceeds the "
-                                  f"model's max_position_embeddings {self.max_positions}")
-        if params.stop and self.tokenizer is None:
-            raise ConfigError(f"stop strings need a tokenizer, and {self.model_path} has none")
+            if self.max_positions and len(p) + new_tokens > self.max_positions:
+                plus = f" + max_new_tokens {new_tokens}" if new_tokens else ""
+                raise ConfigError(f"prompt {i}: {len(p)} tokens{plus} exceeds the model's max_position_embeddings "
+                                  f"{self.max_positions}")
 
     # ---------------------------------------------------------------- protocol
 

@@ -1,7 +1,8 @@
 """The embedded engine behind SGLang's native HTTP endpoints, served like SGLang serves them: FastAPI on uvicorn.
 
-What this module owns is the HTTP plumbing; the endpoints are ``endpoints.py``, the request models and response
-shapes ``wire.py``, the request merging ``batcher.py``.
+What this module owns is the HTTP plumbing; the endpoints are ``endpoints.py`` (SGLang's native ones) and
+``openai.py`` (its OpenAI-compatible ones), the request models and response shapes ``wire.py`` and
+``wire_openai.py``, the request merging ``batcher.py``.
 
 * auth: ``Authorization: Bearer <api key>`` on every endpoint except ``/health*``, ``/ready``, ``/metrics``
   (``decide_request_auth`` in ``sglang/srt/utils/auth.py``); 401 ``{"error": "Unauthorized"}`` otherwise. The key
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 from megatron_pz.engine import strict_json
 from megatron_pz.engine.batcher import Batcher
-from megatron_pz.engine.endpoints import Endpoints, error_reply, reply
+from megatron_pz.engine.endpoints import Endpoints
 from megatron_pz.engine.limits import (
     BODY_TIMEOUT_S,
     DEFAULT_MAX_N,
@@ -37,6 +38,7 @@ from megatron_pz.engine.limits import (
     MAX_BODY_BYTES,
     RequestLimits,
 )
+from megatron_pz.engine.replies import error_reply, reply
 from megatron_pz.engine.wire import HTTPError
 from megatron_pz.errors import RolloutError, UserError
 

@@ -2,6 +2,7 @@
 
 Generation goes through the rollout interface: the in-process embedded engine by default, or running SGLang
 servers with ``--url``. Writes ``<out>/eval_<suite>.json`` and ``<out>/eval_report.md`` and prints the table.
+``--harness TASKS`` runs lm-evaluation-harness tasks too (``harness_cli.py``), into ``<out>/harness.json``.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 from megatron_pz.dtypes import SHORT_NAMES
+from megatron_pz.eval import harness_cli
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--load", required=True,
                    help="HF model folder | 'smollm2' | Megatron checkpoint root or iter_NNNNNNN folder | a "
                         "training run's output dir (its checkpoints/); with --url: only the tokenizer is read")
-    p.add_argument("--suite", required=True, help="suite name(s), comma-separated")
-    p.add_argument("--limit", type=int, default=None, help="items per suite (default: all items of the data)")
+    p.add_argument("--suite", default=None, help="suite name(s), comma-separated (--suite and/or --harness)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="items per suite / documents per harness task (default: all items of the data)")
     p.add_argument("--samples", type=int, default=None, help="k samples per item for mean@k (default: per suite)")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature (default: 0 for k=1, 0.6 for k>1)")
@@ -50,7 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="picks items, span masks and the sampling seed")
     p.add_argument("--dtype", choices=SHORT_NAMES, default="fp32", help="embedded engine weights dtype")
     p.add_argument("--device", default=None, help="embedded engine device (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=32, help="embedded engine: sequences per forward batch")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="embedded engine: sequences per forward batch; --harness: prompts per request")
+    harness_cli.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -140,6 +145,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.cloze and not args.restate:
         raise ConfigError("--cloze renders the restated prompt as plain text: add --restate")
+    if args.suite is None and args.harness is None:
+        raise ConfigError("nothing to evaluate: give --suite NAMES and/or --harness TASKS")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _validate(args)
-    suites = parse_suites(args.suite)
+    harness_tasks = harness_cli.validate(args)
+    suites = parse_suites(args.suite) if args.suite is not None else []
     data = parse_data_args(args.data, suites)
     for s in suites:  # fail on missing data before loading any model
         p = Path(data[s]) if s in data else default_data_path(s)
@@ -169,10 +177,13 @@ def run(args: argparse.Namespace) -> int:
         chat_template = tok.apply_chat_template
 
     if args.url:
+        from megatron_pz.rollout.launcher import API_KEY_ENV
         from megatron_pz.rollout.pool import RolloutPool
-        from megatron_pz.rollout.sglang_client import SGLangClient
+        from megatron_pz.rollout.sglang_client import ClientConfig, SGLangClient
 
-        engine = SGLangClient(args.url[0]) if len(args.url) == 1 else RolloutPool(args.url)
+        client = ClientConfig(api_key=os.environ.get(API_KEY_ENV) or None)
+        engine = SGLangClient(args.url[0], client) if len(args.url) == 1 else RolloutPool(args.url,
+                                                                                         client_config=client)
         if not engine.health():
             raise ConfigError(f"--url {' '.join(args.url)}: server not healthy / unreachable")
         model_desc = f"{args.load} via {' '.join(args.url)}"
@@ -201,9 +212,12 @@ def run(args: argparse.Namespace) -> int:
         # Written after every suite, so an interrupted run keeps the suites it finished.
         header["wall_seconds"] = round(time.perf_counter() - t_start, 1)
         report = write_reports(results, out, header)
-    wall = time.perf_counter() - t_start
-    print(text_table(results))
-    print(f"wrote {report} and {len(results)} eval_<suite>.json in {wall:.0f}s")
+    if results:
+        wall = time.perf_counter() - t_start
+        print(text_table(results))
+        print(f"wrote {report} and {len(results)} eval_<suite>.json in {wall:.0f}s")
+    if harness_tasks:
+        harness_cli.run(args, harness_tasks, tok_dir, None if args.url else engine, out, model_desc)
     return 0
 
 

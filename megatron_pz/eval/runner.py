@@ -56,6 +56,11 @@ class EvalConfig:
     """Also evaluate the initial weights (step 0)."""
     data: dict[str, str] = field(default_factory=dict)
     """suite -> data path override (required for suites that ship no sample: minerva_math, amc23, aime24)."""
+    harness: list[str] = field(default_factory=list)
+    """lm-evaluation-harness task names (``eval/harness.py``), run on the rollout server's ``/v1/completions``
+    with ``limit`` documents each; logged as ``eval/<task>/<metric>``. Needs the ``[eval]`` extra."""
+    harness_include: list[str] = field(default_factory=list)
+    """Folders of task YAMLs besides the shipped ``megatron_pz/assets/harness``."""
 
     def __post_init__(self) -> None:
         def bad(name: str, want: str) -> ConfigError:
@@ -68,10 +73,16 @@ class EvalConfig:
             raise bad("interval", "an int >= 0")
         if isinstance(self.suites, str):
             self.suites = [s for s in self.suites.split(",") if s.strip()]
-        if not isinstance(self.suites, list) or not self.suites:
-            raise bad("suites", "a non-empty list of suite names")
+        if isinstance(self.harness, str):
+            self.harness = [t.strip() for t in self.harness.split(",") if t.strip()]
+        for name in ("harness", "harness_include"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+                raise bad(name, "a list of names" if name == "harness" else "a list of folders")
+        if not isinstance(self.suites, list) or not (self.suites or self.harness):
+            raise bad("suites", "a non-empty list of suite names (or eval.harness tasks)")
         try:
-            self.suites = parse_suites(self.suites)
+            self.suites = parse_suites(self.suites) if self.suites else []
         except ConfigError as exc:
             raise ConfigError(f"EvalConfig.suites: {exc}") from None
         if not is_int(self.limit) or self.limit < 1:

@@ -222,3 +222,7 @@ def check_eval_data(ev: EvalConfig) -> None:
         path = ev.data.get(suite)
         if path is not None and not Path(path).exists():
             raise DataError(f"eval.data.{suite}={path!r}: no such file or directory")
+    if ev.harness:  # lm-eval installed, the folders there, every task name known (before the first step)
+        from megatron_pz.eval.harness import task_manager
+
+        task_manager(ev.harness, ev.harness_include, flag="eval.harness_include")

@@ -136,3 +136,15 @@ def test_suite_names_and_eval_config_validation():
         with pytest.raises(ConfigError, match=f"EvalConfig.{field}"):
             EvalConfig(**kw)
     assert EvalConfig(suites=["aime24"], data={"aime24": "/x.jsonl"}).suites == ["aime24"]
+
+
+def test_eval_config_harness_tasks():
+    """eval.harness: lm-evaluation-harness task names (checked against lm-eval at preflight, not here); with them
+    the built-in suites may be empty."""
+    cfg = EvalConfig(suites=[], harness="pz_wiki_lastword, other", harness_include=["/tasks"])
+    assert cfg.suites == [] and cfg.harness == ["pz_wiki_lastword", "other"] and cfg.harness_include == ["/tasks"]
+    assert EvalConfig().harness == [] and EvalConfig().suites == ["wiki_span"]
+    for kw, field in [({"suites": [], "harness": []}, "suites"), ({"harness": [""]}, "harness"),
+                      ({"harness": [3]}, "harness"), ({"harness_include": "dir"}, "harness_include")]:
+        with pytest.raises(ConfigError, match=f"EvalConfig.{field}"):
+            EvalConfig(**kw)
