@@ -3,7 +3,8 @@
 
 Arguments become one typed config (``config.load_config``; Megatron-LM flags are the same keys), a staged run file
 runs its stages (``trainer/stages.py``), the console is set up for people (``logs.configure_console``), and a
-rollout failure that outlived every retry ends in two lines and exit status 3.
+rollout failure that outlived every retry ends in two lines and exit status 3. Library output (warnings, progress
+bars) is held from the start, before the config names the log file, and goes there (``logs.library_output``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from megatron_pz.config import FLAGS, flag_overrides, load_config, read_yaml
 from megatron_pz.errors import ConfigError, RolloutError, UserError
 from megatron_pz.logs import configure_console, say
+from megatron_pz.logs.library_output import console_stream, hold, release
 from megatron_pz.trainer.stages import is_staged, run_stages
 
 ROLLOUT_FAILED_EXIT = 3
@@ -43,6 +45,14 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
+    hold()  # a warning raised while the config is read (a reward plug-in's import) waits for the log file
+    try:
+        return _main(args)
+    finally:
+        release()  # the console back for the command's error line or traceback
+
+
+def _main(args: argparse.Namespace) -> int:
     flags = flag_overrides(vars(args), args.overrides)
     if args.config is None and not any(o.startswith("policy.load=") for o in [*flags, *args.overrides]):
         raise ConfigError("give a run file (--config FILE) or the weights to start from (--load CKPT or "
@@ -69,9 +79,9 @@ def main_from_args(args: argparse.Namespace) -> int:
         # A server that died (after the client's retries and the pool's fail-over) is not a bug of ours: name it
         # in one line and say how to continue. The step in flight is lost, nothing saved is: checkpoints are
         # written atomically, and the same command resumes from the last one.
-        print(f"megatron-pz train: rollout error: {exc}", file=sys.stderr)
+        print(f"megatron-pz train: rollout error: {exc}", file=console_stream())
         print(f"megatron-pz train: nothing saved is lost: bring the rollout server(s) back and rerun the same "
-              f"command to resume from {cfg.output_dir}/checkpoints", file=sys.stderr)
+              f"command to resume from {cfg.output_dir}/checkpoints", file=console_stream())
         return ROLLOUT_FAILED_EXIT
     return 0
 

@@ -57,17 +57,20 @@ def gguf_to_hf(gguf_path: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return Path(dst)
 
 
-def prepare_smollm2(cache_dir: str | os.PathLike | None = None, tp: int = 1, pp: int = 1) -> tuple[Path, Path]:
-    """(HF folder, Megatron checkpoint root) of SmolLM2-135M-Instruct, converting on first use."""
+def prepare_smollm2(cache_dir: str | os.PathLike | None = None, tp: int = 1, pp: int = 1,
+                    megatron: bool = True) -> tuple[Path, Path]:
+    """(HF folder, Megatron checkpoint root) of SmolLM2-135M-Instruct, converting on first use; with
+    ``megatron=False`` the HF folder only (the checkpoint root is returned unconverted)."""
     from megatron_pz import checkpoint
-    from megatron_pz.convert.api import hf_to_mcore
 
     root = Path(cache_dir) if cache_dir else cache_root() / "smollm2-135m-instruct"
     hf_dir, mcore_dir = root / "hf", root / "mcore"
     if not (hf_dir / "config.json").exists():
         logger.info("de-quantising %s -> %s (first run only)", GGUF_NAME, hf_dir)
         gguf_to_hf(smollm2_gguf_path(), hf_dir)
-    if not (mcore_dir / checkpoint.TRACKER).exists():
+    if megatron and not (mcore_dir / checkpoint.TRACKER).exists():
+        from megatron_pz.convert.api import hf_to_mcore  # imports Megatron: only when converting
+
         logger.info("converting %s -> Megatron checkpoint %s (first run only)", hf_dir, mcore_dir)
         hf_to_mcore(hf_dir, mcore_dir, tp=tp, pp=pp)
     return hf_dir, mcore_dir

@@ -1,16 +1,16 @@
 """The ``megatron-pz serve-rollout`` subcommand: run the embedded engine as an SGLang-compatible HTTP server.
 
-    megatron-pz serve-rollout --model PATH [--port 30000] [--host 127.0.0.1] [--api-key KEY]
+    megatron-pz serve-rollout --model SOURCE [--port 30000] [--host 127.0.0.1] [--api-key KEY]
                               [--weights-dir DIR] [--max-batch-size 64] [--dtype float32]
                               [--max-n 256] [--max-prompt-chars N] [--max-prompt-tokens N] [--max-body-bytes N]
 
-PATH is an HF folder (config.json + safetensors) or a Megatron checkpoint folder (it contains
-``latest_checkpointed_iteration.txt``), which is converted to HF once into a cache folder first.
+SOURCE is any model source the other commands take (``convert.source``): ``smollm2``, an HF folder, a Megatron
+checkpoint root or ``iter_NNNNNNN`` folder, or a training run's folder. A checkpoint is exported to HF once, in a
+child process, into the shared cache (``<cache>/hf_export``).
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import signal
@@ -23,25 +23,24 @@ from megatron_pz.engine.limits import (
     MAX_BODY_BYTES,
 )
 from megatron_pz.errors import UserError
-from megatron_pz.io import atomic_replace
 from megatron_pz.rollout.launcher import API_KEY_ENV
 
 logger = logging.getLogger(__name__)
-
-_MCORE_MARKER = "latest_checkpointed_iteration.txt"
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve-rollout", help="serve the embedded rollout engine over SGLang's HTTP API",
                               description=__doc__.splitlines()[0])
     # Model
-    p.add_argument("--model", required=True, help="HF model folder, or a Megatron checkpoint folder (converted)")
+    p.add_argument("--model", required=True,
+                   help="'smollm2' | HF model folder | Megatron checkpoint root or iter_NNNNNNN folder | a training "
+                        "run's output dir (its checkpoints/), as every command takes a model; a checkpoint is "
+                        "exported to HF once (cached)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder for a checkpoint that carries none")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16, or fp32 | bf16 | fp16 "
                                                         "(float32 on CPU)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--weight-version", type=int, default=0, help="version of the initial weights")
-    p.add_argument("--cache-dir", default=".cache/rollout",
-                   help="where a Megatron checkpoint is converted to HF (one subfolder per checkpoint)")
     # Network and safety
     p.add_argument("--host", default="127.0.0.1", help="bind address; non-loopback requires an API key")
     p.add_argument("--port", type=int, default=30000, help="TCP port (0 = any free port)")
@@ -66,29 +65,11 @@ def register(subparsers) -> None:
     p.set_defaults(func=main)
 
 
-def resolve_model(path: str, cache_dir: str) -> str:
-    """An HF folder as is; a Megatron checkpoint converted (once) to an HF folder under ``cache_dir``."""
-    src = Path(path)
-    if not src.exists():
-        raise UserError(f"--model {path}: no such file or directory")
-    if not (src / _MCORE_MARKER).is_file():
-        return str(src)
-    iteration = (src / _MCORE_MARKER).read_text().strip()
-    key = hashlib.sha1(f"{src.resolve()}@{iteration}".encode()).hexdigest()[:12]
-    dst = Path(cache_dir) / f"hf-from-mcore-{key}"
-    if (dst / "config.json").is_file():
-        logger.info("using converted checkpoint %s", dst)
-        return str(dst)
-    try:
-        from megatron_pz.convert import mcore_to_hf
-    except ImportError as exc:
-        raise UserError(f"--model {path} is a Megatron checkpoint, but megatron_pz.convert.mcore_to_hf is not "
-                        f"available ({exc}); convert it to an HF folder first and pass that") from None
-    logger.info("converting Megatron checkpoint %s (iteration %s) to HF in %s", src, iteration, dst)
-    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
-    mcore_to_hf(str(src), str(tmp))
-    atomic_replace(tmp, dst)  # a crash mid-conversion never leaves a half folder under the final name
-    return str(dst)
+def resolve_model(source: str, tokenizer: str | None = None) -> str:
+    """The HF folder to serve for ``--model`` (``convert.source.hf_model``; a checkpoint exported once)."""
+    from megatron_pz.convert.source import hf_model
+
+    return str(hf_model(source, what="--model", tokenizer=tokenizer).hf_dir)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -103,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
                         f"--api-key (or set {API_KEY_ENV}), or bind 127.0.0.1")
     if args.weights_dir and not Path(args.weights_dir).is_dir():
         raise UserError(f"--weights-dir {args.weights_dir} is not a directory")
-    engine = EmbeddedEngine(resolve_model(args.model, args.cache_dir), dtype=args.dtype, device=args.device,
+    engine = EmbeddedEngine(resolve_model(args.model, args.tokenizer), dtype=args.dtype, device=args.device,
                             weight_version=args.weight_version, max_batch_size=args.max_batch_size,
                             num_threads=args.threads)
     server = RolloutServer(engine, ServerConfig(host=args.host, port=args.port, api_key=args.api_key,

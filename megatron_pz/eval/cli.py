@@ -7,18 +7,14 @@ servers with ``--url``. Writes ``<out>/eval_<suite>.json`` and ``<out>/eval_repo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from megatron_pz.dtypes import SHORT_NAMES
 from megatron_pz.eval import harness_cli
-
-logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog="suites: " + ", ".join(f"{n} ({s.description})" for n, s in SUITES.items()))
     p.add_argument("--load", required=True,
                    help="HF model folder | 'smollm2' | Megatron checkpoint root or iter_NNNNNNN folder | a "
-                        "training run's output dir (its checkpoints/); with --url: only the tokenizer is read")
+                        "training run's output dir (its checkpoints/), as every command takes a model; a "
+                        "checkpoint is exported to HF once (cached); with --url: only the tokenizer is read")
     p.add_argument("--suite", default=None, help="suite name(s), comma-separated (--suite and/or --harness)")
     p.add_argument("--limit", type=int, default=None,
                    help="items per suite / documents per harness task (default: all items of the data)")
@@ -57,60 +54,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="embedded engine: sequences per forward batch; --harness: prompts per request")
     harness_cli.add_arguments(p)
     p.set_defaults(func=run)
-
-
-# ------------------------------------------------------------------ --load resolution (model.source)
-def _cache_root() -> Path:
-    from megatron_pz.convert.smollm2 import cache_root
-
-    return cache_root() / "eval_hf"
-
-
-def convert_cached(ckpt_path: Path, dtype: str | None, tokenizer: str | None) -> Path:
-    """HF export of a Megatron checkpoint, cached under ``<cache>/eval_hf/`` by path, iteration and save time."""
-    from megatron_pz import checkpoint as ckpt
-    from megatron_pz.convert.source import ModelSource, tokenizer_dir
-    from megatron_pz.errors import CheckpointError
-
-    info = ckpt.resolve(ckpt_path)
-    if tokenizer is None and tokenizer_dir(ModelSource(kind="mcore", path=ckpt_path)) is None:
-        raise CheckpointError(f"--load {ckpt_path}: no HF tokenizer with this checkpoint (looked for "
-                              f"<root>/hf_tokenizer and the run's hf_meta/); pass --tokenizer DIR")
-    stamp = (info.iter_dir / "metadata.json").stat().st_mtime_ns
-    key = hashlib.sha1(f"{info.iter_dir.resolve()}|{stamp}|{dtype}".encode()).hexdigest()[:16]
-    dst = _cache_root() / f"{info.iter_dir.name}-{key}"
-    if (dst / "config.json").exists():
-        logger.info("using the cached HF export %s", dst)
-        return dst
-    # A child process: the conversion initialises torch.distributed and Megatron's groups, which the evaluation
-    # itself does not need.
-    cmd = [sys.executable, "-m", "megatron_pz.eval.export", str(info.iter_dir), str(dst)]
-    if dtype:
-        cmd += ["--dtype", dtype]
-    if tokenizer:
-        cmd += ["--tokenizer", str(tokenizer)]
-    print(f"converting {info.iter_dir} -> {dst} (once)", file=sys.stderr)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise CheckpointError(f"--load {ckpt_path}: conversion to HF failed: {tail}")
-    return dst
-
-
-def resolve_load(load: str, *, convert: bool = True, dtype: str | None = None,
-                 tokenizer: str | None = None) -> tuple[Path | None, Path]:
-    """(HF model folder or None when ``convert`` is False for a checkpoint, tokenizer folder)."""
-    from megatron_pz.convert.source import resolve_source, tokenizer_dir
-    from megatron_pz.errors import CheckpointError
-
-    src = resolve_source(load, what="--load")
-    tok = tokenizer_dir(src, tokenizer)
-    if tok is None:
-        raise CheckpointError(f"--load {load}: no HF tokenizer with this checkpoint (looked for "
-                              f"<root>/hf_tokenizer and the run's hf_meta/); pass --tokenizer DIR")
-    if src.hf_dir is not None:  # an HF folder, or smollm2's converted copy
-        return src.hf_dir, tok
-    return (convert_cached(src.path, dtype, tokenizer) if convert else None), tok
 
 
 def parse_data_args(values: list[str], suites: list[str]) -> dict[str, str]:
@@ -150,6 +93,7 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_pz.convert.source import hf_model
     from megatron_pz.errors import ConfigError
     from megatron_pz.eval.report import text_table, write_reports
     from megatron_pz.eval.runner import run_suite
@@ -170,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
         if get_suite(s).sample is None and s not in data:
             raise ConfigError(f"suite {s!r} ships no data; pass --data {s}=PATH")
 
-    hf_dir, tok_dir = resolve_load(args.load, convert=not args.url, dtype=args.dtype, tokenizer=args.tokenizer)
-    tok = load_tokenizer(tok_dir)
+    model = hf_model(args.load, export=not args.url, dtype=args.dtype, tokenizer=args.tokenizer)
+    hf_dir = model.hf_dir
+    tok = load_tokenizer(model.tokenizer)
     chat_template = None
     if args.prompt_style == "chat" and tok.apply_chat_template([{"role": "user", "content": "x"}]) is not None:
         chat_template = tok.apply_chat_template
@@ -217,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         print(text_table(results))
         print(f"wrote {report} and {len(results)} eval_<suite>.json in {wall:.0f}s")
     if harness_tasks:
-        harness_cli.run(args, harness_tasks, tok_dir, None if args.url else engine, out, model_desc)
+        harness_cli.run(args, harness_tasks, model.tokenizer, None if args.url else engine, out, model_desc)
     return 0
 
 

@@ -74,18 +74,14 @@ def load_layout(path: str | None):
                   max_new_tokens=int(cap))
 
 
-def resolve(load: str, tokenizer: str | None = None) -> tuple[Path, Path, int | None]:
-    """(HF folder, tokenizer folder, checkpoint iteration or None for an HF folder) of a ``--load`` value. A
-    checkpoint is exported in the dtype it was saved in (so max|dw| compares stored weights); ``--dtype`` is the
-    dtype of the forwards."""
-    from megatron_pz import checkpoint as ckpt
-    from megatron_pz.convert.source import resolve_source
-    from megatron_pz.eval.cli import resolve_load
+def resolve(load: str, tokenizer: str | None = None, what: str = "--load") -> tuple[Path, Path, int | None]:
+    """(HF folder, tokenizer folder, checkpoint iteration or None for HF weights) of a model source
+    (``convert.source.hf_model``). A checkpoint is exported in the dtype it was saved in (so max|dw| compares
+    stored weights); ``--dtype`` is the dtype of the forwards."""
+    from megatron_pz.convert.source import hf_model
 
-    src = resolve_source(load, what="--load")
-    iteration = ckpt.resolve(src.path).iteration if src.kind == "mcore" else None
-    hf_dir, tok_dir = resolve_load(load, dtype=None, tokenizer=tokenizer)
-    return hf_dir, tok_dir, iteration  # type: ignore[return-value]
+    model = hf_model(load, what=what, tokenizer=tokenizer)
+    return model.hf_dir, model.tokenizer, model.iteration  # type: ignore[return-value]
 
 
 def max_abs_delta(a_dir: str | Path, b_dir: str | Path) -> tuple[float, int]:
@@ -168,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"held-out data {data} does not exist (--data PATH)")
 
     hf_dir, tok_dir, iteration = resolve(args.load, args.tokenizer)
-    ref_dir, _, ref_iteration = resolve(args.reference, args.tokenizer)
+    ref_dir, _, ref_iteration = resolve(args.reference, args.tokenizer, what="--reference")
     dw, n_tensors = max_abs_delta(hf_dir, ref_dir)
     it_text = f"iteration {iteration}" if iteration is not None else "an HF folder (no iteration)"
     print(f"scoring {args.load}: {it_text}; max|dw| = {dw:.6g} against --reference {args.reference} "

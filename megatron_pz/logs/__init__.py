@@ -2,6 +2,8 @@
 
   * ``console``: ``configure_console`` (library chatter -> ``<output_dir>/train.log``, the console for people),
     ``say``, the one-line-per-step format and the progress bar;
+  * ``library_output``: what libraries print (warnings, progress bars, stderr text, also in child processes) goes
+    to that log file, held in memory until the config names it;
   * ``writers``: ``metrics.jsonl``, ``data_order.jsonl``, TensorBoard events, sample dumps (resume-safe);
   * ``run_logger``: ``RunLogger``, the rank-0 sink composing both;
   * ``reduce``: ``reduce_step``, every rank's metrics and samples -> one step's scalars on rank 0 (pure);

@@ -1,8 +1,9 @@
 """The console of a training run is for people; everything else goes to the run's log file.
 
 ``configure_console(output_dir, rank)`` routes every ``logging`` record (Megatron-Core, transformers, our own
-INFO details) and every ``warnings.warn`` (through ``logging.captureWarnings``) to ``<output_dir>/train.log``
-(``train.rank<N>.log`` on rank N > 0). The console keeps:
+INFO details), every ``warnings.warn`` and whatever libraries write to ``sys.stderr`` (progress bars) to
+``<output_dir>/train.log`` (``train.rank<N>.log`` on rank N > 0); ``logs.library_output`` says how, also for child
+processes (``child_console``). The console keeps:
   * stdout, rank 0: the lines printed with ``say`` (the set-up summary, one line per step from ``RunLogger``);
   * stderr, rank 0: the progress bar and one line per warning of ours (``megatron_pz.*`` loggers);
   * stderr, every rank: one line per ERROR record of any logger, pointing at the log file for the details.
@@ -15,12 +16,15 @@ like any library logger (``TORCH_LOGGERS_TO_FILE``).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from time import monotonic
 
 from tqdm import tqdm
+
+from megatron_pz.logs.library_output import LOG_FILE_ENV, console_stream, divert, quiet_libraries, take_held
 
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LINES = logging.getLogger("megatron_pz.console")
@@ -33,7 +37,8 @@ it on a CPU machine (``tensor_parallel.random``)."""
 
 # ---------------------------------------------------------------------------- routing
 class ConsoleFilter(logging.Filter):
-    """Which records reach the console: errors from anywhere; on rank 0 also our own warnings."""
+    """Which records reach the console: errors from anywhere; on rank 0 also our own warnings (a child process
+    of a run passes rank -1: errors only)."""
 
     def __init__(self, rank: int) -> None:
         super().__init__()
@@ -70,7 +75,7 @@ class ConsoleHandler(logging.Handler):
             text = f"megatron-pz: {record.levelname.lower()}: {lines[0]}"
             if self.log_path is not None and (len(lines) > 1 or record.exc_info):
                 text += f" (details in {self.log_path})"
-            tqdm.write(text, file=sys.stderr)  # sys.stderr looked up now: it may have been replaced
+            tqdm.write(text, file=console_stream())  # looked up now: sys.stderr may have been replaced
         except Exception:  # noqa: BLE001 - logging's contract: report, never raise
             self.handleError(record)
 
@@ -79,16 +84,34 @@ def configure_console(output_dir: str | Path, rank: int, level: int = logging.IN
     """Send library chatter to ``<output_dir>/train.log`` (``train.rank<rank>.log`` off rank 0) and keep the
     console for people (see the module docstring). Returns the log file's path.
 
+    Records held since ``library_output.hold`` (the config was being read) are written into the file first.
     Calling it again (a second run in one process) replaces the handlers it installed, nothing else. The file is
     appended to, so a resumed run continues the log of the run it resumes.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = (out / ("train.log" if rank == 0 else f"train.rank{rank}.log")).resolve()
+    _install(path, rank, level)
+    quiet_libraries(path)
+    return path
+
+
+def child_console() -> None:
+    """In a process a training run started with "spawn" (``parallel.spawn_local``'s ranks, Megatron's checkpoint
+    helpers): its warnings, records and library text go to the run's log file, its errors also to the console.
+    Call it before importing the work (Megatron warns while it is imported). Outside a run, nothing changes."""
+    path = os.environ.get(LOG_FILE_ENV)
+    if path:
+        # transformers is not imported for its handler here: imported later, it binds the diverted sys.stderr
+        _install(Path(path), -1, logging.INFO, route_transformers=False)
+
+
+def _install(path: Path, rank: int, level: int, route_transformers: bool = True) -> None:
     root = logging.getLogger()
     for h in [h for h in root.handlers if getattr(h, "megatron_pz_console", False)]:
         root.removeHandler(h)
         h.close()
+    held = take_held()
     to_file = logging.FileHandler(path, encoding="utf-8")
     to_file.setFormatter(logging.Formatter(FILE_FORMAT))
     to_console = ConsoleHandler(path)
@@ -96,15 +119,17 @@ def configure_console(output_dir: str | Path, rank: int, level: int = logging.IN
     for h in (to_file, to_console):
         h.megatron_pz_console = True
         root.addHandler(h)
+        for record in held:
+            h.handle(record)
     root.setLevel(level)
-    logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> the file only
+    divert()  # warnings.warn and library text on sys.stderr -> records -> the file only
     for name in TORCH_LOGGERS_TO_FILE:
         torch_logger = logging.getLogger(name)
         torch_logger.propagate = False  # not up to "torch" and its stderr handler
         if not any(isinstance(h, ToRoot) for h in torch_logger.handlers):
             torch_logger.addHandler(ToRoot())
-    _route_transformers()
-    return path
+    if route_transformers:
+        _route_transformers()
 
 
 def _route_transformers() -> None:
@@ -120,7 +145,8 @@ def _route_transformers() -> None:
 
 def say(msg: str) -> None:
     """A line for people on stdout (above the progress bar, if one is drawn), also recorded in the log file."""
-    tqdm.write(msg, file=sys.stdout)
+    with tqdm.external_write_mode(file=console_stream()):  # the bar is cleared, then redrawn below the line
+        sys.stdout.write(msg + "\n")
     LINES.info(msg)
 
 
@@ -181,7 +207,7 @@ class ProgressBar:
 
     def __init__(self, total: int, done: int) -> None:
         self.total, self.start_done = total, done
-        self._bar = tqdm(total=total, initial=done, file=sys.stderr, dynamic_ncols=True,
+        self._bar = tqdm(total=total, initial=done, file=console_stream(), dynamic_ncols=True,
                          bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
         self._t_created = monotonic()
         self._first: tuple[float, int] | None = None

@@ -165,7 +165,7 @@ def test_eval_a_training_run_dir_and_export_for_lm_eval(tiny, tmp_path):
                tmp_path / "out", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "out" / "eval_wiki_span.json").read_text())["metrics"]["n"] == 2
-    assert len(list((tmp_path / "cache" / "eval_hf").iterdir())) == 1
+    assert len(list((tmp_path / "cache" / "hf_export").iterdir())) == 1
     proc = cli("--load", run, "--suite", "wiki_span", "--limit", "2", "--max-new-tokens", "4", "--out",
                tmp_path / "out", env=env)
     assert proc.returncode == 0 and "converting" not in proc.stderr  # cached
