@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -283,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     ks = kinds(args.large_tokens)
     chunk = Kind("chunk", ks["large"].prompt_tokens, ks["large"].new_tokens, args.max_batch_size)
     key = os.urandom(16).hex()
+    # A timeout's SIGTERM must still stop the server (the finally below), not orphan it.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     proc, url = start_server(model, args.max_batch_size, args.threads, key, out / "server.log")
     try:
         vocab = vocab_size(model)
