@@ -73,6 +73,10 @@ def resolve_model(source: str, tokenizer: str | None = None) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    # Before torch loads its OpenMP runtime: idle OpenMP workers sleep instead of spinning. With spinning workers on
+    # every core, the event loop that reads requests and answers them got no CPU between engine calls: 64 clients at
+    # once waited ~100 s for 2-token answers on 2 cores (docs/rollout.md, "Many trainers on one server").
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from megatron_pz.engine.engine import EmbeddedEngine
     from megatron_pz.engine.server import RolloutServer, ServerConfig, is_loopback
 
