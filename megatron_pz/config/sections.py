@@ -67,6 +67,12 @@ class TrainConfig:
     # (its fused attention takes no arbitrary mask: an S x S unfused fallback, not measured) and with context
     # parallelism or sft_span. true needs parallel.context_parallel_size 1.
     shared_prompt: bool | None = None
+    # How shared-prompt and packed rows attend. dense: a [B, 1, S, S] mask, every S x S score computed and most
+    # masked; segments: the prompt block and each response's prompt and own blocks only (model/
+    # segment_attention.py), P^2 + sum R_i (P + R_i) scores per row instead of (P + sum R_i)^2, the same loss and
+    # gradients. auto = segments with Megatron's local spec (measured faster, x0.6 of dense at 8 x 384-token
+    # responses: docs/performance.md change 8), dense with Transformer Engine (its own attention; not measured).
+    shared_prompt_attention: str = "auto"
     # Token-budget micro-batches: null = micro_batch_size samples per micro-batch, each padded to its longest row.
     # A number: samples (or, with shared_prompt, groups) packed into one row of at most this many tokens (rounded
     # up to the sequence multiple), each attending only to itself through the row's mask; micro_batch_size is then
@@ -97,6 +103,9 @@ class TrainConfig:
         if self.max_tokens_per_microbatch is not None and self.max_tokens_per_microbatch < 1:
             raise ConfigError(f"train.max_tokens_per_microbatch must be >= 1 (null = micro_batch_size samples), "
                               f"got {self.max_tokens_per_microbatch}")
+        if self.shared_prompt_attention not in ("auto", "dense", "segments"):
+            raise ConfigError(f"train.shared_prompt_attention must be auto, dense or segments, "
+                              f"got {self.shared_prompt_attention!r}")
         if self.exit_duration_mins is not None and not self.exit_duration_mins > 0:
             raise ConfigError(f"train.exit_duration_mins must be > 0 (null = no limit), got {self.exit_duration_mins}")
         for name in self.objective_spec.group_sizes:

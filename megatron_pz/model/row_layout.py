@@ -7,14 +7,19 @@ several for packed rows, ``trainer/shared_prompt.py``), padding after the last o
     unit          [ prompt (P) | resp 1 (R_1) | resp 2 (R_2) | ... ]
 
 and a query may attend to ``k <= q`` within its unit's prompt, or within its own response. One sample per row is
-a unit with one response (its prompt and response then form one causal block). ``RowLayout`` is what the
-segment core attention (``model/segment_attention.py``) receives in place of a dense ``[B, 1, S, S]`` mask:
-``units`` ``[U, 3]`` (row, first column, prompt length) and ``responses`` ``[U, N]`` (the response lengths in
-column order, 0 = none), int64 on the host. They stay there: the attention slices the sequence by them, so they
-must be Python integers on the host, not device values (reading them back would sync every layer).
+a unit with one response (its prompt and response then form one causal block).
+
+The model receives a layout as its ``attention_mask`` in the form of its ``table``, ``[U, 3 + N]`` int64 on the
+host: per unit its row, first column, prompt length and response lengths in column order (0 = none). A small
+tensor, not an object, because Megatron's activation recomputation passes ``attention_mask`` through
+``tensor_parallel.checkpoint``, which saves tensors only; on the host, because the segment core attention
+(``model/segment_attention.py``) slices the sequence by these numbers (reading them from a device would sync
+every layer). ``RowLayout.from_table`` turns a table back into a layout, cached by content, so every layer of a
+forward (and its recomputation) shares one set of index tensors.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -47,32 +52,49 @@ class Unit:
         return self.prompt ** 2 + n * rm * (self.prompt + rm)
 
 
+_FROM_TABLE: OrderedDict = OrderedDict()  # (rows, seq_len, table content) -> RowLayout, the last few used
+_FROM_TABLE_SIZE = 16  # layouts alive at once: one per micro-batch in flight (PP stages x virtual chunks)
+
+
 @dataclass
 class RowLayout:
     """The units of a ``[rows, seq_len]`` micro-batch (see the module docstring)."""
 
     rows: int
     seq_len: int
-    units: torch.Tensor  # [U, 3] int64: row, first column, prompt length
-    responses: torch.Tensor  # [U, N] int64: response lengths in column order, 0 = none
+    table: torch.Tensor  # [U, 3 + N] int64 on the host: row, first column, prompt length, N response lengths
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def of(cls, rows: int, seq_len: int, units: Sequence[Unit]) -> "RowLayout":
         n = max([1] + [len(u.responses) for u in units])
-        resp = torch.zeros(len(units), n, dtype=torch.long)
+        table = torch.zeros(len(units), 3 + n, dtype=torch.long)
         for i, u in enumerate(units):
-            resp[i, :len(u.responses)] = torch.tensor(u.responses, dtype=torch.long)
-        head = torch.tensor([[u.row, u.start, u.prompt] for u in units], dtype=torch.long).reshape(-1, 3)
-        layout = cls(rows, seq_len, head, resp)
+            table[i, :3 + len(u.responses)] = torch.tensor([u.row, u.start, u.prompt, *u.responses])
+        layout = cls(rows, seq_len, table)
         layout.unit_list()  # validates
         return layout
+
+    @classmethod
+    def from_table(cls, table: torch.Tensor, rows: int, seq_len: int) -> "RowLayout":
+        """The layout of a ``table`` (``[U, 3 + N]`` int64, host) for ``[rows, seq_len]``; the same object for the
+        same content while it is among the last few used."""
+        key = (rows, seq_len, tuple(table.shape), tuple(table.flatten().tolist()))
+        layout = _FROM_TABLE.pop(key, None) or cls(rows, seq_len, table.detach().clone())
+        _FROM_TABLE[key] = layout
+        while len(_FROM_TABLE) > _FROM_TABLE_SIZE:
+            _FROM_TABLE.popitem(last=False)
+        return layout
+
+    @staticmethod
+    def is_table(mask: object) -> bool:
+        """Whether an ``attention_mask`` is a layout table (2-D int64) rather than a ``[B, 1, S, S]`` bool mask."""
+        return isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.dtype == torch.long
 
     def unit_list(self) -> list[Unit]:
         """The units as Python integers (zero-length responses dropped), row by row in column order."""
         if "units" not in self._cache:
-            units = [Unit(int(r), int(c), int(p), tuple(int(x) for x in resp if x > 0))
-                     for (r, c, p), resp in zip(self.units.tolist(), self.responses.tolist())]
+            units = [Unit(r, c, p, tuple(x for x in resp if x > 0)) for r, c, p, *resp in self.table.tolist()]
             units.sort(key=lambda u: (u.row, u.start))
             ends: dict[int, int] = {}
             for u in units:
@@ -114,12 +136,13 @@ class RowLayout:
             slot = torch.arange(rm, device=device)
             real = slot[None, :] < lens[:, None]  # [N, R_max]
             ragged = bool(n) and min(u.responses) != rm
+            valid = [i * rm + j for i, r in enumerate(u.responses) for j in range(r)] if ragged else None
             offsets = torch.cumsum(lens, 0) - lens  # first token of each response among the T
             gather = (offsets[:, None] + torch.minimum(slot[None, :], lens[:, None] - 1)) if ragged else None
             own = (slot[None, :] <= slot[:, None])[None] & real[:, None, :]  # [N, R_max(q), R_max(k)]
             resp_mask = torch.cat([torch.zeros(n, rm, p, dtype=torch.bool, device=device), ~own], -1)
             self._cache[key] = {
-                "gather": gather, "valid": real.flatten().nonzero().flatten() if ragged else None,
+                "gather": gather, "valid": None if valid is None else torch.tensor(valid, device=device),
                 "resp_mask": resp_mask.unsqueeze(1),
                 "prompt_mask": torch.ones(p, p, dtype=torch.bool, device=device).triu(1),
             }

@@ -16,9 +16,10 @@ zero output: no real query attends to them and the loss reads none of them.
 
 ``SegmentAttention`` is a Megatron ``core_attention`` (``model/provider.layer_spec`` swaps it in): it receives
 this TP rank's heads ``[S, B, h, d]`` like ``DotProductAttention`` and returns ``[S, B, h * d]``. Given a
-``RowLayout`` as ``attention_mask`` (``GPTModel.forward`` hands ``attention_mask`` through ``TransformerBlock``,
-``TransformerLayer`` and ``SelfAttention`` to ``core_attention`` unchanged, in Megatron-Core 0.16 and 0.19) it
-computes by regions; given a tensor mask or None it is ``DotProductAttention``. The softmax scale, query-key
+``RowLayout``'s table as ``attention_mask`` (``[U, 3 + N]`` int64; ``GPTModel.forward`` hands ``attention_mask``
+through ``TransformerBlock``, ``TransformerLayer`` and ``SelfAttention`` to ``core_attention`` unchanged in
+Megatron-Core 0.16 and 0.19, through ``tensor_parallel.checkpoint`` under activation recomputation) it computes by
+regions; given a ``[B, 1, S, S]`` bool mask or None it is ``DotProductAttention``. The softmax scale, query-key
 layer scaling, fp32 softmax and attention dropout are ``DotProductAttention``'s; grouped-query attention shares
 each key/value group among its query heads without copying keys (``[g, rep * L, d] @ [g, d, L_k]``).
 """
@@ -109,22 +110,25 @@ def _scores(q: torch.Tensor, k: torch.Tensor, ctx: dict) -> torch.Tensor:
 
 def _softmax(scores: torch.Tensor, mask: torch.Tensor, ctx: dict) -> torch.Tensor:
     """Masked softmax over the last dimension (``mask`` broadcast, True = masked; every query keeps a key), in
-    fp32 for 16-bit inputs when asked, back in the input dtype; then dropout."""
+    fp32 for 16-bit inputs when asked, back in the input dtype; then dropout. ``scores`` is a fresh tensor no
+    backward needs (a matmul's or ``cat``'s output), so the mask is written into it in place."""
     dtype = scores.dtype
     if ctx["fp32"] and dtype in (torch.float16, torch.bfloat16):
         scores = scores.float()
     if ctx["coeff"] is not None:
         scores = scores * ctx["coeff"]
-    probs = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1).to(dtype)
+    probs = torch.softmax(scores.masked_fill_(mask, float("-inf")), dim=-1).to(dtype)
     return probs if ctx["dropout"] is None else ctx["dropout"](probs)
 
 
 class SegmentAttention(DotProductAttention):
-    """``DotProductAttention`` that computes shared-prompt rows by regions when given a ``RowLayout`` as its
-    ``attention_mask`` (module docstring); a tensor mask or None take ``DotProductAttention``'s own path."""
+    """``DotProductAttention`` that computes shared-prompt rows by regions when given a ``RowLayout`` (or its
+    table) as its ``attention_mask`` (module docstring); a bool mask or None take ``DotProductAttention``'s path."""
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
+        if RowLayout.is_table(attention_mask):
+            attention_mask = RowLayout.from_table(attention_mask, query.shape[1], query.shape[0])
         if not isinstance(attention_mask, RowLayout):
             return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                    attention_bias=attention_bias, packed_seq_params=packed_seq_params)

@@ -5,6 +5,8 @@ values (PaLM, Chowdhery et al. 2022, App. B; the full s x s matrix, no causal ha
 PaLM count it). N_matmul counts the weights of every matmul a token passes through, including the output
 layer (logits) but not the embedding lookup; MoE counts the top-k experts and the router. Recomputation is
 not counted (model FLOPs, not hardware FLOPs), so MFU is comparable across recompute settings.
+``microbatch_flops`` counts a micro-batch as laid out instead, attention over the (query, key) pairs it is given
+(the trainer's: those the rows' masks allow, ``train_flops.py``).
 """
 from __future__ import annotations
 

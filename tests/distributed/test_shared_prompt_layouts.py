@@ -5,7 +5,8 @@ Models with the same weights in one process group: the reference built and fed a
 causal), the others built with ``masked_rows=True`` (arbitrary-mask attention, unfused RoPE) and fed shared-prompt
 rows, packed rows (``train.max_tokens_per_microbatch``) and packed shared-prompt groups
 (``trainer/shared_prompt.py``), each attending through the dense ``[B, 1, S, S]`` mask and (``-segments``) through
-the segment core attention (``model/segment_attention.py``, prompt and response blocks only). All run ``step._forward_backward`` (Megatron DDP, per-token loss,
+the segment core attention (``model/segment_attention.py``, prompt and response blocks only); the latter also under
+full and selective activation recomputation (the layout table goes through ``tensor_parallel.checkpoint``). All run ``step._forward_backward`` (Megatron DDP, per-token loss,
 finalize_model_grads) on the same samples, three GRPO groups with two DAPO-dropped samples. The micro-batches hold
 different samples in each layout, so the loss metrics are compared over the step (token means weighted over
 micro-batches, the loss as its sum), the log-probs per sample, and every parameter gradient (per tensor
@@ -22,7 +23,11 @@ TEMPERATURE = 0.7
 BUDGET = 40  # tokens per packed micro-batch (samples are 7 to 20 tokens)
 DENSE = {"shared": dict(shared_prompt=True), "packed": dict(max_tokens=BUDGET),
          "packed-shared": dict(shared_prompt=True, max_tokens=BUDGET)}
-LAYOUTS = {**DENSE, **{f"{k}-segments": dict(v, attention="segments") for k, v in DENSE.items()}}
+LAYOUTS = {**DENSE, **{f"{k}-segments": dict(v, attention="segments") for k, v in DENSE.items()},
+           **{f"shared-segments-recompute-{r}": dict(shared_prompt=True, attention="segments", recompute=r)
+              for r in ("full", "selective")}}
+RECOMPUTE = {None: {}, "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+             "selective": dict(recompute_granularity="selective")}
 
 
 def _samples():
@@ -66,7 +71,9 @@ def _step_worker(hf_dir: str, tp: int, pp: int, out_path: str) -> None:
     samples = _samples()
 
     def run(layout: dict) -> dict:
-        model = build_model(arch, ModelConfig(dtype="fp32"), par, masked_rows=bool(layout),
+        layout = dict(layout)
+        recompute = RECOMPUTE[layout.pop("recompute", None)]
+        model = build_model(arch, ModelConfig(dtype="fp32", **recompute), par, masked_rows=bool(layout),
                             segment_attention=layout.get("attention") == "segments")
         load_hf_into_model(model, hf.get, arch)
         state = setup_training(model, OptimConfig(lr=1e-6), total_steps=1)
@@ -136,7 +143,7 @@ def test_shared_and_packed_steps_equal_unshared(tiny_qwen3_hf, tmp_path, tp, pp)
     for name in LAYOUTS:
         res = last[name]
         assert res["logp_keys"] == 10 and len(res["metric_rel"]) > 3
-        assert res["segments"] == name.endswith("-segments")
+        assert res["segments"] == ("-segments" in name)
         ref_tokens, new_tokens = res["tokens"]
         assert new_tokens < ref_tokens
         worst = max(res["metric_rel"].values())

@@ -99,7 +99,13 @@ def test_counts_and_validation():
     u = Unit(0, 0, 4, (2, 3))
     # prompt 4*5/2; responses 2*4 + 3 and 3*4 + 6; computed: 4^2 + 2 * 3 * (4 + 3)
     assert (u.useful_pairs(), u.segment_pairs()) == (10 + 11 + 18, 16 + 42)
-    assert RowLayout.of(1, 9, [u]).useful_pairs() == 39
+    layout = RowLayout.of(1, 9, [u])
+    assert layout.useful_pairs() == 39
+    # the model gets the table ([U, 3 + N] int64): row, first column, prompt, responses; read back once per content
+    assert layout.table.tolist() == [[0, 0, 4, 2, 3]] and RowLayout.is_table(layout.table)
+    back = RowLayout.from_table(layout.table, 1, 9)
+    assert back.unit_list() == [u] and RowLayout.from_table(layout.table.clone(), 1, 9) is back
+    assert not RowLayout.is_table(torch.zeros(1, 1, 9, 9, dtype=torch.bool))
     with pytest.raises(ValueError, match="overlaps"):
         RowLayout.of(1, 12, [u, Unit(0, 8, 1, (1,))]).unit_list()
     with pytest.raises(ValueError, match="leaves"):
