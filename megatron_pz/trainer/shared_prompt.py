@@ -34,8 +34,9 @@ DAPO-filtered (untrainable) samples are dropped before grouping. Samples share a
 
 Packed rows (``train.max_tokens_per_microbatch``, ``build_packed_microbatches``) put several units (a sample, or
 a group behind its prompt) side by side in one row; a unit id per token keeps each unit's attention inside
-itself and positions restart at 0 per unit. Measured slower than padding with Megatron's local spec (the S x S
-attention of the whole row), so off by default: docs/performance.md change 6.
+itself and positions restart at 0 per unit. Measured slower than padding with the dense mask (the S x S attention
+of the whole row: docs/performance.md change 6), faster with the segment attention, but not faster than
+shared-prompt rows alone (change 8), so off by default.
 """
 from __future__ import annotations
 

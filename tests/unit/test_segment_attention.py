@@ -84,6 +84,20 @@ def test_matches_dense_masked_softmax(name, heads, groups, dtype):
         assert float((a - b).detach().abs().max() / b.detach().abs().max()) <= tol
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_inputs_softmax_in_fp32(dtype):
+    """16-bit query, key and value: scores in the input dtype, softmax in fp32, probabilities back in the input
+    dtype (DotProductAttention's attention_softmax_in_fp32): close to the fp64 result at 16-bit precision."""
+    rows, s, units = LAYOUTS["ragged"]
+    layout = RowLayout.of(rows, s, units)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(s, rows, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    out = segment.segment_attention(q.to(dtype), k.to(dtype), v.to(dtype), layout, 8 ** -0.5)
+    ref = segment.segment_attention(q, k, v, layout, 8 ** -0.5)
+    assert out.dtype == dtype
+    assert float((out.double() - ref).abs().max() / ref.abs().max()) < 2e-2
+
+
 def test_by_hand():
     """Prompt of 2, responses of 1 and 2, one head, zero queries and keys: every allowed key weighs the same, so
     each output is the mean of the values it may see. Columns: p0 p1 | a0 | b0 b1 | pad."""
