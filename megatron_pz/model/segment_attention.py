@@ -48,7 +48,8 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     dv = value.shape[-1]
     units = layout.unit_list()
     if (layout.rows, layout.seq_len) != (b, s):
-        raise ValueError(f"segment_attention: layout of [{layout.rows}, {layout.seq_len}] for query {tuple(query.shape)}")
+        raise ValueError(f"segment_attention: a layout of [{layout.rows}, {layout.seq_len}] for query "
+                         f"{tuple(query.shape)}")
     ctx = dict(scale=scale, coeff=coeff, fp32=softmax_in_fp32, dropout=dropout, hq=hq, dv=dv)
     rows = []
     for r in range(b):

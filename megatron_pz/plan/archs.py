@@ -107,7 +107,8 @@ def score_keys(cfg: Any, shared: bool, segments: bool) -> int | None:
     length, S x S per row). With the segment attention (``train.shared_prompt_attention`` segments) a shared row of
     a P-token prompt and k responses of R keeps P^2 + k R (P + R) scores (``model/segment_attention.py``) instead of
     (P + k R)^2. Packed rows are planned at S x S."""
-    row = _shared_row(cfg) if shared and segments and not getattr(cfg.train, "max_tokens_per_microbatch", None) else None
+    packed = getattr(cfg.train, "max_tokens_per_microbatch", None)
+    row = _shared_row(cfg) if shared and segments and not packed else None
     if row is None:
         return None
     _, p, k, r = row

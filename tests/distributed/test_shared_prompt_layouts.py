@@ -6,11 +6,11 @@ causal), the others built with ``masked_rows=True`` (arbitrary-mask attention, u
 rows, packed rows (``train.max_tokens_per_microbatch``) and packed shared-prompt groups
 (``trainer/shared_prompt.py``), each attending through the dense ``[B, 1, S, S]`` mask and (``-segments``) through
 the segment core attention (``model/segment_attention.py``, prompt and response blocks only); the latter also under
-full and selective activation recomputation (the layout table goes through ``tensor_parallel.checkpoint``). All run ``step._forward_backward`` (Megatron DDP, per-token loss,
-finalize_model_grads) on the same samples, three GRPO groups with two DAPO-dropped samples. The micro-batches hold
-different samples in each layout, so the loss metrics are compared over the step (token means weighted over
-micro-batches, the loss as its sum), the log-probs per sample, and every parameter gradient (per tensor
-max|diff| / max|ref|).
+full and selective activation recomputation (the layout table goes through ``tensor_parallel.checkpoint``).
+All run ``step._forward_backward`` (Megatron DDP, per-token loss, finalize_model_grads) on the same samples, three
+GRPO groups with two DAPO-dropped samples. The micro-batches hold different samples in each layout, so the loss
+metrics are compared over the step (token means weighted over micro-batches, the loss as its sum), the log-probs
+per sample, and every parameter gradient (per tensor max|diff| / max|ref|).
 """
 import pytest
 import torch
