@@ -17,8 +17,8 @@ paragraphs our trainer logged in data_order.jsonl are the ones the other sides g
 Figures per side, over the steps after ``--warmup``: step time (ours without checkpoint saving: TRL saves
 nothing), rollout tokens/s = generated tokens / rollout phase time, train tokens/s = prompt + response tokens of
 the trained samples (no padding) / train phase time, peak RSS; ratios ours/TRL. Ours also: achieved train FLOP/s
-= the matmul FLOPs the trainer executed / train time (``train/flops``: the micro-batches as laid out, padding and
-attention included, a shared prompt once per micro-batch, ``plan.flops.microbatch_flops``; metrics without it fall
+= the matmul FLOPs the trainer executed / train time (``train/flops``: the micro-batches as laid out, padding
+included, attention over the pairs the masks allow, a shared prompt once per micro-batch, ``plan.flops.microbatch_flops``; metrics without it fall
 back to the dense 6NT rule on prompt + response tokens) over this process's measured fp32 matmul FLOP/s
 (``megatron_pz.scaling.measure.matmul_gflops``);
 rollout tokens/s over plain generate; weight-sync seconds; the share of the step in rollout / train / sync / save /

@@ -53,7 +53,7 @@ def summarize(ours: list[dict[str, float]], trl: list[dict[str, float]] | None, 
     train_s = max(sum(r["train_s"] for r in o), 1e-12)
     if all(r.get("train_flops") is not None for r in o):
         # executed: the micro-batches as the trainer laid them out (train.py executed_flops), so a shared prompt
-        # counts once per micro-batch, padding and attention count as run
+        # counts once per micro-batch, padding counts as run, attention as the rows' masks allow
         flops, ours_s["train_flops_source"] = sum(r["train_flops"] for r in o) / train_s, "executed"
     else:  # metrics without train/flops: the dense 6NT rule on the unshared prompt + response tokens
         flops, ours_s["train_flops_source"] = 6.0 * params * sum(r["trained_tokens"] for r in o) / train_s, "6NT"

@@ -153,7 +153,8 @@ def microbatches_for(run: Run, samples: list[Sample]) -> list[MicroBatch]:
                                                         p.context_parallel_size),
                               same_length=p.pipeline_model_parallel_size > 1,
                               shared_prompt=run.cfg.train.shared_prompt,
-                              max_tokens=run.cfg.train.max_tokens_per_microbatch, routing_width=width)
+                              max_tokens=run.cfg.train.max_tokens_per_microbatch, routing_width=width,
+                              attention=run.cfg.row_attention_on())
 
 
 def update_policy(run: Run, step: int, samples: list[Sample]) -> dict[str, float]:

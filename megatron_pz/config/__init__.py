@@ -107,6 +107,7 @@ class RunConfig:
         a config). The trainer runs on it and records it in config.json:
 
         * ``train.shared_prompt``: null resolved (``shared_prompt_on``; ``transformer_engine`` as there);
+        * ``train.shared_prompt_attention``: auto resolved (``row_attention_on``);
         * ``corpus.drop_if_contains``: a paragraph that already holds the mask token can never be masked
           (spans.MASK_TOKEN_IN_TEXT), so an objective that masks spans drops it at the corpus, where it is counted
           (stats "dropped_substring"), not once per rollout. The corpus default names "[mask]" only, so a custom
@@ -117,7 +118,8 @@ class RunConfig:
             drop.append(self.span.mask_token)
         return dataclasses.replace(
             self,
-            train=dataclasses.replace(self.train, shared_prompt=self.shared_prompt_on(transformer_engine)),
+            train=dataclasses.replace(self.train, shared_prompt=self.shared_prompt_on(transformer_engine),
+                                      shared_prompt_attention=self.row_attention_on(transformer_engine)),
             corpus=dataclasses.replace(self.corpus, drop_if_contains=drop))
 
     def shared_prompt_on(self, transformer_engine: bool | None = None) -> bool:
@@ -133,6 +135,16 @@ class RunConfig:
 
             transformer_engine = use_transformer_engine(self.model)
         return not transformer_engine
+
+    def row_attention_on(self, transformer_engine: bool | None = None) -> str:
+        """``train.shared_prompt_attention`` resolved, ``dense`` or ``segments`` (auto: see TrainConfig)."""
+        if self.train.shared_prompt_attention != "auto":
+            return self.train.shared_prompt_attention
+        if transformer_engine is None:
+            from megatron_pz.model.provider import use_transformer_engine
+
+            transformer_engine = use_transformer_engine(self.model)
+        return "dense" if transformer_engine else "segments"
 
     def masked_rows_on(self, transformer_engine: bool | None = None) -> bool:
         """Whether micro-batch rows bring their own attention mask: shared-prompt or packed rows."""

@@ -67,13 +67,21 @@ class TrainConfig:
     # (its fused attention takes no arbitrary mask: an S x S unfused fallback, not measured) and with context
     # parallelism or sft_span. true needs parallel.context_parallel_size 1.
     shared_prompt: bool | None = None
+    # How shared-prompt and packed rows attend. dense: a [B, 1, S, S] mask, every S x S score computed and most
+    # masked; segments: the prompt block and each response's prompt and own blocks only (model/
+    # segment_attention.py), P^2 + sum R_i (P + R_i) scores per row instead of (P + sum R_i)^2, the same loss and
+    # gradients. auto = segments with Megatron's local spec (x0.42-0.46 of the dense mask's CPU time at 8 x 384-token
+    # responses, x0.92-1.05 on quickstart-sized groups: docs/performance.md change 8), dense with Transformer Engine
+    # (its own attention; neither measured on a GPU).
+    shared_prompt_attention: str = "auto"
     # Token-budget micro-batches: null = micro_batch_size samples per micro-batch, each padded to its longest row.
     # A number: samples (or, with shared_prompt, groups) packed into one row of at most this many tokens (rounded
     # up to the sequence multiple), each attending only to itself through the row's mask; micro_batch_size is then
     # unused. No padding but the row's tail; the loss stays normalised by the global token count, so the gradient
-    # does not depend on the packing. Needs parallel.context_parallel_size 1. Off by default: with Megatron's local
-    # spec the packed row's S x S attention costs more than the padding it saves (x1.23 measured on CPU,
-    # docs/performance.md change 6).
+    # does not depend on the packing. Needs parallel.context_parallel_size 1. Off by default: with the dense mask the
+    # packed row's S x S attention costs more than the padding it saves (x1.23 on CPU, docs/performance.md change 6);
+    # with the segment attention (shared_prompt_attention) it saves 11-13 % over padded rows, but nothing over
+    # shared-prompt rows alone (change 8).
     max_tokens_per_microbatch: int | None = None
     # The prompt cap [PZ §4.1: 1536] is corpus.max_prompt_tokens: paragraphs whose prompt exceeds it are skipped.
     max_response_tokens: int = 4096
@@ -97,6 +105,9 @@ class TrainConfig:
         if self.max_tokens_per_microbatch is not None and self.max_tokens_per_microbatch < 1:
             raise ConfigError(f"train.max_tokens_per_microbatch must be >= 1 (null = micro_batch_size samples), "
                               f"got {self.max_tokens_per_microbatch}")
+        if self.shared_prompt_attention not in ("auto", "dense", "segments"):
+            raise ConfigError(f"train.shared_prompt_attention must be auto, dense or segments, "
+                              f"got {self.shared_prompt_attention!r}")
         if self.exit_duration_mins is not None and not self.exit_duration_mins > 0:
             raise ConfigError(f"train.exit_duration_mins must be > 0 (null = no limit), got {self.exit_duration_mins}")
         for name in self.objective_spec.group_sizes:

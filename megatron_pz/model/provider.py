@@ -235,7 +235,8 @@ def _moe_kwargs(arch: ModelArch, cfg: ModelConfig, etp: int) -> dict[str, Any]:
     )
 
 
-def layer_spec(arch: ModelArch, cfg: ModelConfig, arbitrary_mask: bool = False) -> Any:
+def layer_spec(arch: ModelArch, cfg: ModelConfig, arbitrary_mask: bool = False,
+               segment_attention: bool = False) -> Any:
     """Megatron ``ModuleSpec`` for one decoder layer.
 
     ``arbitrary_mask``: self-attention takes the caller's ``attention_mask`` (``AttnMaskType.arbitrary``, for
@@ -243,6 +244,9 @@ def layer_spec(arch: ModelArch, cfg: ModelConfig, arbitrary_mask: bool = False) 
     spec's ``DotProductAttention`` masks with it (torch softmax, or the fused masked-softmax kernel, never the
     causal-only one); Transformer Engine's ``TEDotProductAttention`` selects a backend that takes an arbitrary
     mask (its unfused one where the fused kernels cannot).
+    ``segment_attention`` (with ``arbitrary_mask``): the core attention is ``model/segment_attention.
+    SegmentAttention``, which computes rows given as a ``RowLayout`` by prompt and response blocks (and a tensor
+    mask as ``DotProductAttention``); the projections stay the spec's own (TE's on a GPU).
     """
     from megatron.core.models.gpt import gpt_layer_specs
 
@@ -251,11 +255,11 @@ def layer_spec(arch: ModelArch, cfg: ModelConfig, arbitrary_mask: bool = False) 
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=experts, moe_grouped_gemm=use_grouped_gemm(cfg) if experts else False,
             qk_layernorm=arch.qk_norm, fp8=cfg.fp8)
-        return _with_arbitrary_mask(spec) if arbitrary_mask else spec
+        return _with_arbitrary_mask(spec, segment_attention) if arbitrary_mask else spec
     spec = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False,
                                                     qk_layernorm=arch.qk_norm, normalization="RMSNorm")
     if arbitrary_mask:
-        spec = _with_arbitrary_mask(spec)
+        spec = _with_arbitrary_mask(spec, segment_attention)
     if experts:
         # Dense layers fuse the pre-MLP norm into TE's linear_fc1, and the local spec renames its key to match.
         # An MoE layer has nothing to fuse it into, so TE keeps it as `pre_mlp_layernorm`: drop the rename so
@@ -266,8 +270,9 @@ def layer_spec(arch: ModelArch, cfg: ModelConfig, arbitrary_mask: bool = False) 
     return spec
 
 
-def _with_arbitrary_mask(spec: Any) -> Any:
-    """The layer spec with its self-attention built for a caller-given mask (``AttnMaskType.arbitrary``)."""
+def _with_arbitrary_mask(spec: Any, segment_attention: bool) -> Any:
+    """The layer spec with its self-attention built for a caller-given mask (``AttnMaskType.arbitrary``), and
+    with ``segment_attention`` the segment core attention."""
     import copy
 
     from megatron.core.transformer.enums import AttnMaskType
@@ -275,12 +280,16 @@ def _with_arbitrary_mask(spec: Any) -> Any:
     spec = copy.deepcopy(spec)
     attn = spec.submodules.self_attention
     attn.params = {**(attn.params or {}), "attn_mask_type": AttnMaskType.arbitrary}
+    if segment_attention:
+        from megatron_pz.model.segment_attention import SegmentAttention
+
+        attn.submodules.core_attention = SegmentAttention
     return spec
 
 
 def model_provider(arch: ModelArch, cfg: ModelConfig, transformer_config: Any, *, pre_process: bool = True,
                    post_process: bool = True, vp_stage: int | None = None,
-                   arbitrary_mask: bool = False) -> torch.nn.Module:
+                   arbitrary_mask: bool = False, segment_attention: bool = False) -> torch.nn.Module:
     """One GPTModel chunk (a pipeline stage). Signature mirrors Megatron-LM's ``model_provider``."""
     from megatron.core.models.gpt import GPTModel
 
@@ -289,7 +298,7 @@ def model_provider(arch: ModelArch, cfg: ModelConfig, transformer_config: Any, *
     tp = transformer_config.tensor_model_parallel_size
     return GPTModel(
         config=transformer_config,
-        transformer_layer_spec=layer_spec(arch, cfg, arbitrary_mask),
+        transformer_layer_spec=layer_spec(arch, cfg, arbitrary_mask, segment_attention),
         vocab_size=arch.padded_vocab_size(tp),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
@@ -306,7 +315,8 @@ def model_provider(arch: ModelArch, cfg: ModelConfig, transformer_config: Any, *
 
 
 def build_model(arch: ModelArch, cfg: ModelConfig, parallel: Any | None = None, *,
-                training: bool = True, masked_rows: bool = False) -> list[torch.nn.Module]:
+                training: bool = True, masked_rows: bool = False,
+                segment_attention: bool = False) -> list[torch.nn.Module]:
     """The model chunks this rank owns (one chunk without virtual pipelining), on the training device.
 
     Must be called after ``parallel.init_distributed``. Returns a list for Megatron's schedules.
@@ -314,6 +324,8 @@ def build_model(arch: ModelArch, cfg: ModelConfig, parallel: Any | None = None, 
     ``masked_rows``: built for shared-prompt or packed rows (``train.shared_prompt``,
     ``train.max_tokens_per_microbatch``): attention takes the caller's mask, RoPE unfused. Every forward must
     then pass its ``attention_mask``: an arbitrary-mask layer builds no causal mask of its own.
+    ``segment_attention`` (with ``masked_rows``): the core attention also takes a ``RowLayout`` as its mask
+    (``train.shared_prompt_attention``, ``model/segment_attention.py``).
     """
     from megatron.core import parallel_state
 
@@ -323,6 +335,7 @@ def build_model(arch: ModelArch, cfg: ModelConfig, parallel: Any | None = None, 
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         arbitrary_mask=masked_rows,
+        segment_attention=masked_rows and segment_attention,
     )
     model.to(device.default_device())
     return [model]

@@ -100,7 +100,8 @@ def stage_activation_bytes(arch: Any, layout: Layout, workload: Workload, stage:
         w1 = w2 = 0
     kw = dict(s=s, b=b, h=h, heads=arch.num_attention_heads, q=q, kv=kv, w1=w1, w2=w2, e=e, tp=tp,
               sp=layout.sequence_parallel, flash=workload.flash_attention, dropout=workload.dropout,
-              softmax_fp32=workload.softmax_fp32, qk_norm=arch.qk_norm, s_kv=workload.seq_length)
+              softmax_fp32=workload.softmax_fp32, qk_norm=arch.qk_norm,
+              s_kv=workload.score_keys or workload.seq_length)
 
     def layer(recompute: str | None) -> float:
         out = layer_activation_bytes(recompute=recompute, **kw)

@@ -93,16 +93,40 @@ def microbatch_shape(cfg: Any, shared: bool) -> tuple[int, int]:
     that many tokens (rounded up to 8).
     """
     t = cfg.train
-    mbs = t.micro_batch_size
     if getattr(t, "max_tokens_per_microbatch", None):
         return 1, -(-t.max_tokens_per_microbatch // 8) * 8
+    row = _shared_row(cfg) if shared else None
+    if row is None:
+        return t.micro_batch_size, seq_length_of(cfg)
+    rows, prompt, k, response = row
+    return rows, prompt + k * response
+
+
+def score_keys(cfg: Any, shared: bool, segments: bool) -> int | None:
+    """Keys per query whose attention scores the largest micro-batch's rows keep, on average (None = the row's
+    length, S x S per row). With the segment attention (``train.shared_prompt_attention`` segments) a shared row of
+    a P-token prompt and k responses of R keeps P^2 + k R (P + R) scores (``model/segment_attention.py``) instead of
+    (P + k R)^2. Packed rows are planned at S x S."""
+    packed = getattr(cfg.train, "max_tokens_per_microbatch", None)
+    row = _shared_row(cfg) if shared and segments and not packed else None
+    if row is None:
+        return None
+    _, p, k, r = row
+    return -(-(p * p + k * r * (p + r)) // (p + k * r))
+
+
+def _shared_row(cfg: Any) -> tuple[int, int, int, int] | None:
+    """(rows, prompt, responses per row, response length) of the largest shared-prompt micro-batch; None when the
+    objective's samples share no prompt."""
+    t = cfg.train
+    mbs = t.micro_batch_size
     objective = objective_of(t)
-    if not shared or not objective.shared_prompts:
-        return mbs, seq_length_of(cfg)
+    if not objective.shared_prompts:
+        return None
     groups = [getattr(t, name) for name in objective.group_sizes]
     k_max, k_min = min(mbs, max(groups)), min(mbs, min(groups))
     response = max(cfg.gen_max_new_tokens, cfg.pred_max_new_tokens)
-    return -(-mbs // k_min), cfg.corpus.max_prompt_tokens + k_max * response
+    return -(-mbs // k_min), cfg.corpus.max_prompt_tokens, k_max, response
 
 
 def samples_per_dp_rank(cfg: Any, dp: int) -> int:

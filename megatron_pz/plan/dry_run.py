@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_pz.errors import UserError
-from megatron_pz.plan.archs import microbatch_shape, resolve_arch, samples_per_dp_rank, seq_length_of
+from megatron_pz.plan.archs import microbatch_shape, resolve_arch, samples_per_dp_rank, score_keys, seq_length_of
 from megatron_pz.plan.layout import Layout, Workload
 from megatron_pz.plan.memory import MemoryPlan, plan_memory
 
@@ -140,9 +140,12 @@ def validate(config: str, overrides: list[str], world_size: int, model: str | No
                     etp=p.expert_tensor_parallel_size, sequence_parallel=p.sequence_parallel)
     te = target == "gpu" and cfg.model.transformer_impl != "local"  # as _transformer_config assumes
     rows, seq = microbatch_shape(cfg, cfg.shared_prompt_on(te))  # shared-prompt rows: fewer, longer
-    work = Workload(micro_batch_size=rows, seq_length=seq, num_microbatches=nmb,
+    keys = score_keys(cfg, cfg.shared_prompt_on(te), cfg.row_attention_on(te) == "segments")
+    work = Workload(micro_batch_size=rows, seq_length=seq, num_microbatches=nmb, score_keys=keys,
                     dtype=cfg.model.dtype, distributed_optimizer=cfg.optim.use_distributed_optimizer,
-                    recompute=rc, flash_attention=target == "gpu", fused_swiglu=target == "gpu")
+                    # rows with their own mask (shared-prompt, packed) take TE's unfused attention: scores kept
+                    recompute=rc, flash_attention=target == "gpu" and not cfg.masked_rows_on(te),
+                    fused_swiglu=target == "gpu")
     if overhead_gib is None:
         overhead_gib = 4.0 if target == "gpu" else 0.5
     plan = plan_memory(a, layout, work, overhead_gib=overhead_gib)

@@ -5,6 +5,8 @@ values (PaLM, Chowdhery et al. 2022, App. B; the full s x s matrix, no causal ha
 PaLM count it). N_matmul counts the weights of every matmul a token passes through, including the output
 layer (logits) but not the embedding lookup; MoE counts the top-k experts and the router. Recomputation is
 not counted (model FLOPs, not hardware FLOPs), so MFU is comparable across recompute settings.
+``microbatch_flops`` counts a micro-batch as laid out instead, attention over the (query, key) pairs it is given
+(the trainer's: those the rows' masks allow, ``train_flops.py``).
 """
 from __future__ import annotations
 
@@ -31,20 +33,24 @@ def model_flops_per_token(arch: Any, seq_length: int) -> float:
     return 6.0 * matmul_params(arch) + 12.0 * arch.num_layers * seq_length * q
 
 
-def microbatch_flops(arch: Any, rows: int, seq_length: int, logit_positions: int | None = None) -> float:
+def microbatch_flops(arch: Any, rows: int, seq_length: int, logit_positions: int | None = None,
+                     attention_pairs: int | None = None) -> float:
     """Training (forward + backward = 3 x forward) matmul FLOPs of one micro-batch of ``rows`` x ``seq_length``.
 
     Unlike ``model_flops_per_token`` it counts the layout the trainer really runs: every row position through the
-    layers (padding and shared prompts as laid out), the full ``S x S`` attention per row, and the output layer
-    on ``logit_positions`` per row only (``model/logit_window.py``; None = all ``seq_length``). With shared-prompt
+    layers (padding and shared prompts as laid out), attention over ``attention_pairs`` (query, key) pairs per
+    layer and head (summed over rows; None = the full ``S x S`` per row), and the output layer on
+    ``logit_positions`` per row only (``model/logit_window.py``; None = all ``seq_length``). With shared-prompt
     rows (``trainer/shared_prompt.py``) a group's prompt counts once per micro-batch, the saving
-    ``benchmarks/shared_prompt.py`` predicts from.
+    ``benchmarks/shared_prompt.py`` predicts from. ``train_flops`` passes the pairs the rows' masks allow
+    (``RowLayout.useful_pairs``: causal triangles, a response's prompt block and its own triangle, no padding).
     """
     h, d = arch.hidden_size, arch.head_dim
     q = arch.num_attention_heads * d
     layer_params = (matmul_params(arch) - arch.vocab_size * h) // arch.num_layers
     tokens = rows * seq_length
-    layers = arch.num_layers * (2 * tokens * layer_params + 4 * rows * seq_length * seq_length * q)
+    pairs = rows * seq_length * seq_length if attention_pairs is None else attention_pairs
+    layers = arch.num_layers * (2 * tokens * layer_params + 4 * pairs * q)
     logits = 2 * rows * (seq_length if logit_positions is None else logit_positions) * h * arch.vocab_size
     return 3.0 * (layers + logits)
 

@@ -69,6 +69,9 @@ class Workload:
     grad_bytes: int = 4  # main-grad buffer dtype (fp32)
     dropout: bool = False  # RL runs without dropout (model/provider.py)
     softmax_fp32: bool = True  # attention_softmax_in_fp32 (unfused attention only)
+    # Keys per query whose scores unfused attention keeps; None = seq_length (the segment attention of shared-prompt
+    # rows keeps fewer: plan.archs.score_keys)
+    score_keys: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in dtypes.SHORT_NAMES:

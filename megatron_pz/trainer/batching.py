@@ -5,7 +5,9 @@ A micro-batch has two views. The model view is what the forward pass reads, ``B`
     tokens        [B, S]      the rows (padded)
     position_ids  [B, S]      rotary positions
     attention_mask            None = causal (one sample per row, this module), or ``[B, 1, S, S]`` bool,
-                              True = masked (shared-prompt rows, ``trainer/shared_prompt.py``)
+                              True = masked (shared-prompt rows, ``trainer/shared_prompt.py``), or their
+                              ``RowLayout`` (segment attention, ``model/segment_attention.py``)
+    layout                    the rows' units (``model/row_layout.py``), every layout: for FLOP counts
 
 The loss view is one entry per sample and response token, ``N`` samples by ``R`` = the longest response:
 
@@ -36,6 +38,7 @@ from typing import Sequence
 
 import torch
 
+from megatron_pz.model.row_layout import RowLayout, Unit
 from megatron_pz.trainer.microbatch import MicroBatch, empty_microbatch, loss_view, round_up
 from megatron_pz.types import Sample
 
@@ -45,7 +48,7 @@ __all__ = ["MicroBatch", "build_microbatches", "empty_microbatch", "loss_view"]
 def build_microbatches(samples: Sequence[Sample], micro_batch_size: int, pad_id: int = 0,
                        seq_multiple: int = 8, same_length: bool = False,
                        shared_prompt: bool = False, max_tokens: int | None = None,
-                       routing_width: int | None = None) -> list[MicroBatch]:
+                       routing_width: int | None = None, attention: str = "dense") -> list[MicroBatch]:
     """Pack trainable samples into micro-batches of ``micro_batch_size`` samples.
 
     ``seq_multiple``: pad S to a multiple of this (TP sequence parallelism / CP need divisibility).
@@ -59,6 +62,8 @@ def build_microbatches(samples: Sequence[Sample], micro_batch_size: int, pad_id:
     ``routing_width``: L*K for MoE routing replay (one sample per row only): every micro-batch carries
     ``routed_experts`` and every trainable sample must have its engine routing (``Sample.routed_experts``, P+R-1
     rows of that width).
+    ``attention`` (``train.shared_prompt_attention``): how shared-prompt and packed rows attend, a dense mask or
+    the row layout (``shared_prompt.build_shared_microbatches``).
     With no trainable sample, returns one all-masked micro-batch (``empty_microbatch``).
     """
     if routing_width is not None and (shared_prompt or max_tokens is not None):
@@ -66,11 +71,12 @@ def build_microbatches(samples: Sequence[Sample], micro_batch_size: int, pad_id:
     if max_tokens is not None:
         from megatron_pz.trainer.shared_prompt import build_packed_microbatches
 
-        return build_packed_microbatches(samples, max_tokens, pad_id, seq_multiple, same_length, shared_prompt)
+        return build_packed_microbatches(samples, max_tokens, pad_id, seq_multiple, same_length, shared_prompt,
+                                         attention)
     if shared_prompt:
         from megatron_pz.trainer.shared_prompt import build_shared_microbatches
 
-        return build_shared_microbatches(samples, micro_batch_size, pad_id, seq_multiple, same_length)
+        return build_shared_microbatches(samples, micro_batch_size, pad_id, seq_multiple, same_length, attention)
     trainable = sorted((s for s in samples if s.trainable), key=lambda s: s.num_tokens)
     if not trainable:
         return [empty_microbatch(seq_multiple)]
@@ -89,7 +95,9 @@ def build_microbatches(samples: Sequence[Sample], micro_batch_size: int, pad_id:
                 routed[j, : len(ids) - 1] = _routing_rows(s, len(ids) - 1, routing_width)
         view = loss_view([(j, len(s.prompt_ids) - 1, len(s.prompt_ids), s) for j, s in enumerate(chunk)])
         pos = torch.arange(s_len).unsqueeze(0).expand(b, s_len).contiguous()
-        out.append(MicroBatch(tokens=tokens, position_ids=pos, routed_experts=routed, **view))
+        layout = RowLayout.of(b, s_len, [Unit(j, 0, len(s.prompt_ids), (len(s.response_ids),))
+                                         for j, s in enumerate(chunk)])
+        out.append(MicroBatch(tokens=tokens, position_ids=pos, routed_experts=routed, layout=layout, **view))
     return out
 
 

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from megatron_pz.model.row_layout import RowLayout
 from megatron_pz.types import Sample
 
 
@@ -25,8 +26,11 @@ class MicroBatch:
     rollout_logprobs: torch.Tensor  # [N, R] float32
     rows: torch.Tensor  # [N, R] int64: row in [B, S] of the logit predicting labels[n, k]
     cols: torch.Tensor  # [N, R] int64: its column
-    attention_mask: torch.Tensor | None = None  # None = causal; [B, 1, S, S] bool, True = masked
+    # None = causal; [B, 1, S, S] bool, True = masked (dense); or the RowLayout itself (segment attention,
+    # model/segment_attention.py)
+    attention_mask: torch.Tensor | RowLayout | None = None
     routed_experts: torch.Tensor | None = None  # [B, S, L*K] int32, -1 = unrecorded; None = no routing replay
+    layout: RowLayout | None = None  # the rows' units (host ints): what attention must compute, for FLOP counts
 
     @property
     def num_tokens(self) -> int:
@@ -82,4 +86,4 @@ def empty_microbatch(seq_len: int) -> MicroBatch:
     one = torch.zeros(1, 1, dtype=torch.long)
     return MicroBatch(tokens=z, position_ids=torch.arange(seq_len).unsqueeze(0), labels=one.clone(),
                       loss_mask=torch.zeros(1, 1), advantages=torch.zeros(1), rollout_logprobs=torch.zeros(1, 1),
-                      rows=one.clone(), cols=one.clone())
+                      rows=one.clone(), cols=one.clone(), layout=RowLayout.of(1, seq_len, []))

@@ -133,7 +133,8 @@ def setup(cfg: RunConfig) -> Run:
     chat_template = tokenizer_chat_template(cfg, tokenizer)
     overhead = template_overhead_tokens(count, cfg.prompt, chat_template)
     validate_lengths(cfg, arch, overhead)
-    training = setup_training(build_model(arch, cfg.model, cfg.parallel, masked_rows=cfg.masked_rows),
+    training = setup_training(build_model(arch, cfg.model, cfg.parallel, masked_rows=cfg.masked_rows,
+                                          segment_attention=cfg.train.shared_prompt_attention == "segments"),
                               cfg.optim, cfg.train.steps)
     layout = DataLayout(dp_rank=ps.get_data_parallel_rank(), dp_size=dp_size, is_data_owner=rank == data_owner_rank())
     weights = WeightPublisher(arch, torch_dtype(cfg.rollout.weights_dtype))

@@ -19,6 +19,7 @@ from megatron_pz.algo.mismatch import COUNT_METRICS
 from megatron_pz.errors import TrainingError
 from megatron_pz.model.logit_window import logits_from
 from megatron_pz.model.rotary_positions import rotary_at
+from megatron_pz.model.row_layout import RowLayout
 from megatron_pz.trainer.batching import MicroBatch
 from megatron_pz.trainer.logprobs import scaled_logits, token_entropy, token_logprobs
 from megatron_pz.trainer.routing_replay import after_forward, set_replay, start_replay
@@ -41,9 +42,11 @@ def _forward_backward(model: list[torch.nn.Module], microbatches: list[MicroBatc
         # The output layer runs from the first position whose logit some sample's loss reads (the model computes
         # no logits for the prompt prefix shared by all rows); s0 = 0 when the model declines (SP/CP, MTP).
         # Shared-prompt rows (trainer/shared_prompt.py) bring their attention mask and per-row rotary positions.
+        # The segment attention's RowLayout goes in as its table, a small host tensor (model/row_layout.py).
         shared = mb.attention_mask is not None
+        mask = mb.attention_mask.table if isinstance(mb.attention_mask, RowLayout) else mb.attention_mask
         with logits_from(chunk, start) as s0, rotary_at(chunk, mb.position_ids if shared else None):
-            output = chunk(mb.tokens, mb.position_ids, attention_mask=mb.attention_mask)
+            output = chunk(mb.tokens, mb.position_ids, attention_mask=mask)
         after_forward(chunk, backward=not forward_only)
 
         def loss_func(logits: torch.Tensor):

@@ -4,11 +4,13 @@ TP1, TP2, PP2).
 Models with the same weights in one process group: the reference built and fed as before (one sample per row,
 causal), the others built with ``masked_rows=True`` (arbitrary-mask attention, unfused RoPE) and fed shared-prompt
 rows, packed rows (``train.max_tokens_per_microbatch``) and packed shared-prompt groups
-(``trainer/shared_prompt.py``). All run ``step._forward_backward`` (Megatron DDP, per-token loss,
-finalize_model_grads) on the same samples, three GRPO groups with two DAPO-dropped samples. The micro-batches hold
-different samples in each layout, so the loss metrics are compared over the step (token means weighted over
-micro-batches, the loss as its sum), the log-probs per sample, and every parameter gradient (per tensor
-max|diff| / max|ref|).
+(``trainer/shared_prompt.py``), each attending through the dense ``[B, 1, S, S]`` mask and (``-segments``) through
+the segment core attention (``model/segment_attention.py``, prompt and response blocks only); the latter also under
+full and selective activation recomputation (the layout table goes through ``tensor_parallel.checkpoint``).
+All run ``step._forward_backward`` (Megatron DDP, per-token loss, finalize_model_grads) on the same samples, three
+GRPO groups with two DAPO-dropped samples. The micro-batches hold different samples in each layout, so the loss
+metrics are compared over the step (token means weighted over micro-batches, the loss as its sum), the log-probs
+per sample, and every parameter gradient (per tensor max|diff| / max|ref|).
 """
 import pytest
 import torch
@@ -19,8 +21,13 @@ pytestmark = pytest.mark.multiproc
 REL_TOL = 1e-5
 TEMPERATURE = 0.7
 BUDGET = 40  # tokens per packed micro-batch (samples are 7 to 20 tokens)
-LAYOUTS = {"shared": dict(shared_prompt=True), "packed": dict(max_tokens=BUDGET),
-           "packed-shared": dict(shared_prompt=True, max_tokens=BUDGET)}
+DENSE = {"shared": dict(shared_prompt=True), "packed": dict(max_tokens=BUDGET),
+         "packed-shared": dict(shared_prompt=True, max_tokens=BUDGET)}
+LAYOUTS = {**DENSE, **{f"{k}-segments": dict(v, attention="segments") for k, v in DENSE.items()},
+           **{f"shared-segments-recompute-{r}": dict(shared_prompt=True, attention="segments", recompute=r)
+              for r in ("full", "selective")}}
+RECOMPUTE = {None: {}, "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+             "selective": dict(recompute_granularity="selective")}
 
 
 def _samples():
@@ -50,6 +57,7 @@ def _step_worker(hf_dir: str, tp: int, pp: int, out_path: str) -> None:
     from megatron_pz.convert.bridge import load_hf_into_model
     from megatron_pz.convert.hf_io import HFCheckpoint
     from megatron_pz.model.arch import ModelArch
+    from megatron_pz.model.row_layout import RowLayout
     from megatron_pz.model.provider import ModelConfig, build_model, unwrap
     from megatron_pz.parallel import ParallelConfig, init_distributed
     from megatron_pz.trainer import step
@@ -63,7 +71,10 @@ def _step_worker(hf_dir: str, tp: int, pp: int, out_path: str) -> None:
     samples = _samples()
 
     def run(layout: dict) -> dict:
-        model = build_model(arch, ModelConfig(dtype="fp32"), par, masked_rows=bool(layout))
+        layout = dict(layout)
+        recompute = RECOMPUTE[layout.pop("recompute", None)]
+        model = build_model(arch, ModelConfig(dtype="fp32", **recompute), par, masked_rows=bool(layout),
+                            segment_attention=layout.get("attention") == "segments")
         load_hf_into_model(model, hf.get, arch)
         state = setup_training(model, OptimConfig(lr=1e-6), total_steps=1)
         mbs = build_microbatches(samples, micro_batch_size=3, seq_multiple=8, same_length=pp > 1, **layout)
@@ -88,7 +99,11 @@ def _step_worker(hf_dir: str, tp: int, pp: int, out_path: str) -> None:
                        if k not in ("train/loss", "train/mismatch_abs_max")}
             metrics["loss_sum"] = sum(r["loss"] for r in reports)
             metrics["mismatch_abs_max"] = max(r["mismatch_abs_max"] for r in reports)
-        return {"metrics": metrics, "grads": grads, "logps": per_sample,
+        # which path attended: the segment core attention given RowLayouts, or a tensor mask / causal
+        segments = (all(isinstance(mb.attention_mask, RowLayout) for mb in mbs)
+                    and all(type(layer.self_attention.core_attention).__name__ == "SegmentAttention"
+                            for layer in inner.decoder.layers))
+        return {"metrics": metrics, "grads": grads, "logps": per_sample, "segments": segments,
                 "tokens": sum(mb.tokens.numel() for mb in mbs), "microbatches": len(mbs)}
 
     ref = run({})
@@ -103,6 +118,7 @@ def _step_worker(hf_dir: str, tp: int, pp: int, out_path: str) -> None:
             "logp_keys": (sorted(ref["logps"]) == sorted(new["logps"])) and len(ref["logps"]),
             "logp_rel": [rel(new["logps"][k], v) for k, v in ref["logps"].items()],
             "tokens": (ref["tokens"], new["tokens"]), "microbatches": new["microbatches"],
+            "segments": new["segments"],
         }
 
     result = {name: compare(run(layout)) for name, layout in LAYOUTS.items()}
@@ -127,6 +143,7 @@ def test_shared_and_packed_steps_equal_unshared(tiny_qwen3_hf, tmp_path, tp, pp)
     for name in LAYOUTS:
         res = last[name]
         assert res["logp_keys"] == 10 and len(res["metric_rel"]) > 3
+        assert res["segments"] == ("-segments" in name)
         ref_tokens, new_tokens = res["tokens"]
         assert new_tokens < ref_tokens
         worst = max(res["metric_rel"].values())

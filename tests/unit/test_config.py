@@ -50,6 +50,8 @@ def test_overrides_are_typed_yaml_scalars():
     (["rollout.weight_sync=distributed"], r"embedded supports only rollout\.weight_sync=disk"),
     (["train.predictions_per_mask=1"], r"group of one sample"),
     (["optim.lr_decay_style=step"], r"lr_decay_style"),
+    (["train.shared_prompt_attention=flash"], r"train\.shared_prompt_attention must be auto, dense or segments, "
+                                               r"got 'flash'"),
     (["rollout.embedded_dtype=float8"], r"rollout\.embedded_dtype must be fp32, bf16 or fp16"),
     (["rollout.colocate=true", "rollout.backend=sglang"], r"rollout\.colocate=true .* not external servers"),
     (["rollout.max_staleness=-1"], r"rollout\.max_staleness must be >= 0"),
@@ -242,3 +244,12 @@ def test_resolved_is_a_new_config_with_the_derived_values_and_the_loaded_one_unc
     changed = {k for k, v in out.to_dict().items() if v != before[k]}
     assert changed <= {"train", "corpus"}
     assert out.resolved(transformer_engine=te).to_dict() == out.to_dict()  # resolving twice changes nothing
+
+
+@pytest.mark.parametrize("value,te,expected", [
+    ("auto", False, "segments"), ("auto", True, "dense"), ("dense", False, "dense"), ("segments", True, "segments")])
+def test_shared_prompt_attention_resolves(value, te, expected):
+    """auto: the segment attention with Megatron's local spec (measured faster), TE's own attention with TE."""
+    cfg = load_config(None, [f"train.shared_prompt_attention={value}"])
+    assert cfg.row_attention_on(te) == expected
+    assert cfg.resolved(transformer_engine=te).train.shared_prompt_attention == expected

@@ -148,10 +148,14 @@ def test_microbatch_flops_counts_rows_and_logit_positions():
     assert flops.microbatch_flops(ARCH, 2, 10, logit_positions=3) == 3 * (layers + 2 * 3 * 38_400)
     # the per-token model FLOPs of one full row, less nothing: the same count
     assert flops.microbatch_flops(ARCH, 1, 128) == 128 * flops.model_flops_per_token(ARCH, 128)
+    # attention over given (query, key) pairs instead of S x S per row: 4 * pairs * 64 per layer
+    assert flops.microbatch_flops(ARCH, 2, 10, attention_pairs=2 * 10 * 10) == flops.microbatch_flops(ARCH, 2, 10)
+    assert (flops.microbatch_flops(ARCH, 2, 10) - flops.microbatch_flops(ARCH, 2, 10, attention_pairs=55)
+            == 3 * 4 * 4 * (200 - 55) * 64)
 
 
 def test_microbatch_shape_with_shared_prompts():
-    from megatron_pz.plan.archs import microbatch_shape
+    from megatron_pz.plan.archs import microbatch_shape, score_keys
 
     def cfg(objective="pretrainzero", mbs=4, masks=4, preds=8):
         train = SimpleNamespace(objective=objective, micro_batch_size=mbs, masks_per_paragraph=masks,
@@ -167,6 +171,12 @@ def test_microbatch_shape_with_shared_prompts():
     packed = cfg()
     packed.train.max_tokens_per_microbatch = 1000
     assert microbatch_shape(packed, shared=True) == microbatch_shape(packed, shared=False) == (1, 1000)
+    # the segment attention keeps 300^2 + 4 * 40 * (300 + 40) scores of the 460-token row: 314 keys a query
+    assert score_keys(cfg(), shared=True, segments=True) == -(-(300 ** 2 + 4 * 40 * 340) // 460) == 314
+    assert score_keys(cfg(), shared=True, segments=False) is None  # dense: S x S
+    assert score_keys(cfg(), shared=False, segments=True) is None
+    assert score_keys(packed, shared=True, segments=True) is None
+    assert score_keys(cfg(objective="sft_span"), shared=True, segments=True) is None
 
 
 def test_peak_tflops_table():

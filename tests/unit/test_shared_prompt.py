@@ -6,6 +6,7 @@ tests/distributed/test_shared_prompt.py; here the layout itself: tokens, positio
 import pytest
 import torch
 
+from megatron_pz.model.row_layout import RowLayout, Unit
 from megatron_pz.trainer.batching import build_microbatches
 from megatron_pz.trainer.shared_prompt import allowed_attention
 from megatron_pz.types import Sample, Status, Task
@@ -110,6 +111,52 @@ def test_packed_rows_keep_every_context_and_the_budget(shared, budget, same_leng
         assert sum(real) == sum(s.num_tokens for s in samples if s.trainable)
     if budget == 200:  # everything fits one row
         assert len(packed) == 1
+
+
+def _real_columns(mb) -> torch.Tensor:
+    """``[B, S]`` bool: the columns of the micro-batch's units (everything but padding)."""
+    real = torch.zeros(mb.tokens.shape, dtype=torch.bool)
+    for u in mb.layout.unit_list():
+        real[u.row, u.start:u.start + u.length] = True
+    return real
+
+
+@pytest.mark.parametrize("layout", [dict(shared_prompt=True), dict(max_tokens=24),
+                                    dict(shared_prompt=True, max_tokens=24)])
+@pytest.mark.parametrize("same_length", [False, True])
+def test_segment_attention_gets_the_layout_of_the_dense_mask(layout, same_length):
+    """``attention="segments"``: the same rows and loss view, the ``RowLayout`` in place of the ``[B, 1, S, S]``
+    mask; its units cover the real columns and its allowed pairs are the dense mask's between them."""
+    samples = _three_groups()
+    dense = build_microbatches(samples, micro_batch_size=3, seq_multiple=8, same_length=same_length, **layout)
+    seg = build_microbatches(samples, micro_batch_size=3, seq_multiple=8, same_length=same_length,
+                             attention="segments", **layout)
+    assert len(seg) == len(dense)
+    for d, s in zip(dense, seg):
+        assert isinstance(s.attention_mask, RowLayout) and s.attention_mask is s.layout
+        assert (s.layout.rows, s.layout.seq_len) == tuple(d.tokens.shape)
+        for name in ("tokens", "position_ids", "rows", "cols", "labels", "loss_mask"):
+            assert torch.equal(getattr(s, name), getattr(d, name)), name
+        assert s.layout.unit_list() == d.layout.unit_list()
+        real = _real_columns(s)
+        assert torch.equal(real, d.tokens > 0)  # pad id 0, tokens >= 1
+        allowed = ~d.attention_mask[:, 0] & real[:, :, None] & real[:, None, :]
+        assert s.layout.useful_pairs() == int(allowed.sum())
+
+
+def test_row_layouts_by_hand():
+    prompt = [11, 12, 13]
+    group = [_sample("g", prompt, [21, 22]), _sample("g", prompt, [31, 32, 33]), _sample("g", prompt, [41])]
+    (mb,) = build_microbatches(group, micro_batch_size=4, seq_multiple=5, shared_prompt=True, attention="segments")
+    assert mb.layout.unit_list() == [Unit(row=0, start=0, prompt=3, responses=(2, 3, 1))]
+    # the prompt's triangle 6, responses 2*3 + 3, 3*3 + 6, 1*3 + 1
+    assert mb.layout.useful_pairs() == 6 + 9 + 15 + 4
+    # one sample per row (sorted by length): each row one causal block of T tokens, T (T + 1) / 2 pairs
+    (mb,) = build_microbatches(group, micro_batch_size=4, seq_multiple=5)
+    assert mb.layout.unit_list() == [Unit(0, 0, 3, (1,)), Unit(1, 0, 3, (2,)), Unit(2, 0, 3, (3,))]
+    assert mb.layout.useful_pairs() == 10 + 15 + 21 and mb.attention_mask is None
+    with pytest.raises(ValueError, match=r"one of \('dense', 'segments'\), got 'auto'"):
+        build_microbatches(group, micro_batch_size=4, shared_prompt=True, attention="auto")
 
 
 def test_packing_refuses_a_sample_longer_than_the_budget():
