@@ -53,7 +53,10 @@ def run_dir(root: Path, arm: str, seed: int, lr: float | None = None) -> Path:
 # The experiment's settings beside the run file (issue: on-policy, colocated, shared prompts with micro-batches that
 # hold whole groups, the final checkpoint only, every generator sample logged for the curriculum's health).
 SETTINGS = ["rollout.colocate=true", "rollout.max_staleness=0", "checkpoint.keep_last=1", "logging.sample_interval=1",
-            "logging.tensorboard=false"]
+            "logging.tensorboard=false",
+            # The dense shared-prompt mask the main experiment's first runs trained with (before the segment
+            # attention became auto's choice): every run of one experiment takes the same training path.
+            "train.shared_prompt_attention=dense"]
 VARIANTS = {  # arm -> (the run file's arm, its overrides)
     "random_span_flip": ("random_span", ["reward.pred_reward=control_rewards:neg_continuation_match"]),  # control
     "pretrainzero_repeat": ("pretrainzero", ["reward.gen_repeat_penalty=true"]),  # spans kept diverse
