@@ -39,3 +39,13 @@ def test_a_flat_run_passes_and_each_leak_fails_its_own_criterion():
 def test_too_few_steps_after_the_warmup_is_refused():
     with pytest.raises(SystemExit, match="run more steps"):
         judge(steps(22), warmup=20)
+
+
+def test_a_save_worker_that_comes_and_goes_is_not_judged_as_a_leak():
+    steps_ = steps(100, rss=lambda s: 1000 + (900 if s % 10 == 0 and s > 60 else 0),
+                   fds=lambda s: 50 + (240 if s % 10 == 0 and s > 60 else 0))
+    for s in steps_:
+        s["procs"] = 5 if s["step"] % 10 == 0 else 3  # the checkpoint workers, alive only in save steps
+    r = judge(steps_, warmup=20)
+    assert r["usual_processes"] == 3 and r["steady_samples"] == 72
+    assert r["rss_growth_per_100_steps"] == 0 and all(r["ok"].values())
