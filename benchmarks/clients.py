@@ -24,7 +24,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+
+from benchmarks.soak import proc_stats
+from megatron_pz.parallel import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,20 +113,7 @@ def send(session: requests.Session, url: str, key: str, kind: Kind, rng: random.
 
 def rss_bytes(pid: int) -> int:
     """Resident memory of ``pid`` and its children (``/proc``; 0 once gone)."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-            for t in Path(f"/proc/{p}/task").iterdir():
-                kids = Path(f"/proc/{p}/task/{t.name}/children")
-                if kids.is_file():
-                    todo += [int(c) for c in kids.read_text().split()]
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return total
+    return proc_stats(pid)["rss"]
 
 
 class RssSampler(threading.Thread):
@@ -142,12 +131,6 @@ class RssSampler(threading.Thread):
         self._halt.set()
         self.join()
         return max(self.samples, default=0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model: str, max_batch_size: int, threads: int | None, key: str, log: Path,
